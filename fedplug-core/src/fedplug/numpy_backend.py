@@ -1,0 +1,237 @@
+"""The built-in ``numpy`` backend: the shared models in pure NumPy, trained with SGD.
+
+It registers through the same hook as any plugin, so fedplug-core alone is a
+working product and the core's tests need no ML framework.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from fedplug.backend import Backend, Config, DataSpec, Framework, Weights
+from fedplug.hookspecs import hookimpl
+from fedplug.models import LENET_CONV, canonical_shapes
+
+
+class Dense:
+    def __init__(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        self.params = [weight, bias]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self.x = x
+        return x @ self.params[0].T + self.params[1]
+
+    def backward(self, grad: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        weight = self.params[0]
+        return grad @ weight, [grad.T @ self.x, grad.sum(axis=0)]
+
+
+class Conv:
+    """Valid 2-D convolution (cross-correlation, as in every framework)."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        self.params = [weight, bias]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        k = self.params[0].shape[-1]
+        self.windows = sliding_window_view(x, (k, k), axis=(2, 3))
+        out = np.einsum("nchwij,ocij->nohw", self.windows, self.params[0], optimize=True)
+        return out + self.params[1][None, :, None, None]
+
+    def backward(self, grad: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        weight = self.params[0]
+        k = weight.shape[-1]
+        d_weight = np.einsum("nohw,nchwij->ocij", grad, self.windows, optimize=True)
+        padded = np.pad(grad, ((0, 0), (0, 0), (k - 1, k - 1), (k - 1, k - 1)))
+        grad_windows = sliding_window_view(padded, (k, k), axis=(2, 3))
+        flipped = weight[:, :, ::-1, ::-1]
+        d_x = np.einsum("nohwij,ocij->nchw", grad_windows, flipped, optimize=True)
+        return d_x, [d_weight, grad.sum(axis=(0, 2, 3))]
+
+
+class Pool:
+    """2x2 max or average pooling with stride 2 (an odd last row/column is dropped)."""
+
+    params: list[np.ndarray] = []
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        n, c, h, w = x.shape
+        self.shape = x.shape
+        blocks = x[:, :, : h // 2 * 2, : w // 2 * 2].reshape(n, c, h // 2, 2, w // 2, 2)
+        if self.kind == "avg":
+            return blocks.mean(axis=(3, 5))
+        out = blocks.max(axis=(3, 5))
+        self.mask = blocks == out[:, :, :, None, :, None]
+        return out
+
+    def backward(self, grad: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        spread = grad[:, :, :, None, :, None]
+        if self.kind == "avg":
+            blocks = np.broadcast_to(spread / 4.0, (*grad.shape[:3], 2, grad.shape[3], 2))
+        else:
+            blocks = self.mask * spread / self.mask.sum(axis=(3, 5), keepdims=True)
+        n, c, h, w = self.shape
+        d_x = np.zeros(self.shape, dtype=grad.dtype)
+        d_x[:, :, : h // 2 * 2, : w // 2 * 2] = blocks.reshape(n, c, h // 2 * 2, w // 2 * 2)
+        return d_x, []
+
+
+class Relu:
+    params: list[np.ndarray] = []
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self.positive = x > 0
+        return x * self.positive
+
+    def backward(self, grad: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        return grad * self.positive, []
+
+
+class Flatten:
+    params: list[np.ndarray] = []
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self.shape = x.shape
+        return x.reshape(len(x), -1)
+
+    def backward(self, grad: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        return grad.reshape(self.shape), []
+
+
+class NumpyModel:
+    """A sequence of layers; ``weights`` holds the canonical arrays the layers use."""
+
+    def __init__(self, name: str, weights: Weights, pool: str) -> None:
+        self.name = name
+        self.weights = weights
+        arrays = list(weights.values())
+        pairs = [arrays[i : i + 2] for i in range(0, len(arrays), 2)]
+        self.layers: list[Any] = []
+        num_convs = len(LENET_CONV) if name == "lenet" else 0
+        for i, (weight, bias) in enumerate(pairs):
+            if i < num_convs:
+                self.layers += [Conv(weight, bias), Relu(), Pool(pool)]
+                continue
+            if i == num_convs:
+                self.layers.append(Flatten())
+            self.layers.append(Dense(weight, bias))
+            if i < len(pairs) - 1:
+                self.layers.append(Relu())
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, grad: np.ndarray) -> list[np.ndarray]:
+        grads: list[np.ndarray] = []
+        for layer in reversed(self.layers):
+            grad, layer_grads = layer.backward(grad)
+            grads = layer_grads + grads
+        return grads
+
+
+def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy and its gradient with respect to the logits."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss = -log_probs[np.arange(len(y)), y].mean()
+    grad = np.exp(log_probs)
+    grad[np.arange(len(y)), y] -= 1.0
+    return float(loss), grad / len(y)
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+    description = "Built-in pure-NumPy MLP and LeNet with SGD: no framework needed"
+    framework = Framework("numpy", "numpy")
+    models = ("mlp", "lenet")
+    defaults = {
+        "model": "mlp",
+        "hidden-dims": "128",
+        "lr": 0.1,
+        "momentum": 0.0,
+        "batch-size": 32,
+        "local-epochs": 1,
+        "num-server-rounds": 5,
+        "num-supernodes": 10,
+    }
+    quickstart_dataset = "ylecun/mnist"
+    file_suffix = ".npz"
+
+    def build_model(self, model: str, spec: DataSpec, config: Config) -> NumpyModel:
+        rng = np.random.default_rng(int(config.get("seed", 0)))
+        weights: Weights = {}
+        for key, shape in canonical_shapes(model, spec, config).items():
+            if key.endswith(".weight"):
+                fan_in = int(np.prod(shape[1:]))
+                bound = 1.0 / np.sqrt(fan_in)  # PyTorch's default init range
+                weights[key] = rng.uniform(-bound, bound, shape).astype(np.float32)
+            else:
+                weights[key] = np.zeros(shape, dtype=np.float32)
+        return NumpyModel(model, weights, str(config.get("pool", "max")))
+
+    def get_weights(self, model: NumpyModel) -> Weights:
+        return {key: value.copy() for key, value in model.weights.items()}
+
+    def set_weights(self, model: NumpyModel, weights: Weights) -> None:
+        for key, value in model.weights.items():
+            value[...] = weights[key]
+
+    def train(self, model: NumpyModel, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
+        lr, momentum = float(config["lr"]), float(config.get("momentum", 0.0))
+        mu = float(config.get("proximal-mu", 0.0))
+        anchor = [p.copy() for p in model.weights.values()] if mu > 0 else []
+        velocity = [np.zeros_like(p) for p in model.weights.values()]
+        batch_size = int(config["batch-size"])
+        seed = int(config.get("seed", 0)) + int(config.get("server-round", 0))
+        rng = np.random.default_rng(seed)
+        x = x.reshape(len(x), -1) if model.name == "mlp" else x
+        losses, correct = [], 0
+        for _ in range(int(config["local-epochs"])):
+            order = rng.permutation(len(y))
+            for start in range(0, len(y), batch_size):
+                idx = order[start : start + batch_size]
+                logits = model.forward(x[idx])
+                loss, grad = softmax_cross_entropy(logits, y[idx])
+                losses.append(loss * len(idx))
+                correct += int((logits.argmax(axis=1) == y[idx]).sum())
+                params = list(model.weights.values())
+                for i, (param, g) in enumerate(zip(params, model.backward(grad))):
+                    if mu > 0:
+                        g = g + mu * (param - anchor[i])
+                    velocity[i] = momentum * velocity[i] + g
+                    param -= (lr * velocity[i]).astype(param.dtype)
+        seen = len(y) * int(config["local-epochs"])
+        return {"loss": float(sum(losses) / seen), "accuracy": correct / seen, "num-examples": len(y)}
+
+    def evaluate(self, model: NumpyModel, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
+        logits = self.predict(model, x)
+        loss, _ = softmax_cross_entropy(logits, y)
+        accuracy = float((logits.argmax(axis=1) == y).mean())
+        return {"loss": loss, "accuracy": accuracy, "num-examples": len(y)}
+
+    def predict(self, model: NumpyModel, x: np.ndarray) -> np.ndarray:
+        x = x.reshape(len(x), -1) if model.name == "mlp" else x
+        return np.concatenate([model.forward(x[i : i + 512]) for i in range(0, len(x), 512)])
+
+    def save(self, model: NumpyModel, path: Path) -> None:
+        with open(path, "wb") as file:
+            np.savez(file, **model.weights)
+
+    def load(self, model: NumpyModel, path: Path) -> NumpyModel:
+        with np.load(path, allow_pickle=False) as saved:
+            self.set_weights(model, {key: saved[key] for key in saved.files})
+        return model
+
+
+@hookimpl
+def fedplug_register_backends(register: Any) -> None:
+    register(NumpyBackend())

@@ -1,0 +1,184 @@
+"""Backend discovery: pluggy over the ``fedplug`` entry-point group, one plugin failing alone."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from functools import cache
+from importlib.metadata import entry_points, version
+
+import pluggy
+
+from fedplug import hookspecs
+from fedplug.backend import Backend, Framework
+
+ENTRY_POINT_GROUP = "fedplug"
+DEFAULT_PLUGINS = ("fedplug.numpy_backend",)
+"""Built-in plugins: registered like any other, always loaded."""
+PLUGINS_ENV = "FEDPLUG_PLUGINS"
+"""Comma list of third-party plugin (entry point or distribution) names to load; empty loads none."""
+STRICT_ENV = "FEDPLUG_STRICT"
+"""Set to 1 to re-raise plugin errors instead of reporting them (for plugin authors)."""
+
+
+class UnknownBackend(LookupError):
+    """No installed backend has this name."""
+
+
+class PluginProblem(ValueError):
+    """A plugin registered something the core cannot use."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A backend with the plugin and distribution that registered it."""
+
+    backend: Backend
+    plugin: str
+    distribution: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Broken:
+    """A plugin, or one backend of it, that could not be loaded."""
+
+    plugin: str
+    distribution: str
+    reason: str
+
+
+@dataclass
+class Registry:
+    backends: dict[str, Registered] = field(default_factory=dict)
+    broken: list[Broken] = field(default_factory=list)
+
+    def get(self, name: str) -> Backend:
+        """The backend called ``name``, or ``UnknownBackend`` with what to do."""
+        if name in self.backends:
+            return self.backends[name].backend
+        installed = ", ".join(sorted(self.backends)) or "none"
+        raise UnknownBackend(
+            f"unknown backend '{name}' (installed: {installed}); "
+            f"to add it: pip install fedplug-{name}"
+        )
+
+
+def _strict() -> bool:
+    return os.environ.get(STRICT_ENV, "") not in ("", "0", "false")
+
+
+def _selected(name: str, distribution: str) -> bool:
+    wanted = os.environ.get(PLUGINS_ENV)
+    if wanted is None:
+        return True
+    names = {part.strip() for part in wanted.split(",") if part.strip()}
+    return name in names or distribution in names
+
+
+def problem_with(backend: object) -> str | None:
+    """Why ``backend`` is not a well-formed backend, or None."""
+    if not isinstance(backend, Backend):
+        return f"registered {type(backend).__name__}, not a fedplug.Backend instance"
+    for attr, kind in (("name", str), ("description", str), ("file_suffix", str)):
+        if not isinstance(getattr(backend, attr, None), kind):
+            return f"backend attribute '{attr}' must be a {kind.__name__}"
+    if not backend.name.isidentifier():
+        return f"backend name '{backend.name}' is not a valid Python identifier"
+    if not isinstance(getattr(backend, "framework", None), Framework):
+        return "backend attribute 'framework' must be a fedplug.Framework"
+    missing = {"mlp", "lenet"} - set(backend.models)
+    if missing:
+        return f"backend '{backend.name}' must build the shared models {sorted(missing)}"
+    return None
+
+
+def new_plugin_manager() -> pluggy.PluginManager:
+    manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    manager.add_hookspecs(hookspecs)
+    return manager
+
+
+def _fail(registry: Registry, plugin: str, distribution: str, error: Exception) -> None:
+    if _strict():
+        raise error
+    reason = str(error) if isinstance(error, PluginProblem) else f"{type(error).__name__}: {error}"
+    registry.broken.append(Broken(plugin, distribution, reason))
+    if not os.environ.get("FEDPLUG_QUIET_PLUGINS"):
+        print(f"fedplug: plugin '{plugin}' ({distribution}) is broken: {reason}", file=sys.stderr)
+
+
+def load_plugins(manager: pluggy.PluginManager, registry: Registry) -> dict[str, tuple[str, str]]:
+    """Register the built-in and installed plugins; return plugin -> (distribution, version)."""
+    origins: dict[str, tuple[str, str]] = {}
+    core = ("fedplug-core", version("fedplug-core"))
+    candidates: list[tuple[str, str, str, object]] = [
+        (module, *core, module) for module in DEFAULT_PLUGINS
+    ]
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        dist = point.dist
+        dist_name, dist_version = (dist.name, dist.version) if dist else ("?", "?")
+        if _selected(point.name, dist_name):
+            candidates.append((point.name, dist_name, dist_version, point))
+    for name, dist_name, dist_version, source in candidates:
+        if manager.has_plugin(name):
+            continue
+        try:
+            if isinstance(source, str):
+                module = importlib.import_module(source)
+            else:
+                module = source.load()  # type: ignore[attr-defined]
+            manager.register(module, name=name)
+        except Exception as error:  # noqa: BLE001 - one broken plugin must not stop the others
+            _fail(registry, name, dist_name, error)
+            continue
+        try:
+            manager.check_pending()
+        except pluggy.PluginValidationError as error:
+            manager.unregister(name=name)
+            _fail(registry, name, dist_name, error)
+            continue
+        origins[name] = (dist_name, dist_version)
+    return origins
+
+
+def collect_backends(manager: pluggy.PluginManager, registry: Registry, origins: dict[str, tuple[str, str]]) -> None:
+    """Call each plugin's hook on its own, so a failing plugin is reported and skipped."""
+    caller = manager.hook.fedplug_register_backends
+    for impl in reversed(caller.get_hookimpls()):  # registration order
+        dist_name, dist_version = origins.get(impl.plugin_name, ("?", "?"))
+        found: list[object] = []
+        try:
+            impl.function(register=found.append)
+        except Exception as error:  # noqa: BLE001
+            _fail(registry, impl.plugin_name, dist_name, error)
+            continue
+        for backend in found:
+            problem = problem_with(backend)
+            name = getattr(backend, "name", "?")
+            if problem is None and name in registry.backends:
+                first = registry.backends[name]
+                problem = (
+                    f"backend '{name}' is already registered by plugin '{first.plugin}' "
+                    f"({first.distribution}); uninstall one of them"
+                )
+            if problem:
+                _fail(registry, impl.plugin_name, dist_name, PluginProblem(problem))
+                continue
+            registry.backends[name] = Registered(backend, impl.plugin_name, dist_name, dist_version)  # type: ignore[arg-type]
+
+
+@cache
+def get_registry() -> Registry:
+    """All backends of this environment, discovered once per process."""
+    registry = Registry()
+    manager = new_plugin_manager()
+    origins = load_plugins(manager, registry)
+    collect_backends(manager, registry, origins)
+    return registry
+
+
+def get_backend(name: str) -> Backend:
+    return get_registry().get(name)
