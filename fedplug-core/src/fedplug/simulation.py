@@ -1,0 +1,149 @@
+"""Run the fedplug apps on Flower's Simulation Engine (Ray), quietly, in a child process.
+
+``fedplug run`` starts ``python -m fedplug.simulation OUT`` in its own process group and
+kills that group when the run ends, fails or is interrupted, so no Ray process outlives
+the command. The child writes a Flower App (``OUT/flower-app/pyproject.toml``: the apps
+and the resolved run config) and hands it to the Simulation Engine, exactly as
+``flwr run`` does; the same folder runs on the Deployment Engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from fedplug.backend import Scalar
+
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    "GRPC_VERBOSITY": "ERROR",
+    "PYTHONWARNINGS": "ignore",
+}
+"""Set in the simulation process (and so in Ray's workers) unless ``--verbose``."""
+
+
+def _toml_value(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def write_flower_app(out: Path, config: dict[str, Scalar]) -> Path:
+    """Write a Flower App whose components are fedplug's apps and whose config is ``config``."""
+    app_dir = out / "flower-app"
+    app_dir.mkdir(parents=True, exist_ok=True)
+    backend = str(config["backend"])
+    requirement = "fedplug-core" if backend == "numpy" else f"fedplug-{backend}"
+    lines = [
+        "# A Flower App running fedplug's apps with this run's config.",
+        "# Deployment Engine: flwr run <this folder> <your-federation>",
+        "[build-system]",
+        'requires = ["hatchling"]',
+        'build-backend = "hatchling.build"',
+        "",
+        "[project]",
+        f'name = "fedplug-{backend}-run"',
+        'version = "1.0.0"',
+        f'dependencies = ["{requirement}"]',
+        "",
+        "[tool.flwr.app]",
+        'publisher = "fedplug"',
+        "",
+        "[tool.flwr.app.components]",
+        'serverapp = "fedplug.apps:server_app"',
+        'clientapp = "fedplug.apps:client_app"',
+        "",
+        "[tool.flwr.app.config]",
+        *(f"{json.dumps(key)} = {_toml_value(value)}" for key, value in config.items()),
+        "",
+    ]
+    (app_dir / "pyproject.toml").write_text("\n".join(lines))
+    return app_dir
+
+
+def quiet_logs(verbose: bool) -> None:
+    """Keep Flower's and Ray's logs and deprecation warnings out of sight unless verbose."""
+    if verbose:
+        return
+    os.environ.update(QUIET_ENV)
+    warnings.simplefilter("ignore")
+    for name in ("flwr", "ray", "datasets", "filelock", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float) -> None:
+    """Run the federation described by ``out/config.json`` on the Simulation Engine."""
+    config: dict[str, Scalar] = json.loads((out / "config.json").read_text())
+    quiet_logs(verbose)
+    # Flower keeps state under FLWR_HOME: point it away from the user's ~/.flwr
+    os.environ["FLWR_HOME"] = tempfile.mkdtemp(prefix="fedplug-flwr-")
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    from fedplug.apps import client_app, server_app
+
+    quiet_logs(verbose)  # again: importing Flower resets its logger's level
+    app_dir = write_flower_app(out, config)
+    backend_config: dict[str, Any] = {
+        "client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
+        "init_args": {"include_dashboard": False, "log_to_driver": verbose,
+                      "logging_level": logging.INFO if verbose else logging.ERROR},
+    }
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(config))
+    try:
+        # Flower's own simulation runtime, as ``flwr run`` drives it for a Flower App folder
+        _run_simulation(
+            num_supernodes=int(config["num-supernodes"]),  # type: ignore[arg-type]
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=server_app,
+            backend_config=backend_config,  # type: ignore[arg-type]
+            app_dir=str(app_dir),
+            server_app_context=context,
+            verbose_logging=verbose,
+        )
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def main(argv: list[str]) -> int:
+    out, verbose = Path(argv[0]), "--verbose" in argv
+    cpus = float(argv[argv.index("--client-cpus") + 1]) if "--client-cpus" in argv else 1.0
+    gpus = float(argv[argv.index("--client-gpus") + 1]) if "--client-gpus" in argv else 0.0
+    from fedplug.display import RoundPrinter
+    from fedplug.results import progress_log
+
+    progress_log.addHandler(RoundPrinter())
+    progress_log.setLevel(logging.INFO)
+    progress_log.propagate = False
+    try:
+        simulate(out, verbose, cpus, gpus)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # noqa: BLE001 - reported in one line, details with --verbose
+        cause = error.__cause__ or error
+        print(f"fedplug: run failed: {type(cause).__name__}: {cause}", file=sys.stderr)
+        if verbose:
+            raise
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,90 @@
+"""Flower's built-in strategies by name, with their parameters taken from the run config."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from fedplug.backend import Config, Scalar
+from fedplug.config import ConfigError, coerce
+
+STRATEGIES = {
+    "fedavg": "FedAvg",
+    "fedprox": "FedProx",
+    "fedadam": "FedAdam",
+    "fedyogi": "FedYogi",
+    "fedadagrad": "FedAdagrad",
+    "fedavgm": "FedAvgM",
+    "fedmedian": "FedMedian",
+    "fedtrimmedavg": "FedTrimmedAvg",
+    "krum": "Krum",
+    "multikrum": "MultiKrum",
+    "bulyan": "Bulyan",
+    "qfedavg": "QFedAvg",
+}
+INTERNAL = {"weighted_by_key", "arrayrecord_key", "configrecord_key", "train_metrics_aggr_fn",
+            "evaluate_metrics_aggr_fn", "selection_rule", "train_loss_key", "self"}
+"""Constructor parameters fedplug sets itself; everything else is ``strategy.<param>``."""
+
+MetricsAggregator = Callable[[list[Any], str], Any]
+
+
+def strategy_class(name: str) -> type:
+    from flwr.serverapp import strategy
+
+    if name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy '{name}'; choose one of: {', '.join(STRATEGIES)}")
+    return getattr(strategy, STRATEGIES[name])  # type: ignore[no-any-return]
+
+
+def strategy_parameters(name: str) -> dict[str, Scalar]:
+    """``kebab-name -> default`` of the parameters a user may set for strategy ``name``."""
+    signature = inspect.signature(strategy_class(name).__init__)
+    return {
+        key.replace("_", "-"): param.default
+        for key, param in signature.parameters.items()
+        if key not in INTERNAL and param.kind is not param.VAR_KEYWORD
+        and isinstance(param.default, bool | int | float | str)
+    }
+
+
+def strategy_kwargs(config: Config) -> dict[str, Any]:
+    """Constructor arguments of the configured strategy, checked by name and type."""
+    name = str(config["strategy"])
+    known = strategy_parameters(name)
+    nodes = int(config["num-supernodes"])  # type: ignore[arg-type]
+    values: dict[str, Scalar] = {
+        "fraction-train": config["fraction-train"],
+        "fraction-evaluate": config["fraction-evaluate"],
+        # Flower waits for 2 nodes by default: never wait for more nodes than the run has
+        "min-train-nodes": min(2, nodes),
+        "min-evaluate-nodes": min(2, nodes),
+        "min-available-nodes": min(2, nodes),
+    }
+    for key, value in config.items():
+        if key.startswith("strategy."):
+            param = key.removeprefix("strategy.")
+            if param not in known and not (name == "qfedavg" and param == "client-learning-rate"):
+                raise ConfigError(
+                    f"strategy '{name}' has no parameter '{param}'; it takes: {', '.join(sorted(known))}"
+                )
+            values[param] = coerce(key, value, known.get(param, 0.0))
+    kwargs = {key.replace("-", "_"): value for key, value in values.items()}
+    if name == "qfedavg":
+        kwargs.setdefault("client_learning_rate", float(config["lr"]))  # type: ignore[arg-type]
+        kwargs["train_loss_key"] = "loss"
+    return kwargs
+
+
+def make_strategy(config: Config, train_aggr: MetricsAggregator, evaluate_aggr: MetricsAggregator) -> Any:
+    """The configured strategy, aggregating client metrics with the given functions."""
+    cls = strategy_class(str(config["strategy"]))
+    try:
+        return cls(
+            train_metrics_aggr_fn=train_aggr,
+            evaluate_metrics_aggr_fn=evaluate_aggr,
+            **strategy_kwargs(config),
+        )
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"strategy '{config['strategy']}': {error}") from error
