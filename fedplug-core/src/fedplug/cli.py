@@ -109,12 +109,14 @@ def prepare_run(backend: Backend, overrides: dict[str, Scalar], out: Path) -> di
     from fedplug.strategies import strategy_kwargs
 
     config = resolve(backend, {**overrides, "out": str(out.resolve())})
+    if Path(str(config["dataset"])).expanduser().exists():  # Ray workers run elsewhere: absolute paths
+        config["dataset"] = str(Path(str(config["dataset"])).expanduser().resolve())
     strategy_kwargs(config)
-    make_partitioner(config, int(config["num-supernodes"]))  # type: ignore[arg-type]
     try:
-        data_spec(config)
+        data_spec(config)  # first: it decides whether the hub is used offline
     except DataError as error:
         raise ConfigError(str(error)) from error
+    make_partitioner(config, int(config["num-supernodes"]))  # type: ignore[arg-type]
     return config
 
 
@@ -184,7 +186,8 @@ def run(
     started = time.monotonic()
     log_path = out / "simulation.log"  # Flower's, Ray's and the frameworks' chatter goes here
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, start_new_session=True, stderr=None if verbose else log)
+        env = {**os.environ, "FEDPLUG_RUN_DIR": str(out.resolve())}  # marks every process of this run
+        process = subprocess.Popen(command, start_new_session=True, stderr=None if verbose else log, env=env)
     try:
         code = process.wait()
     except KeyboardInterrupt:

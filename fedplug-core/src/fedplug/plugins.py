@@ -147,7 +147,7 @@ def load_plugins(manager: pluggy.PluginManager, registry: Registry) -> dict[str,
 def collect_backends(manager: pluggy.PluginManager, registry: Registry, origins: dict[str, tuple[str, str]]) -> None:
     """Call each plugin's hook on its own, so a failing plugin is reported and skipped."""
     caller = manager.hook.fedplug_register_backends
-    for impl in reversed(caller.get_hookimpls()):  # registration order
+    for impl in caller.get_hookimpls():  # registration order: built-ins first
         dist_name, dist_version = origins.get(impl.plugin_name, ("?", "?"))
         found: list[object] = []
         try:

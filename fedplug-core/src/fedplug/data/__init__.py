@@ -13,11 +13,14 @@ Each process loads a dataset once and each partition once; later rounds reuse th
 from __future__ import annotations
 
 import inspect
+import os
+import socket
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -129,6 +132,10 @@ def _quiet_datasets() -> None:
 def _source(key: tuple[tuple[str, Scalar], ...]) -> _Source:
     config = dict(key)
     name = str(config["dataset"])
+    if name != EMBEDDED and not Path(name).expanduser().exists():
+        if "HF_HUB_OFFLINE" not in os.environ and not hub_reachable():
+            # no network: use the local Hugging Face cache only, instead of retrying for a minute
+            os.environ["HF_HUB_OFFLINE"] = "1"
     _quiet_datasets()
     if name == EMBEDDED:
         return _embedded(int(config["seed"]))  # type: ignore[arg-type]
@@ -161,6 +168,17 @@ def _embedded(seed: int) -> _Source:
     shuffled = np.random.default_rng(seed).permutation(len(arrays["train_labels"]))
     train = build("train", shuffled)  # iid partitions are contiguous blocks: shuffle first
     return _Source(train, build("test"), DataSpec((1, 28, 28), 10), "image", "label")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers a TCP connection."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _load_splits(name: str, config: dict[str, Scalar]) -> dict[str, Any]:

@@ -1,0 +1,79 @@
+"""``fedplug new-backend``: generate a separately installable backend plugin project.
+
+The project is filled in from the template files in ``fedplug/templates/backend/``
+(``string.Template``: ``$name`` is the backend name, ``$$`` a literal dollar sign).
+Its backend delegates to the built-in NumPy backend, so it installs, passes the
+conformance suite and runs with no framework; the author then replaces it piece by piece.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from importlib.resources import files
+from pathlib import Path
+from string import Template
+
+from fedplug import __version__
+
+TEMPLATES = files("fedplug") / "templates" / "backend"
+FILES = {
+    "pyproject.toml": "pyproject.toml.tmpl",
+    "README.md": "README.md.tmpl",
+    "src/fedplug_{name}/__init__.py": "plugin.py.tmpl",
+    "tests/test_conformance.py": "test_conformance.py.tmpl",
+}
+"""Generated file (relative to the project folder) -> its template."""
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*[a-z0-9]|[a-z]")
+"""Lowercase, starting with a letter, not ending with ``_`` (a valid distribution name)."""
+
+
+class ScaffoldError(ValueError):
+    """The project cannot be created; the message says what to do instead."""
+
+
+def check_name(name: str, installed: set[str]) -> None:
+    """Raise ``ScaffoldError`` unless ``name`` can name a new backend."""
+    if not name.isidentifier():
+        raise ScaffoldError(f"backend name '{name}' is not a valid Python identifier: use letters, digits and _, e.g. 'mything'")
+    if keyword.iskeyword(name):
+        raise ScaffoldError(f"backend name '{name}' is a Python keyword: choose another name, e.g. '{name}_backend'")
+    if not NAME_PATTERN.fullmatch(name):
+        raise ScaffoldError(
+            f"backend name '{name}' must be lowercase ASCII letters, digits and _, start with a letter "
+            "and not end with _, e.g. 'mything'"
+        )
+    if name in installed:
+        raise ScaffoldError(f"a backend named '{name}' is already installed (see `fedplug list`): choose another name")
+    if name == "core":
+        raise ScaffoldError("backend name 'core' would make the distribution fedplug-core, which is fedplug itself: choose another name")
+
+
+def render(template: str, name: str) -> str:
+    """Fill in one template for the backend ``name``."""
+    text = (TEMPLATES / template).read_text(encoding="utf-8")
+    major, minor = __version__.split(".")[:2]
+    return Template(text).substitute(
+        name=name,
+        distribution=f"fedplug-{name.replace('_', '-')}",
+        package=f"fedplug_{name}",
+        cls="".join(part.capitalize() for part in name.split("_")) + "Backend",
+        core_requirement=f"fedplug-core>={major}.{minor}",
+    )
+
+
+def scaffold(name: str, directory: Path, installed: set[str]) -> Path:
+    """Create the plugin project for backend ``name`` in ``directory``; return its path.
+
+    ``installed`` holds the names of the backends installed here, which ``name`` must
+    not clash with. ``directory`` must not exist or be empty.
+    """
+    check_name(name, installed)
+    target = Path(directory)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ScaffoldError(f"{target} already exists and is not empty: choose a new or empty directory")
+    for relative, template in FILES.items():
+        path = target / relative.format(name=name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render(template, name), encoding="utf-8")
+    return target

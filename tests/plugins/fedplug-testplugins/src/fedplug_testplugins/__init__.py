@@ -1,0 +1,1 @@
+"""Test plugins for fedplug discovery: one module per behaviour."""

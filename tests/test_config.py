@@ -1,0 +1,113 @@
+"""Run-config parsing, defaults and the errors a user sees."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedplug.config import CORE_DEFAULTS, ConfigError, parse_overrides, resolve
+from fedplug.data import make_partitioner
+from fedplug.numpy_backend import NumpyBackend
+from fedplug.strategies import STRATEGIES, make_strategy, strategy_kwargs, strategy_parameters
+
+BACKEND = NumpyBackend()
+
+
+def test_parse_flwr_run_syntax() -> None:
+    assert parse_overrides("lr=0.05 batch-size=64 model='lenet' centralized-eval=false") == {
+        "lr": 0.05, "batch-size": 64, "model": "lenet", "centralized-eval": False,
+    }
+
+
+def test_parse_accepts_unquoted_words_and_dotted_keys() -> None:
+    assert parse_overrides('model=lenet strategy.proximal-mu=0.1 hidden-dims="32,32"') == {
+        "model": "lenet", "strategy.proximal-mu": 0.1, "hidden-dims": "32,32",
+    }
+
+
+def test_parse_toml_file(tmp_path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('lr = 0.2\n[strategy]\nproximal-mu = 0.5\n')
+    assert parse_overrides(str(path)) == {"lr": 0.2, "strategy.proximal-mu": 0.5}
+
+
+def test_parse_rejects_garbage() -> None:
+    with pytest.raises(ConfigError, match="write key=value pairs"):
+        parse_overrides("lr 0.05")
+
+
+def test_backend_defaults_override_core_defaults() -> None:
+    config = resolve(BACKEND, {})
+    assert config["backend"] == "numpy"
+    assert config["num-server-rounds"] == BACKEND.defaults["num-server-rounds"]
+    assert config["strategy"] == CORE_DEFAULTS["strategy"]
+
+
+def test_int_is_accepted_for_float() -> None:
+    assert resolve(BACKEND, {"lr": 1})["lr"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lr": "fast"}, "run-config 'lr' must be float"),
+        ({"num-server-rounds": 2.5}, "run-config 'num-server-rounds' must be int"),
+        ({"centralized-eval": 1}, "run-config 'centralized-eval' must be bool"),
+        ({"rounds": 3}, "unknown run-config key 'rounds'"),
+        ({"learning-rate": 0.1}, "unknown run-config key 'learning-rate'"),
+        ({"batch-sise": 3}, "did you mean 'batch-size'?"),
+        ({"model": "resnet"}, "has no model 'resnet'; choose one of: mlp, lenet"),
+        ({"num-supernodes": 0}, "'num-supernodes' must be at least 1"),
+        ({"fraction-train": 1.5}, "'fraction-train' must be between 0 and 1"),
+        ({"pool": "min"}, "'pool' must be 'max' or 'avg'"),
+        ({"test-fraction": 1.0}, "'test-fraction' must be between 0 and 1"),
+    ],
+)
+def test_bad_values_are_refused_with_a_hint(overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+        resolve(BACKEND, overrides)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_builtin_strategy_builds_from_the_run_config(name: str) -> None:
+    config = resolve(BACKEND, {"strategy": name, "fraction-train": 0.5})
+    strategy = make_strategy(config, lambda records, key: None, lambda records, key: None)
+    assert type(strategy).__name__ == STRATEGIES[name]
+    assert strategy.fraction_train == 0.5
+
+
+def test_strategy_parameters_come_from_the_run_config() -> None:
+    config = resolve(BACKEND, {"strategy": "fedprox", "strategy.proximal-mu": 0.3})
+    assert strategy_kwargs(config)["proximal_mu"] == 0.3
+    assert "proximal-mu" in strategy_parameters("fedprox")
+    config = resolve(BACKEND, {"strategy": "fedadam", "strategy.eta": 1})
+    assert strategy_kwargs(config)["eta"] == 1.0
+
+
+def test_min_nodes_never_exceed_the_federation() -> None:
+    config = resolve(BACKEND, {"num-supernodes": 1})
+    assert strategy_kwargs(config)["min_available_nodes"] == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"strategy": "fedsgd"}, "unknown strategy 'fedsgd'; choose one of: fedavg"),
+        ({"strategy": "fedavg", "strategy.proximal-mu": 0.1}, "strategy 'fedavg' has no parameter 'proximal-mu'"),
+        ({"strategy": "fedprox", "strategy.proximal-mu": "high"}, "'strategy.proximal-mu' must be float"),
+    ],
+)
+def test_bad_strategy_settings_are_refused(overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        strategy_kwargs(resolve(BACKEND, overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"partitioner": "random"}, "unknown partitioner 'random'; choose one of: iid, dirichlet"),
+        ({"partitioner": "dirichlet", "partitioner.beta": 1.0}, "partitioner 'dirichlet' has no parameter 'beta'"),
+    ],
+)
+def test_bad_partitioner_settings_are_refused(overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_partitioner(resolve(BACKEND, overrides), 4)

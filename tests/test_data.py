@@ -1,0 +1,130 @@
+"""The data layer: embedded MNIST, flwr-datasets partitioners, local files and hub-style folders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedplug.config import resolve
+from fedplug.data import DataError, data_spec, load_centralized, load_partition
+from fedplug.numpy_backend import NumpyBackend
+
+from conftest import fedplug
+
+BACKEND = NumpyBackend()
+
+
+def config(**overrides):
+    return resolve(BACKEND, overrides)
+
+
+def labels_of(cfg, nodes):
+    return [load_partition(cfg, i, nodes).y_train for i in range(nodes)]
+
+
+def test_embedded_dataset_is_real_mnist_split_80_20() -> None:
+    cfg = config()
+    parts = [load_partition(cfg, i, 4) for i in range(4)]
+    assert sum(len(p.y_train) + len(p.y_test) for p in parts) == 12_000
+    for part in parts:
+        assert part.x_train.dtype == np.float32 and part.x_train.shape[1:] == (1, 28, 28)
+        assert 0.0 <= part.x_train.min() and part.x_train.max() <= 1.0
+        assert len(part.y_test) == pytest.approx(0.2 * (len(part.y_train) + len(part.y_test)), abs=1)
+        assert part.y_train.dtype == np.int64
+    assert data_spec(cfg).input_shape == (1, 28, 28) and data_spec(cfg).num_classes == 10
+    x_central, y_central = load_centralized(cfg)
+    assert x_central.shape == (3_000, 1, 28, 28) and set(np.unique(y_central)) == set(range(10))
+
+
+def test_partitions_are_cached_per_process() -> None:
+    assert load_partition(config(), 1, 4) is load_partition(config(), 1, 4)
+
+
+def test_iid_partitions_follow_the_seed() -> None:
+    a, b = load_partition(config(seed=1), 0, 4), load_partition(config(seed=2), 0, 4)
+    assert not np.array_equal(a.y_train[:50], b.y_train[:50])
+    counts = np.bincount(a.y_train, minlength=10) / len(a.y_train)
+    assert counts.max() < 0.15  # iid: no class dominates
+
+
+def test_dirichlet_is_skewed() -> None:
+    skews = [np.bincount(y, minlength=10).max() / len(y) for y in labels_of(config(partitioner="dirichlet", **{"partitioner.alpha": 0.1}), 5)]
+    assert max(skews) > 0.4
+
+
+def test_pathological_gives_two_classes_per_node() -> None:
+    for y in labels_of(config(partitioner="pathological"), 5):
+        assert len(np.unique(y)) <= 2
+
+
+def test_shard_partitioner_with_parameters() -> None:
+    for y in labels_of(config(partitioner="shard", **{"partitioner.num-shards-per-partition": 3}), 4):
+        assert len(y) > 0
+
+
+def _mnist_like(n: int = 60):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 255, (n, 8, 8), dtype=np.uint8), rng.integers(0, 3, n)
+
+
+def test_local_parquet_with_colour_images(tmp_path) -> None:
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(40)]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=4)})
+    datasets.Dataset.from_dict({"img": images, "label": list(rng.integers(0, 4, 40))}, features=features).to_parquet(
+        tmp_path / "colour.parquet"
+    )
+    cfg = config(dataset=str(tmp_path / "colour.parquet"))
+    spec = data_spec(cfg)
+    assert spec.input_shape == (3, 32, 32) and spec.num_classes == 4
+    part = load_partition(cfg, 0, 2)
+    assert part.x_train.shape[1:] == (3, 32, 32) and part.x_train.max() <= 1.0
+    assert load_centralized(cfg) is None  # one file, no held-out split
+
+
+def test_local_csv_of_pixel_columns(tmp_path) -> None:
+    images, labels = _mnist_like()
+    header = "label," + ",".join(f"pixel{i}" for i in range(64))
+    rows = [f"{label}," + ",".join(map(str, image.ravel())) for image, label in zip(images, labels)]
+    (tmp_path / "digits.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
+    cfg = config(dataset=str(tmp_path / "digits.csv"))
+    assert data_spec(cfg).input_shape == (1, 8, 8) and data_spec(cfg).num_classes == 3
+    part = load_partition(cfg, 1, 2)
+    assert len(part.y_train) + len(part.y_test) == 30
+
+
+def test_hub_style_dataset_folder_with_named_columns(tmp_path) -> None:
+    """A folder laid out like a hub dataset repo goes through the same FederatedDataset call as a hub id."""
+    import datasets
+
+    images, labels = _mnist_like()
+    features = datasets.Features({"pixels": datasets.Array2D((8, 8), "uint8"), "digit_class": datasets.Value("int64")})
+    (tmp_path / "data").mkdir()
+    for split, rows in (("train", slice(0, 40)), ("test", slice(40, 60))):
+        datasets.Dataset.from_dict(
+            {"pixels": images[rows], "digit_class": labels[rows]}, features=features
+        ).to_parquet(tmp_path / "data" / f"{split}-00000-of-00001.parquet")
+    with pytest.raises(DataError, match="cannot tell the image column"):
+        data_spec(config(dataset=str(tmp_path), **{"label-column": "digit_class"}))
+    cfg = config(dataset=str(tmp_path), **{"image-column": "pixels", "label-column": "digit_class"})
+    assert data_spec(cfg).num_classes == 3
+    x_central, _ = load_centralized(cfg)
+    assert x_central.shape == (20, 1, 8, 8)
+
+
+def test_missing_file_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        data_spec(config(dataset=str(tmp_path / "nope.parquet")))
+
+
+def test_hub_id_without_network_says_what_to_do() -> None:
+    # a closed loopback port stands for "no network", whatever the machine has
+    env = {"FEDPLUG_PLUGINS": "", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    done = fedplug("run", "numpy", "--dataset", "ylecun/mnist", env=env, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert "cannot load dataset 'ylecun/mnist'" in lines[0] and "--dataset embedded" in lines[0]

@@ -1,0 +1,74 @@
+"""End to end on Flower's Simulation Engine: `fedplug run numpy`, its output, results and clean exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from conftest import check_results
+
+def processes_of(out: Path) -> list[str]:
+    """Command lines of live processes started for the run writing ``out`` (marked by FEDPLUG_RUN_DIR)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.environ().get("FEDPLUG_RUN_DIR") == str(out.resolve()):
+                found.append(" ".join(proc.info["cmdline"] or [])[:120])
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def test_run_numpy_end_to_end(run_fedplug, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    proc, out = run_fedplug("numpy", "--rounds", "2", "--nodes", "4",
+                            env={"HOME": str(home), "FEDPLUG_PLUGINS": ""})
+    rounds = check_results(out, ".npz")
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[2]["centralized-accuracy"] > rounds[1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"]
+    assert rounds[2]["evaluate-accuracy"] > rounds[1]["evaluate-accuracy"]
+    assert rounds[1]["train-nodes"] == 4 and rounds[1]["evaluate-nodes"] == 4
+    config = json.loads((out / "config.json").read_text())
+    assert config["backend"] == "numpy" and config["num-supernodes"] == 4
+    assert (out / "flower-app" / "pyproject.toml").is_file()
+    # the user sees progress and a summary, not Flower's, Ray's or the frameworks' logs
+    assert "round   2 │ nodes 4 │ train" in proc.stdout and "summary" in proc.stdout
+    for noise in ("INFO", "WARNING", "DEPRECATED", "Ray", "oneDNN", "absl"):
+        assert noise not in proc.stdout + proc.stderr, f"'{noise}' reached the terminal"
+    assert not (home / ".flwr").exists(), "fedplug wrote to ~/.flwr"
+    assert processes_of(out) == [], "processes of the run outlived it"
+
+
+def test_ctrl_c_stops_everything_and_keeps_finished_rounds(tmp_path: Path) -> None:
+    out = tmp_path / "interrupted"
+    command = [str(Path(sys.executable).with_name("fedplug")), "run", "numpy", "--rounds", "50", "--nodes", "2",
+               "--out", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "FEDPLUG_PLUGINS": ""})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any(r["round"] >= 1 for r in _rounds(out)):
+        time.sleep(0.5)
+    assert _rounds(out), "no round finished within 5 minutes"
+    assert any("raylet" in line for line in processes_of(out)), "the marker does not reach Ray's processes"
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "interrupted" in stdout and "Traceback" not in stderr
+    assert 1 <= len(_rounds(out)) < 51
+    assert (out / "metrics.png").is_file() and (out / "metrics.csv").is_file()
+    assert processes_of(out) == [], "processes of the run outlived Ctrl-C"
+
+
+def _rounds(out: Path) -> list[dict]:
+    try:
+        return json.loads((out / "metrics.json").read_text())["rounds"]
+    except (OSError, ValueError):
+        return []
