@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Build the test environments from scratch and run the whole suite (the README's test command).
+#
+#   .venv        fedplug-core, the numpy/torch/keras/jax/mlx backends and the test plugins
+#   .venv-mxnet  fedplug-core and fedplug-mxnet only: MXNet 1.9.1 needs numpy<2
+#
+# Distributions are installed as built wheels (not editable), as users get them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+PIP_FLAGS=(--quiet --disable-pip-version-check)
+
+echo "== test environment .venv"
+"$PYTHON" -m venv --clear .venv
+# the CPU build of PyTorch first: a bare `torch` requirement would pull CUDA wheels
+.venv/bin/pip install "${PIP_FLAGS[@]}" torch==2.13.0
+.venv/bin/pip install "${PIP_FLAGS[@]}" \
+  ./fedplug-core ./fedplug-torch "./fedplug-keras[tensorflow-cpu]" ./fedplug-jax ./fedplug-mlx \
+  ./tests/plugins/fedplug-testplugins ./tests/plugins/fedplug-broken-example \
+  pytest psutil
+.venv/bin/python -m pytest tests --ignore=tests/mxnet "$@"
+
+echo "== test environment .venv-mxnet"
+"$PYTHON" -m venv --clear .venv-mxnet
+.venv-mxnet/bin/pip install "${PIP_FLAGS[@]}" ./fedplug-core ./fedplug-mxnet pytest psutil
+.venv-mxnet/bin/python -m pytest tests/mxnet "$@"
