@@ -26,6 +26,6 @@ __all__ = [
     "Framework",
     "ModelError",
     "Weights",
-    "hookimpl",
     "__version__",
+    "hookimpl",
 ]

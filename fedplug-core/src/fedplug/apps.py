@@ -105,6 +105,11 @@ class RoundTracker:
 
     def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower calls this (as ``evaluate_fn``) before round 1 and after every round."""
+        if server_round > 0 and "train-nodes" not in self.current:
+            raise RuntimeError(
+                f"no node returned a training result in round {server_round}: the ClientApps failed "
+                "(run with --verbose to see their errors)"
+            )
         weights = from_record(arrays)
         record: dict[str, Any] = {"round": server_round, **self.current}
         central = None

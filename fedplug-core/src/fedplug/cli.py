@@ -120,6 +120,18 @@ def prepare_run(backend: Backend, overrides: dict[str, Scalar], out: Path) -> di
     return config
 
 
+def gpu_share(client_cpus: float) -> float:
+    """GPUs per client so that the clients running in parallel share the machine's NVIDIA GPUs."""
+    import shutil
+
+    if not shutil.which("nvidia-smi"):
+        return 0.0
+    done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
+    gpus = sum(line.startswith("GPU ") for line in done.stdout.splitlines())
+    parallel = max(1, int((os.cpu_count() or 1) // client_cpus))
+    return round(gpus / parallel, 4) if gpus else 0.0
+
+
 def _stop(process: subprocess.Popen[bytes]) -> None:
     """End the simulation's whole process group: SIGINT, then SIGTERM, then SIGKILL."""
     for sig, grace in ((signal.SIGINT, 15), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
@@ -153,9 +165,9 @@ def run(
     dataset: Annotated[str | None, typer.Option(help="embedded, a Hugging Face id, or a .parquet/.csv file.")] = None,
     partitioner: Annotated[str | None, typer.Option(help="iid, dirichlet, pathological or shard (partitioner.<param>=...).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of model init, partitioning and shuffling.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Results folder [default: ./fedplug-runs/<time>-<backend>].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Results folder (default: ./fedplug-runs/<time>-<backend>).")] = None,
     client_cpus: Annotated[float, typer.Option(help="CPU cores per simulated client.")] = 1.0,
-    client_gpus: Annotated[float, typer.Option(help="GPUs per simulated client (e.g. 0.5 to share one).")] = 0.0,
+    client_gpus: Annotated[float | None, typer.Option(help="GPUs per simulated client (default: parallel clients share the GPUs; 0 without GPU).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run a federated training on Flower's Simulation Engine and write a results folder."""
@@ -181,6 +193,8 @@ def run(
     Results(out, config)
     console.print(f"fedplug: {chosen.name} · model {config['model']} · {config['num-supernodes']} nodes · "
                   f"{config['num-server-rounds']} rounds · {config['strategy']} · dataset {config['dataset']}")
+    if client_gpus is None:
+        client_gpus = gpu_share(client_cpus)
     command = [sys.executable, "-m", "fedplug.simulation", str(out), "--client-cpus", str(client_cpus),
                "--client-gpus", str(client_gpus), *(["--verbose"] if verbose else [])]
     started = time.monotonic()
@@ -211,7 +225,7 @@ def run(
 @app.command("new-backend")
 def new_backend(
     name: Annotated[str, typer.Argument(help="Backend name: a valid Python identifier, e.g. mything.")],
-    directory: Annotated[Path | None, typer.Argument(help="Where to create the project [default: ./fedplug-NAME].")] = None,
+    directory: Annotated[Path | None, typer.Argument(help="Where to create the project (default: ./fedplug-NAME).")] = None,
 ) -> None:
     """Create a separately installable backend plugin project that passes the conformance suite."""
     from fedplug.scaffold import ScaffoldError, scaffold

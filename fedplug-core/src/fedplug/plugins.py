@@ -131,7 +131,7 @@ def load_plugins(manager: pluggy.PluginManager, registry: Registry) -> dict[str,
             else:
                 module = source.load()  # type: ignore[attr-defined]
             manager.register(module, name=name)
-        except Exception as error:  # noqa: BLE001 - one broken plugin must not stop the others
+        except Exception as error:
             _fail(registry, name, dist_name, error)
             continue
         try:
@@ -152,7 +152,7 @@ def collect_backends(manager: pluggy.PluginManager, registry: Registry, origins:
         found: list[object] = []
         try:
             impl.function(register=found.append)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             _fail(registry, impl.plugin_name, dist_name, error)
             continue
         for backend in found:

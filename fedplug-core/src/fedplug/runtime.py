@@ -16,7 +16,7 @@ def cpu_share() -> int:
                 assigned = ray.get_runtime_context().get_assigned_resources()
                 if assigned.get("CPU"):
                     return max(1, int(assigned["CPU"]))
-        except Exception:  # noqa: BLE001 - not inside a Ray worker
+        except Exception:
             pass
     threads = os.environ.get("OMP_NUM_THREADS", "")
     if threads.isdigit() and int(threads) > 0:

@@ -136,7 +136,7 @@ def main(argv: list[str]) -> int:
         simulate(out, verbose, cpus, gpus)
     except KeyboardInterrupt:
         return 130
-    except Exception as error:  # noqa: BLE001 - reported in one line, details with --verbose
+    except Exception as error:
         cause = error.__cause__ or error
         print(f"fedplug: run failed: {type(cause).__name__}: {cause}", file=sys.stderr)
         if verbose:

@@ -198,7 +198,7 @@ def _load_splits(name: str, config: dict[str, Scalar]) -> dict[str, Any]:
     )
     try:
         splits = {"train": federated.load_split("train")}
-    except Exception as error:  # noqa: BLE001 - hub, network and format errors all end here
+    except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(
             f"cannot load dataset '{name}' ({reason}); without network use the offline "

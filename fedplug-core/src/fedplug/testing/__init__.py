@@ -12,4 +12,4 @@ Every check is a test method; each failure message says what to fix.
 
 from fedplug.testing.conformance import HEAVY_FRAMEWORKS, SPECS, BackendConformance
 
-__all__ = ["BackendConformance", "HEAVY_FRAMEWORKS", "SPECS"]
+__all__ = ["HEAVY_FRAMEWORKS", "SPECS", "BackendConformance"]
