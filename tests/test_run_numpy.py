@@ -10,9 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 from conftest import check_results
+
 
 def processes_of(out: Path) -> list[str]:
     """Command lines of live processes started for the run writing ``out`` (marked by FEDPLUG_RUN_DIR)."""
@@ -29,7 +31,7 @@ def processes_of(out: Path) -> list[str]:
 def test_run_numpy_end_to_end(run_fedplug, tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
-    proc, out = run_fedplug("numpy", "--rounds", "2", "--nodes", "4",
+    proc, out = run_fedplug("numpy", "--rounds", "2", "--nodes", "4", "--run-config", "hidden-dims='64'",
                             env={"HOME": str(home), "FEDPLUG_PLUGINS": ""})
     rounds = check_results(out, ".npz")
     assert [r["round"] for r in rounds] == [0, 1, 2]
@@ -39,6 +41,8 @@ def test_run_numpy_end_to_end(run_fedplug, tmp_path: Path) -> None:
     config = json.loads((out / "config.json").read_text())
     assert config["backend"] == "numpy" and config["num-supernodes"] == 4
     assert (out / "flower-app" / "pyproject.toml").is_file()
+    with np.load(out / "weights.npz") as weights:  # the override reached server and clients alike
+        assert weights["layers.0.weight"].shape == (64, 784)
     # the user sees progress and a summary, not Flower's, Ray's or the frameworks' logs
     assert "round   2 │ nodes 4 │ train" in proc.stdout and "summary" in proc.stdout
     for noise in ("INFO", "WARNING", "DEPRECATED", "Ray", "oneDNN", "absl"):
@@ -72,3 +76,16 @@ def _rounds(out: Path) -> list[dict]:
         return json.loads((out / "metrics.json").read_text())["rounds"]
     except (OSError, ValueError):
         return []
+
+
+def test_failing_client_apps_end_the_run_with_one_line(tmp_path: Path) -> None:
+    from conftest import fedplug
+
+    out = tmp_path / "failing"
+    done = fedplug("run", "failing_train", "--rounds", "3", "--nodes", "2", "--out", str(out),
+                   env={"FEDPLUG_PLUGINS": "failing"})
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert "no node returned a training result in round 1" in lines[0] and "simulation.log" in lines[0]
+    assert processes_of(out) == []

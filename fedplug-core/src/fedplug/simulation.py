@@ -44,8 +44,10 @@ def write_flower_app(out: Path, config: dict[str, Scalar]) -> Path:
     """Write a Flower App whose components are fedplug's apps and whose config is ``config``."""
     app_dir = out / "flower-app"
     app_dir.mkdir(parents=True, exist_ok=True)
+    from fedplug.plugins import get_registry
+
     backend = str(config["backend"])
-    requirement = "fedplug-core" if backend == "numpy" else f"fedplug-{backend}"
+    requirement = get_registry().backends[backend].distribution
     lines = [
         "# A Flower App running fedplug's apps with this run's config.",
         "# Deployment Engine: flwr run <this folder> <your-federation>",
@@ -54,7 +56,7 @@ def write_flower_app(out: Path, config: dict[str, Scalar]) -> Path:
         'build-backend = "hatchling.build"',
         "",
         "[project]",
-        f'name = "fedplug-{backend}-run"',
+        f'name = "fedplug-{backend.replace("_", "-")}-run"',
         'version = "1.0.0"',
         f'dependencies = ["{requirement}"]',
         "",
@@ -113,6 +115,7 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float) -
             backend_config=backend_config,  # type: ignore[arg-type]
             app_dir=str(app_dir),
             server_app_context=context,
+            is_app=True,  # nodes read their run config from the app folder, as under `flwr run`
             verbose_logging=verbose,
         )
     finally:
