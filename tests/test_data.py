@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import fedplug
 from fedplug.config import resolve
 from fedplug.data import DataError, data_spec, load_centralized, load_partition
 from fedplug.numpy_backend import NumpyBackend
-
-from conftest import fedplug
 
 BACKEND = NumpyBackend()
 
@@ -28,7 +27,7 @@ def test_embedded_dataset_is_real_mnist_split_80_20() -> None:
     assert sum(len(p.y_train) + len(p.y_test) for p in parts) == 12_000
     for part in parts:
         assert part.x_train.dtype == np.float32 and part.x_train.shape[1:] == (1, 28, 28)
-        assert 0.0 <= part.x_train.min() and part.x_train.max() <= 1.0
+        assert part.x_train.min() >= 0.0 and part.x_train.max() <= 1.0
         assert len(part.y_test) == pytest.approx(0.2 * (len(part.y_train) + len(part.y_test)), abs=1)
         assert part.y_train.dtype == np.int64
     assert data_spec(cfg).input_shape == (1, 28, 28) and data_spec(cfg).num_classes == 10
