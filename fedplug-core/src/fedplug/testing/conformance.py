@@ -50,23 +50,26 @@ class BackendConformance:
     # -- fixtures -------------------------------------------------------------------
 
     @pytest.fixture(scope="class")
-    def backend(self) -> Backend:
+    @classmethod
+    def backend(cls) -> Backend:
         registry = get_registry()
-        assert self.backend_name in registry.backends, (
-            f"backend '{self.backend_name}' is not registered: install its distribution "
+        assert cls.backend_name in registry.backends, (
+            f"backend '{cls.backend_name}' is not registered: install its distribution "
             f"(pip install -e .) and register it from a '{ENTRY_POINT_GROUP}' entry point; "
             f"broken plugins: {[(b.plugin, b.reason) for b in registry.broken]}"
         )
-        backend = registry.backends[self.backend_name].backend
+        backend = registry.backends[cls.backend_name].backend
         backend.check_available()
         return backend
 
     @pytest.fixture(scope="class")
-    def config(self, backend: Backend) -> dict[str, Any]:
+    @classmethod
+    def config(cls, backend: Backend) -> dict[str, Any]:
         return resolve(backend, {})
 
     @pytest.fixture(scope="class")
-    def reference(self) -> NumpyBackend:
+    @classmethod
+    def reference(cls) -> NumpyBackend:
         return NumpyBackend()
 
     def _config(self, backend: Backend, **overrides: Any) -> dict[str, Any]:

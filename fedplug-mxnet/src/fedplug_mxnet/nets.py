@@ -1,0 +1,105 @@
+"""The shared models as hybridized Gluon networks: build, weights in and out, files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedplug.backend import Config, DataSpec
+from fedplug.models import LENET_CONV, LENET_DENSE, canonical_shapes, hidden_dims, lenet_flat_features
+from fedplug_mxnet.compat import import_mxnet
+
+mx = import_mxnet()
+gluon = mx.gluon
+nn = mx.gluon.nn
+
+
+@dataclass
+class GluonModel:
+    """A hybridized network, its parameters in canonical order and its one trainer."""
+
+    net: nn.HybridSequential
+    params: dict[str, gluon.Parameter]
+    """Canonical name -> Gluon parameter."""
+    ctx: Any
+    trainer: gluon.Trainer
+
+
+def device() -> Any:
+    """The first GPU if MXNet sees one, else the CPU."""
+    return mx.gpu() if mx.context.num_gpus() > 0 else mx.cpu()
+
+
+def dense_stack(net: nn.HybridSequential, widths: tuple[int, ...]) -> None:
+    """Append Dense layers ``widths[0] -> ... -> widths[-1]``, ReLU on all but the last.
+
+    Gluon's Dense flattens its input in (C, H, W) order, the canonical one.
+    """
+    pairs = list(pairwise(widths))
+    for i, (inp, out) in enumerate(pairs):
+        net.add(nn.Dense(out, activation="relu" if i < len(pairs) - 1 else None, in_units=inp))
+
+
+def build_net(model: str, spec: DataSpec, config: Config) -> nn.HybridSequential:
+    """The Gluon network of shared model ``mlp`` or ``lenet`` (layers only, not initialized).
+
+    Input sizes are given explicitly, so parameters exist right after ``initialize``
+    without the dummy forward pass the quickstart makes.
+    """
+    net = nn.HybridSequential()
+    if model == "mlp":
+        dense_stack(net, (spec.num_features, *hidden_dims(config), spec.num_classes))
+        return net
+    pool = nn.MaxPool2D if config.get("pool", "max") == "max" else nn.AvgPool2D
+    in_channels = spec.channels
+    for channels, kernel in LENET_CONV:
+        net.add(nn.Conv2D(channels, kernel, activation="relu", in_channels=in_channels))
+        net.add(pool(pool_size=2, strides=2))
+        in_channels = channels
+    dense_stack(net, (lenet_flat_features(spec), *LENET_DENSE, spec.num_classes))
+    return net
+
+
+def build_model(model: str, spec: DataSpec, config: Config) -> GluonModel:
+    """Build, initialize (Gluon's default uniform(-0.07, 0.07), zero biases) and hybridize."""
+    shapes = canonical_shapes(model, spec, config)
+    net = build_net(model, spec, config)
+    ctx = device()
+    mx.random.seed(int(config.get("seed", 0)))
+    net.initialize(ctx=ctx)
+    net.hybridize()
+    params = dict(zip(shapes, net.collect_params().values(), strict=True))
+    for key, param in params.items():
+        assert param.shape == shapes[key], f"{key}: Gluon {param.shape} != canonical {shapes[key]}"
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": float(config.get("lr", 0.01))})
+    return GluonModel(net, params, ctx, trainer)
+
+
+def get_weights(model: GluonModel) -> dict[str, np.ndarray]:
+    """Canonical weights: Gluon's layouts are the canonical ones, so only copied out."""
+    return {key: param.data().asnumpy() for key, param in model.params.items()}
+
+
+def set_weights(model: GluonModel, weights: dict[str, np.ndarray]) -> None:
+    """Copy canonical weights in, through device arrays.
+
+    After a forward pass oneDNN may hold conv weights in its own memory layout, which
+    MXNet can overwrite from another NDArray but not from a numpy array.
+    """
+    for key, param in model.params.items():
+        param.set_data(mx.nd.array(weights[key], ctx=model.ctx, dtype="float32"))
+
+
+def save(model: GluonModel, path: Path) -> None:
+    """Gluon's native ``.params`` file (MXNet's NDArray list format)."""
+    model.net.save_parameters(str(path))
+
+
+def load(model: GluonModel, path: Path) -> GluonModel:
+    """Read a ``.params`` file with MXNet's own NDArray loader (no pickle)."""
+    model.net.load_parameters(str(path), ctx=model.ctx)
+    return model
