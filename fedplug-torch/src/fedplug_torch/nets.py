@@ -1,0 +1,57 @@
+"""The shared models as ``torch.nn.Module``s whose ``state_dict`` is the canonical layout."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedplug.backend import Config, DataSpec
+from fedplug.models import canonical_shapes
+
+POOLS: dict[str, Callable[..., torch.Tensor]] = {"max": F.max_pool2d, "avg": F.avg_pool2d}
+
+
+class SharedNet(nn.Module):
+    """Convs (each ReLU then 2x2 pool), a flatten, then dense layers with ReLU between.
+
+    Only parametrised layers live in ``layers``; activations, pooling and the flatten
+    are applied in ``forward``, so ``state_dict()`` keys are ``layers.<i>.weight`` /
+    ``layers.<i>.bias`` in canonical order. ``mlp`` is the case without convs; ``lenet``
+    (with max pooling, the Flower PyTorch quickstart's CNN) has two.
+    """
+
+    def __init__(self, model: str, spec: DataSpec, config: Config) -> None:
+        super().__init__()
+        shapes = canonical_shapes(model, spec, config)
+        weights = [shape for name, shape in shapes.items() if name.endswith(".weight")]
+        self.layers = nn.ModuleList(
+            nn.Conv2d(shape[1], shape[0], shape[2:]) if len(shape) == 4 else nn.Linear(shape[1], shape[0])
+            for shape in weights
+        )
+        self.pool = POOLS[str(config.get("pool", "max"))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, nn.Conv2d):
+                x = self.pool(F.relu(layer(x)), 2)
+                continue
+            x = layer(x.flatten(1))
+            if i < last:
+                x = F.relu(x)
+        return x
+
+
+def build(model: str, spec: DataSpec, config: Config, device: torch.device) -> SharedNet:
+    """Build ``model`` with PyTorch's default init from ``config['seed']``, on ``device``.
+
+    Parameters are drawn on the CPU from a forked RNG, so the global RNG is untouched
+    and the initial weights do not depend on the device.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(config.get("seed", 0)))
+        net = SharedNet(model, spec, config)
+    return net.to(device)
