@@ -139,14 +139,21 @@ def main(argv: list[str]) -> int:
         simulate(out, verbose, cpus, gpus)
     except KeyboardInterrupt:
         return 130
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - reported in one line, details with --verbose
         cause = error.__cause__ or error
         print(f"fedplug: run failed: {type(cause).__name__}: {cause}", file=sys.stderr)
         if verbose:
-            raise
+            import traceback
+
+            traceback.print_exc()
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # A crashed Simulation Runtime can leave Flower's ServerApp thread waiting for replies:
+    # end the process now instead of joining it.
+    os._exit(code)
