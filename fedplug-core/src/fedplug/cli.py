@@ -215,9 +215,13 @@ def run(
     if rounds_done:
         console.print(summary_table(rounds_done))
     console.print(f"results: {out}  ({time.monotonic() - started:.1f}s)")
+    finished = sum(1 for record in rounds_done if record["round"] > 0)
+    if code == 0 and finished < int(config["num-server-rounds"]):  # type: ignore[arg-type]
+        code = 1  # the Simulation Runtime gave up without raising
     if code and code != 130:
         reasons = [line for line in log_path.read_text(errors="replace").splitlines() if line.startswith("fedplug:")]
-        fail(f"{(reasons or ['the simulation failed'])[-1].removeprefix('fedplug: ')} (log: {log_path})", code)
+        reason = reasons[-1].removeprefix("fedplug: ") if reasons else f"the simulation stopped after {finished} rounds"
+        fail(f"{reason} (log: {log_path})", code)
     if code:
         raise typer.Exit(code)
 

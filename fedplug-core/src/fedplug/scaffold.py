@@ -35,7 +35,9 @@ class ScaffoldError(ValueError):
 def check_name(name: str, installed: set[str]) -> None:
     """Raise ``ScaffoldError`` unless ``name`` can name a new backend."""
     if not name.isidentifier():
-        raise ScaffoldError(f"backend name '{name}' is not a valid Python identifier: use letters, digits and _, e.g. 'mything'")
+        raise ScaffoldError(
+            f"backend name '{name}' is not a valid Python identifier: use letters, digits and _, e.g. 'mything'"
+        )
     if keyword.iskeyword(name):
         raise ScaffoldError(f"backend name '{name}' is a Python keyword: choose another name, e.g. '{name}_backend'")
     if not NAME_PATTERN.fullmatch(name):
@@ -46,7 +48,9 @@ def check_name(name: str, installed: set[str]) -> None:
     if name in installed:
         raise ScaffoldError(f"a backend named '{name}' is already installed (see `fedplug list`): choose another name")
     if name == "core":
-        raise ScaffoldError("backend name 'core' would make the distribution fedplug-core, which is fedplug itself: choose another name")
+        raise ScaffoldError(
+            "backend name 'core' would make the distribution fedplug-core, which is fedplug itself: choose another name"
+        )
 
 
 def render(template: str, name: str) -> str:
