@@ -235,7 +235,7 @@ def new_backend(
     from fedplug.scaffold import ScaffoldError, scaffold
 
     try:
-        target = scaffold(name, directory or Path(f"fedplug-{name}"), installed=set(get_registry().backends))
+        target = scaffold(name, directory or Path(f"fedplug-{name.replace('_', '-')}"), installed=set(get_registry().backends))
     except ScaffoldError as error:
         fail(str(error), code=2)
     typer.echo(f"created {target}: pip install -e {target} && fedplug run {name}")

@@ -6,13 +6,14 @@ working product and the core's tests need no ML framework.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from fedplug.backend import Backend, Config, DataSpec, Framework, Weights
+from fedplug.backend import Backend, Config, DataSpec, Framework, Scalar, Weights
 from fedplug.hookspecs import hookimpl
 from fedplug.models import LENET_CONV, canonical_shapes
 
@@ -153,7 +154,7 @@ class NumpyBackend(Backend):
     description = "Built-in pure-NumPy MLP and LeNet with SGD: no framework needed"
     framework = Framework("numpy", "numpy")
     models = ("mlp", "lenet")
-    defaults = {
+    defaults: ClassVar[Mapping[str, Scalar]] = {
         "model": "mlp",
         "hidden-dims": "128",
         "lr": 0.1,

@@ -78,7 +78,8 @@ class BackendConformance:
     # -- registration and packaging ------------------------------------------------------
 
     def test_registered_through_entry_point(self, backend: Backend) -> None:
-        entry = get_registry().backends[self.backend_name]
+        registry = get_registry()
+        entry = registry.backends[self.backend_name]
         assert entry.distribution != "?" and entry.version != "?", (
             "the backend's plugin is not in an installed distribution: add "
             f"[project.entry-points.{ENTRY_POINT_GROUP}] to pyproject.toml and pip install it"
@@ -86,6 +87,11 @@ class BackendConformance:
         names = {point.name for point in entry_points(group=ENTRY_POINT_GROUP)}
         assert entry.plugin in names or entry.plugin in DEFAULT_PLUGINS, (
             f"plugin '{entry.plugin}' is not a '{ENTRY_POINT_GROUP}' entry point of {entry.distribution}"
+        )
+        problems = [broken.reason for broken in registry.broken if broken.plugin == entry.plugin]
+        assert not problems, (
+            f"plugin '{entry.plugin}' ({entry.distribution}) also registered something fedplug rejected: "
+            f"{'; '.join(problems)}; fix or remove that registration"
         )
 
     def test_plugin_import_is_light(self, backend: Backend) -> None:
@@ -161,7 +167,11 @@ class BackendConformance:
         config = self._config(backend, pool=pool)
         numpy_model = reference.build_model(model_name, spec, config)
         model = backend.build_model(model_name, spec, config)
-        backend.set_weights(model, reference.get_weights(numpy_model))
+        try:
+            backend.set_weights(model, reference.get_weights(numpy_model))
+        except Exception as error:  # noqa: BLE001 - turned into a message for the author
+            pytest.fail(f"set_weights() refused the reference's canonical '{model_name}' weights: "
+                        f"{type(error).__name__}: {error}; convert from the canonical layout at set_weights")
         x, _ = _batch(spec, n=8)
         np.testing.assert_allclose(
             np.asarray(backend.predict(model, x)), reference.predict(numpy_model, x),
@@ -258,7 +268,13 @@ class BackendConformance:
         replies = {}
         for kind in (MessageType.TRAIN, MessageType.EVALUATE):
             content = RecordDict({"arrays": to_record(sent), "config": ConfigRecord({"lr": config["lr"], "server-round": 1})})
-            replies[kind] = client_app(Message(content=content, dst_node_id=1, message_type=kind), context)
+            try:
+                replies[kind] = client_app(Message(content=content, dst_node_id=1, message_type=kind), context)
+            except Exception as error:  # noqa: BLE001 - turned into a message for the author
+                pytest.fail(
+                    f"the ClientApp failed on a {kind} message: {type(error).__name__}: {error}; "
+                    "train/evaluate must return Python int/float metrics and take canonical weights"
+                )
         for kind, reply in replies.items():
             assert not reply.has_error(), f"the ClientApp failed on a {kind} message: {reply.error}"
             metrics = reply.content["metrics"]

@@ -1,0 +1,66 @@
+"""The plugin author guide, docs/plugins.md, keeps up with the contract it documents."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from fedplug import hookspecs
+from fedplug.backend import Backend
+from fedplug.plugins import ENTRY_POINT_GROUP, PLUGINS_ENV, STRICT_ENV
+from fedplug.testing import BackendConformance
+
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
+TEXT = GUIDE.read_text(encoding="utf-8")
+
+HOOKS = [
+    function
+    for name, function in inspect.getmembers(hookspecs, inspect.isfunction)
+    if name.startswith("fedplug_") and hasattr(function, f"{hookspecs.PROJECT_NAME}_spec")
+]
+BACKEND_MEMBERS = sorted(
+    name for name in {*vars(Backend), *Backend.__annotations__} if not name.startswith("_")
+)
+CHECKS = sorted(name for name in dir(BackendConformance) if name.startswith("test_"))
+
+
+def test_the_hookspec_module_has_hooks() -> None:
+    assert HOOKS, "no fedplug_* hookspec found: did the marker change?"
+
+
+@pytest.mark.parametrize("hook", HOOKS, ids=lambda hook: hook.__name__)
+def test_every_hook_is_documented_with_its_signature(hook) -> None:
+    parameters = ", ".join(inspect.signature(hook).parameters)
+    call = f"{hook.__name__}({parameters})"
+    assert f"def {hook.__name__}(" in TEXT, f"docs/plugins.md lacks the hook {hook.__name__} and its signature"
+    assert call in TEXT, f"docs/plugins.md must show the call {call}"
+    assert re.search(rf"@fedplug\.hookimpl\ndef {hook.__name__}\(", TEXT), (
+        f"docs/plugins.md lacks a minimal @fedplug.hookimpl example of {hook.__name__}"
+    )
+
+
+@pytest.mark.parametrize("member", BACKEND_MEMBERS)
+def test_every_public_backend_member_is_documented(member: str) -> None:
+    assert re.search(rf"`{member}\b", TEXT), f"docs/plugins.md does not document Backend.{member}"
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_every_conformance_check_is_listed(check: str) -> None:
+    assert f"`{check}`" in TEXT, f"docs/plugins.md does not list the conformance check {check}"
+
+
+@pytest.mark.parametrize("word", [PLUGINS_ENV, STRICT_ENV, f"[project.entry-points.{ENTRY_POINT_GROUP}]",
+                                  "fedplug new-backend", "python -m build", "twine upload"])
+def test_switches_and_commands_are_documented(word: str) -> None:
+    assert word in TEXT
+
+
+def test_python_examples_are_valid_python() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", TEXT, flags=re.DOTALL)
+    assert blocks
+    for block in blocks:
+        ast.parse(block)
