@@ -91,9 +91,19 @@ class Backend(abc.ABC):
         """Raise ``BackendUnavailable`` with an install hint if the framework cannot run here."""
         if not self.framework.is_installed():
             raise BackendUnavailable(
-                f"backend '{self.name}' needs {self.framework.import_name}: "
-                f"pip install '{self.framework.requirement}'"
+                f"backend '{self.name}' needs {self.framework.import_name}: pip install '{self.framework.requirement}'"
             )
+
+    def check_config(self, config: Config) -> None:
+        """Check the backend's own run-config keys; raise ``fedplug.config.ConfigError``. Default: no check."""
+
+    def environment(self, config: Config) -> dict[str, str]:
+        """Environment variables the framework must see before anything imports it.
+
+        The simulation sets them before Flower starts, so Ray's workers inherit them
+        (Keras, for one, reads ``KERAS_BACKEND`` once, at import). Default: none.
+        """
+        return {}
 
     @abc.abstractmethod
     def build_model(self, model: str, spec: DataSpec, config: Config) -> Any:

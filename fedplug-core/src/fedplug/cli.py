@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -96,9 +97,16 @@ def _notice_once(backend: Backend) -> None:
 
 def _flags_to_overrides(**flags: Any) -> dict[str, Scalar]:
     names = {
-        "rounds": "num-server-rounds", "nodes": "num-supernodes", "fraction_train": "fraction-train",
-        "fraction_evaluate": "fraction-evaluate", "local_epochs": "local-epochs", "strategy": "strategy",
-        "model": "model", "dataset": "dataset", "partitioner": "partitioner", "seed": "seed",
+        "rounds": "num-server-rounds",
+        "nodes": "num-supernodes",
+        "fraction_train": "fraction-train",
+        "fraction_evaluate": "fraction-evaluate",
+        "local_epochs": "local-epochs",
+        "strategy": "strategy",
+        "model": "model",
+        "dataset": "dataset",
+        "partitioner": "partitioner",
+        "seed": "seed",
     }
     return {names[key]: value for key, value in flags.items() if value is not None}
 
@@ -133,41 +141,50 @@ def gpu_share(client_cpus: float) -> float:
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    """End the simulation's whole process group: SIGINT, then SIGTERM, then SIGKILL."""
-    for sig, grace in ((signal.SIGINT, 15), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=grace)
-            if sig is not signal.SIGINT:
+    """End the simulation's whole process group: SIGINT, then SIGTERM, then SIGKILL for what is left."""
+    if process.poll() is None:
+        for sig, grace in ((signal.SIGINT, 15), (signal.SIGTERM, 5)):
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)
+            try:
+                process.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
                 continue
-        except subprocess.TimeoutExpired:
-            continue
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # anything left in the group
-    except ProcessLookupError:
-        pass
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 @app.command()
 def run(
     backend: Annotated[str, typer.Argument(help="Backend name, e.g. mlx, torch, numpy.")],
-    run_config: Annotated[str, typer.Option("--run-config", "-c", help="Overrides, flwr run syntax: 'lr=0.05 batch-size=64', or a .toml file.")] = "",
+    run_config: Annotated[
+        str,
+        typer.Option(
+            "--run-config", "-c", help="Overrides, flwr run syntax: 'lr=0.05 batch-size=64', or a .toml file."
+        ),
+    ] = "",
     rounds: Annotated[int | None, typer.Option(help="Server rounds (num-server-rounds).")] = None,
     nodes: Annotated[int | None, typer.Option(help="Simulated nodes (num-supernodes).")] = None,
     fraction_train: Annotated[float | None, typer.Option(help="Fraction of nodes sampled to train.")] = None,
     fraction_evaluate: Annotated[float | None, typer.Option(help="Fraction of nodes sampled to evaluate.")] = None,
     local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
-    strategy: Annotated[str | None, typer.Option(help="fedavg, fedprox, fedadam, ... (strategy.<param>=... in --run-config).")] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help="fedavg, fedprox, fedadam, ... (strategy.<param>=... in --run-config).")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="Model: the backend's default, mlp or lenet.")] = None,
     dataset: Annotated[str | None, typer.Option(help="embedded, a Hugging Face id, or a .parquet/.csv file.")] = None,
-    partitioner: Annotated[str | None, typer.Option(help="iid, dirichlet, pathological or shard (partitioner.<param>=...).")] = None,
+    partitioner: Annotated[
+        str | None, typer.Option(help="iid, dirichlet, pathological or shard (partitioner.<param>=...).")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of model init, partitioning and shuffling.")] = None,
     out: Annotated[Path | None, typer.Option(help="Results folder (default: ./fedplug-runs/<time>-<backend>).")] = None,
     client_cpus: Annotated[float, typer.Option(help="CPU cores per simulated client.")] = 1.0,
-    client_gpus: Annotated[float | None, typer.Option(help="GPUs per simulated client (default: parallel clients share the GPUs; 0 without GPU).")] = None,
+    client_gpus: Annotated[
+        float | None,
+        typer.Option(help="GPUs per simulated client (default: parallel clients share the GPUs; 0 without GPU)."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run a federated training on Flower's Simulation Engine and write a results folder."""
@@ -182,21 +199,41 @@ def run(
     out = out or default_out(chosen.name)
     if (out / "config.json").exists():
         fail(f"{out} already holds a run; choose another --out")
-    flags = _flags_to_overrides(rounds=rounds, nodes=nodes, fraction_train=fraction_train,
-                                fraction_evaluate=fraction_evaluate, local_epochs=local_epochs,
-                                strategy=strategy, model=model, dataset=dataset, partitioner=partitioner, seed=seed)
+    flags = _flags_to_overrides(
+        rounds=rounds,
+        nodes=nodes,
+        fraction_train=fraction_train,
+        fraction_evaluate=fraction_evaluate,
+        local_epochs=local_epochs,
+        strategy=strategy,
+        model=model,
+        dataset=dataset,
+        partitioner=partitioner,
+        seed=seed,
+    )
     try:
         config = prepare_run(chosen, {**parse_overrides(run_config), **flags}, out)
     except (ConfigError, ModelError) as error:
         fail(str(error), code=2)
     _notice_once(chosen)
     Results(out, config)
-    console.print(f"fedplug: {chosen.name} · model {config['model']} · {config['num-supernodes']} nodes · "
-                  f"{config['num-server-rounds']} rounds · {config['strategy']} · dataset {config['dataset']}")
+    console.print(
+        f"fedplug: {chosen.name} · model {config['model']} · {config['num-supernodes']} nodes · "
+        f"{config['num-server-rounds']} rounds · {config['strategy']} · dataset {config['dataset']}"
+    )
     if client_gpus is None:
         client_gpus = gpu_share(client_cpus)
-    command = [sys.executable, "-m", "fedplug.simulation", str(out), "--client-cpus", str(client_cpus),
-               "--client-gpus", str(client_gpus), *(["--verbose"] if verbose else [])]
+    command = [
+        sys.executable,
+        "-m",
+        "fedplug.simulation",
+        str(out),
+        "--client-cpus",
+        str(client_cpus),
+        "--client-gpus",
+        str(client_gpus),
+        *(["--verbose"] if verbose else []),
+    ]
     started = time.monotonic()
     log_path = out / "simulation.log"  # Flower's, Ray's and the frameworks' chatter goes here
     with open(log_path, "ab") as log:
@@ -229,13 +266,17 @@ def run(
 @app.command("new-backend")
 def new_backend(
     name: Annotated[str, typer.Argument(help="Backend name: a valid Python identifier, e.g. mything.")],
-    directory: Annotated[Path | None, typer.Argument(help="Where to create the project (default: ./fedplug-NAME).")] = None,
+    directory: Annotated[
+        Path | None, typer.Argument(help="Where to create the project (default: ./fedplug-NAME).")
+    ] = None,
 ) -> None:
     """Create a separately installable backend plugin project that passes the conformance suite."""
     from fedplug.scaffold import ScaffoldError, scaffold
 
     try:
-        target = scaffold(name, directory or Path(f"fedplug-{name.replace('_', '-')}"), installed=set(get_registry().backends))
+        target = scaffold(
+            name, directory or Path(f"fedplug-{name.replace('_', '-')}"), installed=set(get_registry().backends)
+        )
     except ScaffoldError as error:
         fail(str(error), code=2)
     typer.echo(f"created {target}: pip install -e {target} && fedplug run {name}")

@@ -63,7 +63,9 @@ def parse_overrides(text: str) -> dict[str, Scalar]:
             raise ConfigError(f"cannot read run config file {text}: {error}") from error
     leftover = _PAIR.sub("", text).strip()
     if leftover:
-        raise ConfigError(f"cannot parse '{leftover}' in --run-config: write key=value pairs, e.g. 'lr=0.05 batch-size=64'")
+        raise ConfigError(
+            f"cannot parse '{leftover}' in --run-config: write key=value pairs, e.g. 'lr=0.05 batch-size=64'"
+        )
     values: dict[str, Scalar] = {}
     for key, raw in _PAIR.findall(text):
         try:
@@ -96,9 +98,7 @@ def coerce(key: str, value: Scalar, default: Scalar) -> Scalar:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if type(value) is not expected:
-        raise ConfigError(
-            f"run-config '{key}' must be {expected.__name__} (like {default!r}), got {value!r}"
-        )
+        raise ConfigError(f"run-config '{key}' must be {expected.__name__} (like {default!r}), got {value!r}")
     return value
 
 
@@ -133,6 +133,9 @@ def check_values(backend: Backend, config: Config) -> None:
         if not 0.0 <= float(config[key]) <= 1.0:  # type: ignore[arg-type]
             raise ConfigError(f"run-config '{key}' must be between 0 and 1, got {config[key]}")
     if not 0.0 < float(config["test-fraction"]) < 1.0:  # type: ignore[arg-type]
-        raise ConfigError(f"run-config 'test-fraction' must be between 0 and 1 (exclusive), got {config['test-fraction']}")
+        raise ConfigError(
+            f"run-config 'test-fraction' must be between 0 and 1 (exclusive), got {config['test-fraction']}"
+        )
     if config["pool"] not in ("max", "avg"):
         raise ConfigError(f"run-config 'pool' must be 'max' or 'avg', got '{config['pool']}'")
+    backend.check_config(config)

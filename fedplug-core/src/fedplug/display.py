@@ -19,14 +19,22 @@ def backends_rows(registry: Registry) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for name, entry in sorted(registry.backends.items()):
         framework = entry.backend.framework
-        rows.append({
-            "name": name, "status": "ok", "distribution": entry.distribution, "version": entry.version,
-            "framework": framework.import_name, "requirement": framework.requirement,
-            "framework_installed": framework.is_installed(), "description": entry.backend.description,
-        })
+        rows.append(
+            {
+                "name": name,
+                "status": "ok",
+                "distribution": entry.distribution,
+                "version": entry.version,
+                "framework": framework.import_name,
+                "requirement": framework.requirement,
+                "framework_installed": framework.is_installed(),
+                "description": entry.backend.description,
+            }
+        )
     for broken in registry.broken:
-        rows.append({"name": broken.plugin, "status": "broken", "distribution": broken.distribution,
-                     "reason": broken.reason})
+        rows.append(
+            {"name": broken.plugin, "status": "broken", "distribution": broken.distribution, "reason": broken.reason}
+        )
     return rows
 
 
@@ -38,9 +46,12 @@ def backends_table(rows: list[dict[str, Any]]) -> Table:
         if row["status"] == "broken":
             table.add_row(row["name"], row["distribution"], "", "[red]broken[/]", f"[red]{row['reason']}[/]")
         else:
-            installed = "[green]yes[/]" if row["framework_installed"] else f"[yellow]no[/]: pip install '{row['requirement']}'"
-            table.add_row(row["name"], f"{row['distribution']} {row['version']}", row["framework"], installed,
-                          row["description"])
+            installed = (
+                "[green]yes[/]" if row["framework_installed"] else f"[yellow]no[/]: pip install '{row['requirement']}'"
+            )
+            table.add_row(
+                row["name"], f"{row['distribution']} {row['version']}", row["framework"], installed, row["description"]
+            )
     return table
 
 
@@ -56,7 +67,9 @@ def round_line(record: dict[str, Any]) -> str:
     for kind, label in (("train", "train"), ("evaluate", "eval"), ("centralized", "server")):
         if f"{kind}-loss" in record:
             accuracy = record.get(f"{kind}-accuracy")
-            parts.append(f"{label} {record[f'{kind}-loss']:.3f}" + (f" {accuracy:6.1%}" if accuracy is not None else ""))
+            parts.append(
+                f"{label} {record[f'{kind}-loss']:.3f}" + (f" {accuracy:6.1%}" if accuracy is not None else "")
+            )
     parts.append(f"{record['seconds']:.1f} s")
     return " │ ".join(parts)
 
@@ -69,8 +82,13 @@ class RoundPrinter(logging.Handler):
 
 
 SUMMARY_COLUMNS = {
-    "round": "round", "train-loss": "train loss", "train-accuracy": "train acc", "evaluate-loss": "eval loss",
-    "evaluate-accuracy": "eval acc", "centralized-loss": "server loss", "centralized-accuracy": "server acc",
+    "round": "round",
+    "train-loss": "train loss",
+    "train-accuracy": "train acc",
+    "evaluate-loss": "eval loss",
+    "evaluate-accuracy": "eval acc",
+    "centralized-loss": "server loss",
+    "centralized-accuracy": "server acc",
     "seconds": "s",
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from fedplug.backend import Config, DataSpec, ModelError
 
 LENET_CONV = ((6, 5), (16, 5))
@@ -37,14 +39,14 @@ def canonical_shapes(model: str, spec: DataSpec, config: Config) -> dict[str, tu
     shapes: list[tuple[int, ...]] = []
     if model == "mlp":
         widths = (spec.num_features, *hidden_dims(config), spec.num_classes)
-        shapes = [(out, inp) for inp, out in zip(widths, widths[1:])]
+        shapes = [(out, inp) for inp, out in pairwise(widths)]
     elif model == "lenet":
         in_ch = spec.channels
         for out_ch, kernel in LENET_CONV:
             shapes.append((out_ch, in_ch, kernel, kernel))
             in_ch = out_ch
         widths = (lenet_flat_features(spec), *LENET_DENSE, spec.num_classes)
-        shapes += [(out, inp) for inp, out in zip(widths, widths[1:])]
+        shapes += [(out, inp) for inp, out in pairwise(widths)]
     else:
         raise ModelError(f"unknown shared model '{model}': use 'mlp' or 'lenet'")
     named: dict[str, tuple[int, ...]] = {}

@@ -57,7 +57,7 @@ class Conv:
 class Pool:
     """2x2 max or average pooling with stride 2 (an odd last row/column is dropped)."""
 
-    params: list[np.ndarray] = []
+    params: ClassVar[list[np.ndarray]] = []  # no weights
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -85,7 +85,7 @@ class Pool:
 
 
 class Relu:
-    params: list[np.ndarray] = []
+    params: ClassVar[list[np.ndarray]] = []  # no weights
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self.positive = x > 0
@@ -96,7 +96,7 @@ class Relu:
 
 
 class Flatten:
-    params: list[np.ndarray] = []
+    params: ClassVar[list[np.ndarray]] = []  # no weights
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self.shape = x.shape

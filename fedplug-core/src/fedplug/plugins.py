@@ -61,8 +61,7 @@ class Registry:
             return self.backends[name].backend
         installed = ", ".join(sorted(self.backends)) or "none"
         raise UnknownBackend(
-            f"unknown backend '{name}' (installed: {installed}); "
-            f"to add it: pip install fedplug-{name}"
+            f"unknown backend '{name}' (installed: {installed}); to add it: pip install fedplug-{name}"
         )
 
 
@@ -114,9 +113,7 @@ def load_plugins(manager: pluggy.PluginManager, registry: Registry) -> dict[str,
     """Register the built-in and installed plugins; return plugin -> (distribution, version)."""
     origins: dict[str, tuple[str, str]] = {}
     core = ("fedplug-core", version("fedplug-core"))
-    candidates: list[tuple[str, str, str, object]] = [
-        (module, *core, module) for module in DEFAULT_PLUGINS
-    ]
+    candidates: list[tuple[str, str, str, object]] = [(module, *core, module) for module in DEFAULT_PLUGINS]
     for point in entry_points(group=ENTRY_POINT_GROUP):
         dist = point.dist
         dist_name, dist_version = (dist.name, dist.version) if dist else ("?", "?")
@@ -126,10 +123,7 @@ def load_plugins(manager: pluggy.PluginManager, registry: Registry) -> dict[str,
         if manager.has_plugin(name):
             continue
         try:
-            if isinstance(source, str):
-                module = importlib.import_module(source)
-            else:
-                module = source.load()  # type: ignore[attr-defined]
+            module = importlib.import_module(source) if isinstance(source, str) else source.load()  # type: ignore[attr-defined]
             manager.register(module, name=name)
         except Exception as error:
             _fail(registry, name, dist_name, error)

@@ -17,8 +17,16 @@ import numpy as np
 from fedplug.backend import Config, Weights
 
 METRIC_COLUMNS = (
-    "round", "train-nodes", "train-loss", "train-accuracy", "evaluate-nodes", "evaluate-loss",
-    "evaluate-accuracy", "centralized-loss", "centralized-accuracy", "seconds",
+    "round",
+    "train-nodes",
+    "train-loss",
+    "train-accuracy",
+    "evaluate-nodes",
+    "evaluate-loss",
+    "evaluate-accuracy",
+    "centralized-loss",
+    "centralized-accuracy",
+    "seconds",
 )
 progress_log = logging.getLogger("fedplug.progress")
 """Each finished round is logged here with ``extra={"record": {...}}``; the CLI shows it."""

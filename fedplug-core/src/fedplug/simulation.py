@@ -89,6 +89,10 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float) -
     """Run the federation described by ``out/config.json`` on the Simulation Engine."""
     config: dict[str, Scalar] = json.loads((out / "config.json").read_text())
     quiet_logs(verbose)
+    from fedplug.plugins import get_backend
+
+    # before Flower is imported: it imports TensorFlow (and so Keras) when installed
+    os.environ.update(get_backend(str(config["backend"])).environment(config))
     # Flower keeps state under FLWR_HOME: point it away from the user's ~/.flwr
     os.environ["FLWR_HOME"] = tempfile.mkdtemp(prefix="fedplug-flwr-")
     from flwr.app import Context, RecordDict
@@ -101,8 +105,11 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float) -
     app_dir = write_flower_app(out, config)
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
-        "init_args": {"include_dashboard": False, "log_to_driver": verbose,
-                      "logging_level": logging.INFO if verbose else logging.ERROR},
+        "init_args": {
+            "include_dashboard": False,
+            "log_to_driver": verbose,
+            "logging_level": logging.INFO if verbose else logging.ERROR,
+        },
     }
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(config))
     try:
@@ -139,7 +146,7 @@ def main(argv: list[str]) -> int:
         simulate(out, verbose, cpus, gpus)
     except KeyboardInterrupt:
         return 130
-    except Exception as error:  # noqa: BLE001 - reported in one line, details with --verbose
+    except Exception as error:
         cause = error.__cause__ or error
         print(f"fedplug: run failed: {type(cause).__name__}: {cause}", file=sys.stderr)
         if verbose:

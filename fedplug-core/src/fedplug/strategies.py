@@ -23,8 +23,16 @@ STRATEGIES = {
     "bulyan": "Bulyan",
     "qfedavg": "QFedAvg",
 }
-INTERNAL = {"weighted_by_key", "arrayrecord_key", "configrecord_key", "train_metrics_aggr_fn",
-            "evaluate_metrics_aggr_fn", "selection_rule", "train_loss_key", "self"}
+INTERNAL = {
+    "weighted_by_key",
+    "arrayrecord_key",
+    "configrecord_key",
+    "train_metrics_aggr_fn",
+    "evaluate_metrics_aggr_fn",
+    "selection_rule",
+    "train_loss_key",
+    "self",
+}
 """Constructor parameters fedplug sets itself; everything else is ``strategy.<param>``."""
 
 MetricsAggregator = Callable[[list[Any], str], Any]
@@ -44,7 +52,8 @@ def strategy_parameters(name: str) -> dict[str, Scalar]:
     return {
         key.replace("_", "-"): param.default
         for key, param in signature.parameters.items()
-        if key not in INTERNAL and param.kind is not param.VAR_KEYWORD
+        if key not in INTERNAL
+        and param.kind is not param.VAR_KEYWORD
         and isinstance(param.default, bool | int | float | str)
     }
 
@@ -66,9 +75,7 @@ def strategy_kwargs(config: Config) -> dict[str, Any]:
         if key.startswith("strategy."):
             param = key.removeprefix("strategy.")
             if param not in known and not (name == "qfedavg" and param == "client-learning-rate"):
-                raise ConfigError(
-                    f"strategy '{name}' has no parameter '{param}'; it takes: {', '.join(sorted(known))}"
-                )
+                raise ConfigError(f"strategy '{name}' has no parameter '{param}'; it takes: {', '.join(sorted(known))}")
             values[param] = coerce(key, value, known.get(param, 0.0))
     kwargs = {key.replace("-", "_"): value for key, value in values.items()}
     if name == "qfedavg":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import os
 import socket
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -101,7 +102,9 @@ def make_partitioner(config: Config, num_partitions: int) -> Any:
     for key, value in params.items():
         arg = key.replace("-", "_")
         if arg not in accepted or arg in ("self", "num_partitions", "partition_by"):
-            options = [p.replace("_", "-") for p in accepted if p not in ("self", "num_partitions", "partition_by", "seed")]
+            options = [
+                p.replace("_", "-") for p in accepted if p not in ("self", "num_partitions", "partition_by", "seed")
+            ]
             raise ConfigError(
                 f"partitioner '{name}' has no parameter '{key}'; it takes: {', '.join(options) or 'none'}"
             )
@@ -132,10 +135,10 @@ def _quiet_datasets() -> None:
 def _source(key: tuple[tuple[str, Scalar], ...]) -> _Source:
     config = dict(key)
     name = str(config["dataset"])
-    if name != EMBEDDED and not Path(name).expanduser().exists():
-        if "HF_HUB_OFFLINE" not in os.environ and not hub_reachable():
-            # no network: use the local Hugging Face cache only, instead of retrying for a minute
-            os.environ["HF_HUB_OFFLINE"] = "1"
+    on_hub = name != EMBEDDED and not Path(name).expanduser().exists()
+    if on_hub and "HF_HUB_OFFLINE" not in os.environ and not hub_reachable():
+        # no network: use the local Hugging Face cache only, instead of retrying for a minute
+        os.environ["HF_HUB_OFFLINE"] = "1"
     _quiet_datasets()
     if name == EMBEDDED:
         return _embedded(int(config["seed"]))  # type: ignore[arg-type]
@@ -194,7 +197,10 @@ def _load_splits(name: str, config: dict[str, Scalar]) -> dict[str, Any]:
     else:
         kwargs = {"dataset": str(path) if path.is_dir() else name}
     federated = FederatedDataset(
-        partitioners={"train": 1}, shuffle=True, seed=int(config["seed"]), **kwargs  # type: ignore[arg-type]
+        partitioners={"train": 1},
+        shuffle=True,
+        seed=int(config["seed"]),
+        **kwargs,  # type: ignore[arg-type]
     )
     try:
         splits = {"train": federated.load_split("train")}
@@ -204,10 +210,8 @@ def _load_splits(name: str, config: dict[str, Scalar]) -> dict[str, Any]:
             f"cannot load dataset '{name}' ({reason}); without network use the offline "
             "default (--dataset embedded) or a local file (--dataset path/to/data.parquet)"
         ) from error
-    try:
+    with suppress(ValueError):  # no held-out split: centralized evaluation is skipped
         splits["test"] = federated.load_split("test")
-    except ValueError:
-        pass  # no held-out split: centralized evaluation is skipped
     return splits
 
 
@@ -222,7 +226,9 @@ def _pick(dataset: Any, given: str, candidates: tuple[str, ...], key: str, name:
             return column
     if key == "image-column" and len(columns) > 2:
         return ""  # tabular: every column but the label holds one pixel
-    raise DataError(f"cannot tell the {key[:-7]} column of '{name}' (columns: {', '.join(columns)}); set --run-config \"{key}=NAME\"")
+    raise DataError(
+        f"cannot tell the {key[:-7]} column of '{name}' (columns: {', '.join(columns)}); set --run-config \"{key}=NAME\""
+    )
 
 
 def to_images(dataset: Any, column: str, label: str = "label") -> np.ndarray:
@@ -236,7 +242,7 @@ def to_images(dataset: Any, column: str, label: str = "label") -> np.ndarray:
     else:
         pixels = dataset.remove_columns([label]).with_format("numpy")[:]
         images = np.stack([np.asarray(v) for v in pixels.values()], axis=1)
-        side = int(round(np.sqrt(images.shape[1])))
+        side = round(np.sqrt(images.shape[1]))
         if side * side != images.shape[1]:
             raise DataError(f"cannot read {images.shape[1]} pixel columns as a square image")
         images = images.reshape(-1, side, side)

@@ -135,8 +135,9 @@ class BackendConformance:
 
     @pytest.mark.parametrize("model_name", SHARED_MODELS)
     @pytest.mark.parametrize("spec", SPECS[:2], ids=str)
-    def test_canonical_layout(self, backend: Backend, reference: NumpyBackend, config: dict[str, Any],
-                              model_name: str, spec: DataSpec) -> None:
+    def test_canonical_layout(
+        self, backend: Backend, reference: NumpyBackend, config: dict[str, Any], model_name: str, spec: DataSpec
+    ) -> None:
         expected = reference.get_weights(reference.build_model(model_name, spec, config))
         got = backend.get_weights(backend.build_model(model_name, spec, config))
         assert list(got) == list(expected), (
@@ -162,20 +163,25 @@ class BackendConformance:
 
     @pytest.mark.parametrize(("model_name", "pool"), [("mlp", "max"), ("lenet", "max"), ("lenet", "avg")])
     @pytest.mark.parametrize("spec", SPECS[1:3], ids=str)
-    def test_same_predictions_as_numpy_reference(self, backend: Backend, reference: NumpyBackend,
-                                                 model_name: str, pool: str, spec: DataSpec) -> None:
+    def test_same_predictions_as_numpy_reference(
+        self, backend: Backend, reference: NumpyBackend, model_name: str, pool: str, spec: DataSpec
+    ) -> None:
         config = self._config(backend, pool=pool)
         numpy_model = reference.build_model(model_name, spec, config)
         model = backend.build_model(model_name, spec, config)
         try:
             backend.set_weights(model, reference.get_weights(numpy_model))
-        except Exception as error:  # noqa: BLE001 - turned into a message for the author
-            pytest.fail(f"set_weights() refused the reference's canonical '{model_name}' weights: "
-                        f"{type(error).__name__}: {error}; convert from the canonical layout at set_weights")
+        except Exception as error:
+            pytest.fail(
+                f"set_weights() refused the reference's canonical '{model_name}' weights: "
+                f"{type(error).__name__}: {error}; convert from the canonical layout at set_weights"
+            )
         x, _ = _batch(spec, n=8)
         np.testing.assert_allclose(
-            np.asarray(backend.predict(model, x)), reference.predict(numpy_model, x),
-            rtol=1e-3, atol=self.prediction_atol,
+            np.asarray(backend.predict(model, x)),
+            reference.predict(numpy_model, x),
+            rtol=1e-3,
+            atol=self.prediction_atol,
             err_msg=f"'{model_name}' (pool {pool}) with the reference weights predicts differently: check the "
             "layout conversion at get/set and that flattening follows channels-first (C, H, W) order",
         )
@@ -218,15 +224,19 @@ class BackendConformance:
             runs.append(backend.get_weights(model))
         for key in runs[0]:
             np.testing.assert_allclose(
-                runs[1][key], runs[0][key], rtol=0, atol=self.determinism_atol,
+                runs[1][key],
+                runs[0][key],
+                rtol=0,
+                atol=self.determinism_atol,
                 err_msg=f"{key} differs between two runs with seed {cfg['seed']}: seed the model init and the "
                 "shuffling from config['seed'] (and config['server-round'])",
             )
 
     # -- native save format ----------------------------------------------------------------
 
-    def test_save_load_gives_identical_predictions(self, backend: Backend, config: dict[str, Any],
-                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_save_load_gives_identical_predictions(
+        self, backend: Backend, config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         spec = SPECS[1]
         x, y = _batch(spec, n=16)
         model = backend.build_model(str(config["model"]), spec, config)
@@ -244,14 +254,18 @@ class BackendConformance:
         loaded = backend.load(other, path)
         monkeypatch.undo()
         np.testing.assert_allclose(
-            np.asarray(backend.predict(loaded, x)), np.asarray(backend.predict(model, x)), rtol=0, atol=1e-6,
+            np.asarray(backend.predict(loaded, x)),
+            np.asarray(backend.predict(model, x)),
+            rtol=0,
+            atol=1e-6,
             err_msg="the loaded model predicts differently from the saved one",
         )
 
     # -- Flower ClientApp ------------------------------------------------------------------
 
-    def test_client_app_handles_train_and_evaluate_messages(self, backend: Backend,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_client_app_handles_train_and_evaluate_messages(
+        self, backend: Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
         from flwr.supercore.task_identity import TaskIdentity
 
@@ -261,16 +275,23 @@ class BackendConformance:
         config = self._config(backend, **{"num-supernodes": 20, "local-epochs": 1})
         model = backend.build_model(str(config["model"]), data_spec(config), config)
         sent = backend.get_weights(model)
-        context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 20},
-                          state=RecordDict(), run_config=config)
+        context = Context(
+            run_id=1,
+            node_id=1,
+            node_config={"partition-id": 0, "num-partitions": 20},
+            state=RecordDict(),
+            run_config=config,
+        )
         for key in ("_task_id", "_run_id", "_node_id"):  # what a Flower runtime sets in its process
             monkeypatch.setattr(TaskIdentity, key, 1)
         replies = {}
         for kind in (MessageType.TRAIN, MessageType.EVALUATE):
-            content = RecordDict({"arrays": to_record(sent), "config": ConfigRecord({"lr": config["lr"], "server-round": 1})})
+            content = RecordDict(
+                {"arrays": to_record(sent), "config": ConfigRecord({"lr": config["lr"], "server-round": 1})}
+            )
             try:
                 replies[kind] = client_app(Message(content=content, dst_node_id=1, message_type=kind), context)
-            except Exception as error:  # noqa: BLE001 - turned into a message for the author
+            except Exception as error:
                 pytest.fail(
                     f"the ClientApp failed on a {kind} message: {type(error).__name__}: {error}; "
                     "train/evaluate must return Python int/float metrics and take canonical weights"
