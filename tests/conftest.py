@@ -16,9 +16,7 @@ RESULT_FILES = ("config.json", "metrics.json", "metrics.csv", "metrics.png", "we
 def fedplug(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     """Run the installed `fedplug` command of this environment."""
     command = [str(Path(sys.executable).with_name("fedplug")), *args]
-    return subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def check_results(out: Path, suffix: str) -> list[dict]:

@@ -17,7 +17,8 @@ echo "== test environment .venv"
 .venv/bin/pip install "${PIP_FLAGS[@]}" \
   ./fedplug-core ./fedplug-torch "./fedplug-keras[tensorflow-cpu]" ./fedplug-jax ./fedplug-mlx \
   ./tests/plugins/fedplug-testplugins ./tests/plugins/fedplug-broken-example \
-  pytest psutil
+  pytest psutil ruff
+.venv/bin/ruff check . && .venv/bin/ruff format --check .
 .venv/bin/python -m pytest tests --ignore=tests/mxnet "$@"
 
 echo "== test environment .venv-mxnet"

@@ -66,7 +66,11 @@ def failures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str | N
     env["FEDPLUG_PLUGINS"] = "broken_example"
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml", "report.xml"],
-        cwd=folder, capture_output=True, text=True, timeout=600, env=env,
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert done.returncode == 1, f"the suite did not run to its failures:\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}"
     outcomes: dict[str, list[str | None]] = {}

@@ -14,19 +14,24 @@ BACKEND = NumpyBackend()
 
 def test_parse_flwr_run_syntax() -> None:
     assert parse_overrides("lr=0.05 batch-size=64 model='lenet' centralized-eval=false") == {
-        "lr": 0.05, "batch-size": 64, "model": "lenet", "centralized-eval": False,
+        "lr": 0.05,
+        "batch-size": 64,
+        "model": "lenet",
+        "centralized-eval": False,
     }
 
 
 def test_parse_accepts_unquoted_words_and_dotted_keys() -> None:
     assert parse_overrides('model=lenet strategy.proximal-mu=0.1 hidden-dims="32,32"') == {
-        "model": "lenet", "strategy.proximal-mu": 0.1, "hidden-dims": "32,32",
+        "model": "lenet",
+        "strategy.proximal-mu": 0.1,
+        "hidden-dims": "32,32",
     }
 
 
 def test_parse_toml_file(tmp_path) -> None:
     path = tmp_path / "run.toml"
-    path.write_text('lr = 0.2\n[strategy]\nproximal-mu = 0.5\n')
+    path.write_text("lr = 0.2\n[strategy]\nproximal-mu = 0.5\n")
     assert parse_overrides(str(path)) == {"lr": 0.2, "strategy.proximal-mu": 0.5}
 
 

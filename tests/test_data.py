@@ -47,7 +47,10 @@ def test_iid_partitions_follow_the_seed() -> None:
 
 
 def test_dirichlet_is_skewed() -> None:
-    skews = [np.bincount(y, minlength=10).max() / len(y) for y in labels_of(config(partitioner="dirichlet", **{"partitioner.alpha": 0.1}), 5)]
+    skews = [
+        np.bincount(y, minlength=10).max() / len(y)
+        for y in labels_of(config(partitioner="dirichlet", **{"partitioner.alpha": 0.1}), 5)
+    ]
     assert max(skews) > 0.4
 
 
@@ -103,9 +106,9 @@ def test_hub_style_dataset_folder_with_named_columns(tmp_path) -> None:
     features = datasets.Features({"pixels": datasets.Array2D((8, 8), "uint8"), "digit_class": datasets.Value("int64")})
     (tmp_path / "data").mkdir()
     for split, rows in (("train", slice(0, 40)), ("test", slice(40, 60))):
-        datasets.Dataset.from_dict(
-            {"pixels": images[rows], "digit_class": labels[rows]}, features=features
-        ).to_parquet(tmp_path / "data" / f"{split}-00000-of-00001.parquet")
+        datasets.Dataset.from_dict({"pixels": images[rows], "digit_class": labels[rows]}, features=features).to_parquet(
+            tmp_path / "data" / f"{split}-00000-of-00001.parquet"
+        )
     with pytest.raises(DataError, match="cannot tell the image column"):
         data_spec(config(dataset=str(tmp_path), **{"label-column": "digit_class"}))
     cfg = config(dataset=str(tmp_path), **{"image-column": "pixels", "label-column": "digit_class"})

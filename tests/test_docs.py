@@ -22,9 +22,7 @@ HOOKS = [
     for name, function in inspect.getmembers(hookspecs, inspect.isfunction)
     if name.startswith("fedplug_") and hasattr(function, f"{hookspecs.PROJECT_NAME}_spec")
 ]
-BACKEND_MEMBERS = sorted(
-    name for name in {*vars(Backend), *Backend.__annotations__} if not name.startswith("_")
-)
+BACKEND_MEMBERS = sorted(name for name in {*vars(Backend), *Backend.__annotations__} if not name.startswith("_"))
 CHECKS = sorted(name for name in dir(BackendConformance) if name.startswith("test_"))
 
 
@@ -53,8 +51,17 @@ def test_every_conformance_check_is_listed(check: str) -> None:
     assert f"`{check}`" in TEXT, f"docs/plugins.md does not list the conformance check {check}"
 
 
-@pytest.mark.parametrize("word", [PLUGINS_ENV, STRICT_ENV, f"[project.entry-points.{ENTRY_POINT_GROUP}]",
-                                  "fedplug new-backend", "python -m build", "twine upload"])
+@pytest.mark.parametrize(
+    "word",
+    [
+        PLUGINS_ENV,
+        STRICT_ENV,
+        f"[project.entry-points.{ENTRY_POINT_GROUP}]",
+        "fedplug new-backend",
+        "python -m build",
+        "twine upload",
+    ],
+)
 def test_switches_and_commands_are_documented(word: str) -> None:
     assert word in TEXT
 

@@ -92,8 +92,15 @@ def test_quickstart_model_and_optimizer(backend: KerasBackend, config: dict, ker
     net = backend.build_model("cnn", COLOUR, config)
     layers = keras.layers
     kinds = [type(layer) for layer in net.layers]
-    assert kinds == [layers.Conv2D, layers.MaxPooling2D, layers.Conv2D, layers.MaxPooling2D,
-                     layers.Flatten, layers.Dropout, layers.Dense]
+    assert kinds == [
+        layers.Conv2D,
+        layers.MaxPooling2D,
+        layers.Conv2D,
+        layers.MaxPooling2D,
+        layers.Flatten,
+        layers.Dropout,
+        layers.Dense,
+    ]
     conv1, conv2, dense = net.layers[0], net.layers[2], net.layers[6]
     assert (conv1.filters, conv1.kernel_size, conv2.filters, conv2.kernel_size) == (32, (3, 3), 64, (3, 3))
     assert net.layers[5].rate == 0.5
@@ -131,8 +138,16 @@ def test_check_available_gives_install_hint(backend: KerasBackend, monkeypatch: 
 def reference_cnn(weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     """The quickstart's CNN at inference, from canonical weights, with the NumPy backend's layers."""
     w = list(weights.values())
-    layers: list[Any] = [Conv(w[0], w[1]), Relu(), Pool("max"), Conv(w[2], w[3]), Relu(), Pool("max"),
-                         Flatten(), Dense(w[4], w[5])]
+    layers: list[Any] = [
+        Conv(w[0], w[1]),
+        Relu(),
+        Pool("max"),
+        Conv(w[2], w[3]),
+        Relu(),
+        Pool("max"),
+        Flatten(),
+        Dense(w[4], w[5]),
+    ]
     for layer in layers:
         x = layer.forward(x)
     exp = np.exp(x - x.max(axis=1, keepdims=True))
@@ -146,17 +161,22 @@ def test_cnn_canonical_layout_and_conversion(backend: KerasBackend, config: dict
     for _ in range(2):
         height, width = (height - 2) // 2, (width - 2) // 2
     expected = {
-        "layers.0.weight": (32, channels, 3, 3), "layers.0.bias": (32,),
-        "layers.1.weight": (64, 32, 3, 3), "layers.1.bias": (64,),
-        "layers.2.weight": (spec.num_classes, 64 * height * width), "layers.2.bias": (spec.num_classes,),
+        "layers.0.weight": (32, channels, 3, 3),
+        "layers.0.bias": (32,),
+        "layers.1.weight": (64, 32, 3, 3),
+        "layers.1.bias": (64,),
+        "layers.2.weight": (spec.num_classes, 64 * height * width),
+        "layers.2.bias": (spec.num_classes,),
     }
     got = backend.get_weights(net)
     assert {key: value.shape for key, value in got.items()} == expected
     assert list(got) == list(expected) and all(value.dtype == np.float32 for value in got.values())
 
     rng = np.random.default_rng(3)
-    sent = {key: (rng.uniform(-1, 1, shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
-            for key, shape in expected.items()}  # fan-in scaled, so the softmax does not saturate
+    sent = {
+        key: (rng.uniform(-1, 1, shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+        for key, shape in expected.items()
+    }  # fan-in scaled, so the softmax does not saturate
     backend.set_weights(net, sent)
     np.testing.assert_array_equal(np.asarray(net.layers[0].kernel), sent["layers.0.weight"].transpose(2, 3, 1, 0))
     assert tuple(net.layers[6].kernel.shape) == (64 * height * width, spec.num_classes)  # Keras: (in, out)
@@ -185,13 +205,23 @@ def test_rounds_reuse_one_graph_and_restart_adam(backend: KerasBackend, config: 
     for server_round, n in enumerate(sizes, start=1):
         backend.set_weights(net, start)
         lr = 0.001 * server_round
-        backend.train(net, images(GREY, n, seed=server_round), labels(GREY, n),
-                      {**config, "server-round": server_round, "lr": lr, "batch-size": 32})
+        backend.train(
+            net,
+            images(GREY, n, seed=server_round),
+            labels(GREY, n),
+            {**config, "server-round": server_round, "lr": lr, "batch-size": 32},
+        )
         backend.evaluate(net, images(GREY, 20), labels(GREY, 20), config)
         functions = traced_functions(net.train_function)
         assert functions, "found no tf.function in Keras's train_function: the check below would be empty"
-        seen.append((net.train_function, net.test_function, len(net.optimizer.variables),
-                     sum(f.experimental_get_tracing_count() for f in functions)))
+        seen.append(
+            (
+                net.train_function,
+                net.test_function,
+                len(net.optimizer.variables),
+                sum(f.experimental_get_tracing_count() for f in functions),
+            )
+        )
         assert float(net.optimizer.learning_rate) == pytest.approx(lr)
         assert int(net.optimizer.iterations) == -(-n // 32), "Adam must restart every round"
     first = seen[0]
@@ -199,8 +229,7 @@ def test_rounds_reuse_one_graph_and_restart_adam(backend: KerasBackend, config: 
     assert [entry[2:] for entry in seen] == [first[2:]] * len(sizes), "graph or optimizer state grew"
 
 
-def test_train_depends_only_on_weights_data_and_config(backend: KerasBackend, config: dict,
-                                                        grey_cnn: Any) -> None:
+def test_train_depends_only_on_weights_data_and_config(backend: KerasBackend, config: dict, grey_cnn: Any) -> None:
     """A process trains many nodes in turn: earlier calls must not change a later one's result."""
     net = grey_cnn
     start, x, y = backend.get_weights(net), images(GREY, 64), labels(GREY, 64)
@@ -278,8 +307,18 @@ def test_fedplug_run_two_rounds(run_fedplug: Any) -> None:
 
 def test_keras_backend_from_the_run_config_reaches_every_client(run_fedplug: Any) -> None:
     """Whatever KERAS_BACKEND says, the backend's environment() sets it before Flower starts."""
-    proc, out = run_fedplug("keras", "--rounds", "1", "--nodes", "2", "--model", "lenet",
-                            "--run-config", "keras-backend='jax'", env={"KERAS_BACKEND": "tensorflow"})
+    _, out = run_fedplug(
+        "keras",
+        "--rounds",
+        "1",
+        "--nodes",
+        "2",
+        "--model",
+        "lenet",
+        "--run-config",
+        "keras-backend='jax'",
+        env={"KERAS_BACKEND": "tensorflow"},
+    )
     rounds = check_results(out, ".keras")
     assert rounds[-1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"]
     assert json.loads((out / "config.json").read_text())["keras-backend"] == "jax"

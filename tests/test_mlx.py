@@ -49,8 +49,7 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 
 def python(code: str) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter of this environment."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
 
 
 # -- the quickstart it reproduces ------------------------------------------------------
@@ -61,8 +60,15 @@ def test_defaults_reproduce_quickstart_mlx(backend: MlxBackend, config: dict) ->
     # local-epochs 1, 3 rounds, 10 supernodes, FedAvg() with its default fractions
     assert get_backend("mlx").name == backend.name == "mlx"
     quickstart = {
-        "model": "mlp", "hidden-dims": "32,32", "lr": 0.1, "batch-size": 256, "local-epochs": 1,
-        "num-server-rounds": 3, "num-supernodes": 10, "fraction-train": 1.0, "fraction-evaluate": 1.0,
+        "model": "mlp",
+        "hidden-dims": "32,32",
+        "lr": 0.1,
+        "batch-size": 256,
+        "local-epochs": 1,
+        "num-server-rounds": 3,
+        "num-supernodes": 10,
+        "fraction-train": 1.0,
+        "fraction-evaluate": 1.0,
         "strategy": "fedavg",
     }
     assert {key: config[key] for key in quickstart} == quickstart
@@ -215,12 +221,16 @@ def test_saves_mlx_safetensors(backend: MlxBackend, config: dict, tmp_path: Path
 # -- platforms where MLX cannot run -----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("system", "machine", "says"), [
-    ("Windows", "AMD64", "not on Windows"),
-    ("Darwin", "x86_64", "Apple silicon"),
-])
-def test_unsupported_platform_is_one_line(backend: MlxBackend, monkeypatch: pytest.MonkeyPatch,
-                                          system: str, machine: str, says: str) -> None:
+@pytest.mark.parametrize(
+    ("system", "machine", "says"),
+    [
+        ("Windows", "AMD64", "not on Windows"),
+        ("Darwin", "x86_64", "Apple silicon"),
+    ],
+)
+def test_unsupported_platform_is_one_line(
+    backend: MlxBackend, monkeypatch: pytest.MonkeyPatch, system: str, machine: str, says: str
+) -> None:
     monkeypatch.setattr(availability.platform, "system", lambda: system)
     monkeypatch.setattr(availability.platform, "machine", lambda: machine)
     with pytest.raises(BackendUnavailable, match=says) as error:

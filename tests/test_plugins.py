@@ -67,7 +67,9 @@ def test_duplicate_name_is_a_clear_error_not_an_override() -> None:
     registry = registry_with(Plugin())
     assert registry.backends["numpy"].plugin == "fedplug.numpy_backend"
     reasons = [b.reason for b in registry.broken if b.plugin == "in-test-0"]
-    assert reasons == ["backend 'numpy' is already registered by plugin 'fedplug.numpy_backend' (fedplug-core); uninstall one of them"]
+    assert reasons == [
+        "backend 'numpy' is already registered by plugin 'fedplug.numpy_backend' (fedplug-core); uninstall one of them"
+    ]
 
 
 def test_builtin_numpy_backend_comes_through_the_same_hook() -> None:

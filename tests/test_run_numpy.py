@@ -31,8 +31,16 @@ def processes_of(out: Path) -> list[str]:
 def test_run_numpy_end_to_end(run_fedplug, tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
-    proc, out = run_fedplug("numpy", "--rounds", "2", "--nodes", "4", "--run-config", "hidden-dims='64'",
-                            env={"HOME": str(home), "FEDPLUG_PLUGINS": ""})
+    proc, out = run_fedplug(
+        "numpy",
+        "--rounds",
+        "2",
+        "--nodes",
+        "4",
+        "--run-config",
+        "hidden-dims='64'",
+        env={"HOME": str(home), "FEDPLUG_PLUGINS": ""},
+    )
     rounds = check_results(out, ".npz")
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert rounds[2]["centralized-accuracy"] > rounds[1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"]
@@ -53,10 +61,20 @@ def test_run_numpy_end_to_end(run_fedplug, tmp_path: Path) -> None:
 
 def test_ctrl_c_stops_everything_and_keeps_finished_rounds(tmp_path: Path) -> None:
     out = tmp_path / "interrupted"
-    command = [str(Path(sys.executable).with_name("fedplug")), "run", "numpy", "--rounds", "50", "--nodes", "2",
-               "--out", str(out)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "FEDPLUG_PLUGINS": ""})
+    command = [
+        str(Path(sys.executable).with_name("fedplug")),
+        "run",
+        "numpy",
+        "--rounds",
+        "50",
+        "--nodes",
+        "2",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "FEDPLUG_PLUGINS": ""}
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not any(r["round"] >= 1 for r in _rounds(out)):
         time.sleep(0.5)
@@ -82,8 +100,9 @@ def test_failing_client_apps_end_the_run_with_one_line(tmp_path: Path) -> None:
     from conftest import fedplug
 
     out = tmp_path / "failing"
-    done = fedplug("run", "failing_train", "--rounds", "3", "--nodes", "2", "--out", str(out),
-                   env={"FEDPLUG_PLUGINS": "failing"})
+    done = fedplug(
+        "run", "failing_train", "--rounds", "3", "--nodes", "2", "--out", str(out), env={"FEDPLUG_PLUGINS": "failing"}
+    )
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr

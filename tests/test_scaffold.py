@@ -21,15 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import fedplug
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.scaffold import ScaffoldError, scaffold
 
-from conftest import fedplug
-
 CORE = Path(__file__).resolve().parents[1] / "fedplug-core"
-WHEELHOUSE = Path(
-    os.environ.get("FEDPLUG_TEST_WHEELHOUSE", Path.home() / ".cache" / "fedplug" / "test-wheelhouse")
-)
+WHEELHOUSE = Path(os.environ.get("FEDPLUG_TEST_WHEELHOUSE", Path.home() / ".cache" / "fedplug" / "test-wheelhouse"))
 NAME = "my_thing"
 """With an underscore, to check the distribution name fedplug-my-thing."""
 
@@ -41,8 +38,9 @@ def clean_env() -> dict[str, str]:
 
 
 def run(*command: str | Path, timeout: float = 900, **kwargs) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(part) for part in command], capture_output=True, text=True, timeout=timeout,
-                          env=clean_env(), **kwargs)
+    return subprocess.run(
+        [str(part) for part in command], capture_output=True, text=True, timeout=timeout, env=clean_env(), **kwargs
+    )
 
 
 def pip_install(venv: Path, *requirements: str | Path) -> None:
@@ -92,8 +90,7 @@ def test_generated_project_installs_is_listed_conforms_and_runs(installed, tmp_p
     assert (rows[NAME]["distribution"], rows[NAME]["version"]) == ("fedplug-my-thing", "0.1.0")
 
     started = time.monotonic()
-    tests = run(venv / "bin" / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", project / "tests",
-                cwd=project)
+    tests = run(venv / "bin" / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", project / "tests", cwd=project)
     seconds["generated tests"] = time.monotonic() - started
     assert tests.returncode == 0, f"the generated conformance tests fail:\n{tests.stdout[-5000:]}"
     assert " passed" in tests.stdout and "skipped" not in tests.stdout
@@ -114,13 +111,16 @@ def test_generated_files_hold_the_entry_point_and_a_registered_backend(tmp_path:
     target = scaffold(NAME, tmp_path / "new", installed={"numpy"})
     assert target == tmp_path / "new"
     assert sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) == [
-        "README.md", "pyproject.toml", f"src/fedplug_{NAME}/__init__.py", "tests/test_conformance.py",
+        "README.md",
+        "pyproject.toml",
+        f"src/fedplug_{NAME}/__init__.py",
+        "tests/test_conformance.py",
     ]
     project = tomllib.loads((target / "pyproject.toml").read_text())["project"]
     assert (project["name"], project["version"]) == ("fedplug-my-thing", "0.1.0")
     assert [dep.split(">")[0] for dep in project["dependencies"]] == ["fedplug-core"]
     assert project["entry-points"]["fedplug"] == {NAME: f"fedplug_{NAME}"}
-    assert "backend_name = \"my_thing\"" in (target / "tests" / "test_conformance.py").read_text()
+    assert 'backend_name = "my_thing"' in (target / "tests" / "test_conformance.py").read_text()
     readme = (target / "README.md").read_text()
     for needed in ("replace this with your framework", "pytest", "python -m build", "twine upload"):
         assert needed in readme

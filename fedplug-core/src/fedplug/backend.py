@@ -96,6 +96,7 @@ class Backend(abc.ABC):
 
     def check_config(self, config: Config) -> None:
         """Check the backend's own run-config keys; raise ``fedplug.config.ConfigError``. Default: no check."""
+        return None
 
     def environment(self, config: Config) -> dict[str, str]:
         """Environment variables the framework must see before anything imports it.

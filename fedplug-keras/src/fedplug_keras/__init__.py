@@ -6,14 +6,14 @@ Importing this package imports no framework: Keras is imported by the first
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 import fedplug
-from fedplug.backend import Backend, Config, DataSpec, Framework, Weights
-
+from fedplug.backend import Backend, Config, DataSpec, Framework, Scalar, Weights
 from fedplug_keras import layout, nets, training
 from fedplug_keras.framework import CONFIG_KEY, DEFAULT_BACKEND, check_choice, check_installed
 
@@ -23,7 +23,7 @@ class KerasBackend(Backend):
     description = "Keras 3 on TensorFlow (or JAX/PyTorch): quickstart-tensorflow's CNN with Adam"
     framework = Framework("keras", "keras>=3")
     models = ("cnn", "mlp", "lenet")
-    defaults = {
+    defaults: ClassVar[Mapping[str, Scalar]] = {
         "model": "cnn",
         "lr": 0.001,
         "batch-size": 32,

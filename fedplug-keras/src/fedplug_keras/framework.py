@@ -28,8 +28,7 @@ DEFAULT_BACKEND = "tensorflow"
 EXTRAS = {"tensorflow": "tensorflow-cpu", "jax": "jax", "torch": "torch"}
 """Keras backend (also the import name of its framework) -> the fedplug-keras extra installing it."""
 INSTALL_HINT = (
-    "pip install 'fedplug-keras[tensorflow]' (GPU) or 'fedplug-keras[tensorflow-cpu]' "
-    "(or the extras [jax], [torch])"
+    "pip install 'fedplug-keras[tensorflow]' (GPU) or 'fedplug-keras[tensorflow-cpu]' (or the extras [jax], [torch])"
 )
 
 
@@ -80,9 +79,7 @@ def set_seed(keras: ModuleType, seed: int) -> None:
 
 def _first_import(name: str) -> ModuleType:
     if not is_installed(name):
-        raise BackendUnavailable(
-            f"keras-backend '{name}' needs {name}: pip install 'fedplug-keras[{EXTRAS[name]}]'"
-        )
+        raise BackendUnavailable(f"keras-backend '{name}' needs {name}: pip install 'fedplug-keras[{EXTRAS[name]}]'")
     os.environ["KERAS_BACKEND"] = name
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # C++ INFO/WARNING/ERROR: CUDA probes
     logging.getLogger("tensorflow").setLevel(logging.ERROR)

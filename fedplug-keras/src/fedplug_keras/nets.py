@@ -12,7 +12,6 @@ from typing import Any
 
 from fedplug.backend import Config, DataSpec, ModelError
 from fedplug.models import LENET_CONV, LENET_DENSE, hidden_dims, lenet_flat_features
-
 from fedplug_keras.framework import import_keras, set_seed
 
 CNN_CONV = (32, 64)

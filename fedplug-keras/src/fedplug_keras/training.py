@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from fedplug.backend import Config
-
 from fedplug_keras.framework import import_keras, set_seed
 
 PREDICT_BATCH = 512
@@ -69,9 +68,7 @@ def train(net: Any, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, f
 
 def evaluate(net: Any, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
     """Loss and accuracy over ``(x, y)``."""
-    metrics = net.evaluate(
-        model_inputs(net, x), y, batch_size=int(config["batch-size"]), verbose=0, return_dict=True
-    )
+    metrics = net.evaluate(model_inputs(net, x), y, batch_size=int(config["batch-size"]), verbose=0, return_dict=True)
     return {"loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]), "num-examples": len(y)}
 
 

@@ -227,7 +227,8 @@ def _pick(dataset: Any, given: str, candidates: tuple[str, ...], key: str, name:
     if key == "image-column" and len(columns) > 2:
         return ""  # tabular: every column but the label holds one pixel
     raise DataError(
-        f"cannot tell the {key[:-7]} column of '{name}' (columns: {', '.join(columns)}); set --run-config \"{key}=NAME\""
+        f"cannot tell the {key[:-7]} column of '{name}' (columns: {', '.join(columns)}); "
+        f'set --run-config "{key}=NAME"'
     )
 
 
