@@ -108,3 +108,26 @@ def test_failing_client_apps_end_the_run_with_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and "Traceback" not in done.stderr
     assert "no node returned a training result in round 1" in lines[0] and "simulation.log" in lines[0]
     assert processes_of(out) == []
+
+
+def test_other_strategy_and_partitioner_end_to_end(run_fedplug) -> None:
+    _, out = run_fedplug(
+        "numpy",
+        "--rounds",
+        "2",
+        "--nodes",
+        "3",
+        "--strategy",
+        "fedprox",
+        "--partitioner",
+        "dirichlet",
+        "--run-config",
+        "strategy.proximal-mu=0.1 partitioner.alpha=1.0 centralized-eval=false",
+        env={"FEDPLUG_PLUGINS": ""},
+    )
+    rounds = check_results(out, ".npz")
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert "centralized-accuracy" not in rounds[-1]
+    assert rounds[2]["evaluate-accuracy"] > rounds[1]["evaluate-accuracy"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["strategy.proximal-mu"] == 0.1 and config["partitioner"] == "dirichlet"

@@ -77,6 +77,7 @@ def plot_metrics(out: Path, title: str = "") -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for kind, style in (("train", "o-"), ("evaluate", "s-"), ("centralized", "^-")):
@@ -87,6 +88,7 @@ def plot_metrics(out: Path, title: str = "") -> Path | None:
                 axis.plot(xs, ys, style, label=kind)
     for axis, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         axis.set_xlabel("round")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
         axis.legend()
