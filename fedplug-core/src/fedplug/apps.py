@@ -23,7 +23,7 @@ from fedplug.backend import Backend, Config, Scalar, Weights
 from fedplug.config import resolve
 from fedplug.data import data_spec, load_centralized, load_partition
 from fedplug.plugins import get_backend
-from fedplug.results import Results, default_out
+from fedplug.results import Results, default_out, plot_metrics
 from fedplug.strategies import make_strategy
 
 
@@ -147,3 +147,4 @@ def main(grid: Grid, context: Context) -> None:
     )
     backend.set_weights(model, from_record(result.arrays))
     backend.save(model, out / f"model{backend.file_suffix}")
+    plot_metrics(out, title=f"fedplug {backend.name} · {config['model']} · {config['strategy']}")

@@ -248,7 +248,8 @@ def run(
     finally:
         _stop(process)
     rounds_done = read_metrics(out)
-    plot_metrics(out, title=f"fedplug {chosen.name} · {config['model']} · {config['strategy']}")
+    if code:  # the ServerApp plots when it finishes; an interrupted or failed run is plotted here
+        plot_metrics(out, title=f"fedplug {chosen.name} · {config['model']} · {config['strategy']}")
     if rounds_done:
         console.print(summary_table(rounds_done))
     console.print(f"results: {out}  ({time.monotonic() - started:.1f}s)")
