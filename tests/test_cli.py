@@ -6,6 +6,8 @@ import pytest
 
 from conftest import fedplug
 
+pytestmark = pytest.mark.fast
+
 QUIET = {"FEDPLUG_PLUGINS": ""}
 
 

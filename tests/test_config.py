@@ -9,6 +9,8 @@ from fedplug.data import make_partitioner
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.strategies import STRATEGIES, make_strategy, strategy_kwargs, strategy_parameters
 
+pytestmark = pytest.mark.fast
+
 BACKEND = NumpyBackend()
 
 

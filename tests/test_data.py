@@ -10,6 +10,8 @@ from fedplug.config import resolve
 from fedplug.data import DataError, data_spec, load_centralized, load_partition
 from fedplug.numpy_backend import NumpyBackend
 
+pytestmark = pytest.mark.fast
+
 BACKEND = NumpyBackend()
 
 

@@ -14,6 +14,8 @@ from fedplug.backend import Backend
 from fedplug.plugins import ENTRY_POINT_GROUP, PLUGINS_ENV, STRICT_ENV
 from fedplug.testing import BackendConformance
 
+pytestmark = pytest.mark.fast
+
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 TEXT = GUIDE.read_text(encoding="utf-8")
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from fedplug.backend import DataSpec
 from fedplug.config import resolve
 from fedplug.numpy_backend import Conv, NumpyBackend, Pool
 from fedplug.testing import BackendConformance
+
+pytestmark = pytest.mark.fast
 
 BACKEND = NumpyBackend()
 

@@ -13,6 +13,8 @@ from fedplug import hookspecs
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.plugins import Registry, collect_backends, get_registry, load_plugins, new_plugin_manager
 
+pytestmark = pytest.mark.fast
+
 
 class Renamed(NumpyBackend):
     name = "renamed"
