@@ -8,23 +8,27 @@ Simulation Engine (``fedplug run``) and on the Deployment Engine, where a Flower
 
 from __future__ import annotations
 
-import time
+import logging
+import traceback
 from collections import OrderedDict
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedplug.backend import Backend, Config, Scalar, Weights
 from fedplug.config import resolve
 from fedplug.data import data_spec, load_centralized, load_partition
 from fedplug.plugins import get_backend
-from fedplug.results import Results, default_out, plot_metrics
-from fedplug.strategies import make_strategy
+from fedplug.results import Results, default_out, plot_metrics, write_status
+from fedplug.rounds import NODE_RECORD, RoundLoop, RunFailed, resume_state
+from fedplug.strategies import make_strategy, sampling
+
+log = logging.getLogger("fedplug.apps")
 
 
 def to_record(weights: Weights) -> ArrayRecord:
@@ -51,20 +55,47 @@ def _session(run_config: tuple[tuple[str, Scalar], ...]) -> tuple[Backend, dict[
     return backend, config, model
 
 
-def _client_step(msg: Message, context: Context, train: bool) -> Message:
-    backend, config, model = _session(tuple(sorted(context.run_config.items())))
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
-    part = load_partition(config, partition_id, num_partitions)
-    backend.set_weights(model, from_record(msg.content["arrays"]))
-    step_config = {**config, **dict(msg.content.get("config", ConfigRecord())), "partition-id": partition_id}
-    content = RecordDict()
-    if train:
-        metrics = backend.train(model, part.x_train, part.y_train, step_config)
-        content["arrays"] = to_record(backend.get_weights(model))
-    else:
-        metrics = backend.evaluate(model, part.x_test, part.y_test, step_config)
-    content["metrics"] = MetricRecord({key: value for key, value in metrics.items()})
+def _node(context: Context) -> tuple[int, int]:
+    return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+
+
+def _failed(msg: Message, step: str, error: Exception) -> Message:
+    """An error reply whose reason is the node's own one-line error; the traceback goes to the log."""
+    log.error("%s failed on this node:\n%s", step, traceback.format_exc())
+    reason = " ".join(str(error).split())[:240]
+    return Message(
+        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{step} raised {type(error).__name__}: {reason}"),
+        reply_to=msg,
+    )
+
+
+def _client_step(msg: Message, context: Context, step: str) -> Message:
+    try:
+        backend, config, model = _session(tuple(sorted(context.run_config.items())))
+        partition_id, num_partitions = _node(context)
+        part = load_partition(config, partition_id, num_partitions)
+        content = RecordDict()
+        if step == "query":
+            content[NODE_RECORD] = ConfigRecord(
+                {
+                    "partition-id": partition_id,
+                    "num-partitions": num_partitions,
+                    "backend": backend.name,
+                    "train-examples": len(part.y_train),
+                    "test-examples": len(part.y_test),
+                }
+            )
+            return Message(content=content, reply_to=msg)
+        backend.set_weights(model, from_record(msg.content["arrays"]))
+        step_config = {**config, **dict(msg.content.get("config", ConfigRecord())), "partition-id": partition_id}
+        if step == "train":
+            metrics = backend.train(model, part.x_train, part.y_train, step_config)
+            content["arrays"] = to_record(backend.get_weights(model))
+        else:
+            metrics = backend.evaluate(model, part.x_test, part.y_test, step_config)
+        content["metrics"] = MetricRecord(dict(metrics.items()))
+    except Exception as error:
+        return _failed(msg, step, error)
     return Message(content=content, reply_to=msg)
 
 
@@ -74,56 +105,34 @@ client_app = ClientApp()
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     """Load the global weights, train on this node's partition, reply with the new weights."""
-    return _client_step(msg, context, train=True)
+    return _client_step(msg, context, "train")
 
 
 @client_app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global weights on this node's held-out split."""
-    return _client_step(msg, context, train=False)
+    return _client_step(msg, context, "evaluate")
 
 
-class RoundTracker:
-    """Collects each round's aggregated metrics and writes them when the round ends."""
+@client_app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server this node's partition id, backend and data sizes (sent once per node)."""
+    return _client_step(msg, context, "query")
 
-    def __init__(self, backend: Backend, config: Config, model: Any, results: Results) -> None:
-        self.backend, self.config, self.model, self.results = backend, config, model, results
-        self.central = load_centralized(config) if config["centralized-eval"] else None
-        self.current: dict[str, Any] = {}
-        self.started = time.monotonic()
 
-    def aggregator(self, kind: str) -> Any:
-        def aggregate(records: list[RecordDict], weighting_key: str) -> MetricRecord:
-            metrics = aggregate_metricrecords(records, weighting_key)
-            self.current[f"{kind}-nodes"] = len(records)
-            for name in ("loss", "accuracy"):
-                if name in metrics:
-                    self.current[f"{kind}-{name}"] = float(metrics[name])  # type: ignore[arg-type]
-            return metrics
+class CentralEvaluation:
+    """The server-side evaluation of the global model on the held-out set, if there is one."""
 
-        return aggregate
+    def __init__(self, backend: Backend, config: Config, model: Any) -> None:
+        self.backend, self.config, self.model = backend, config, model
+        self.data = load_centralized(config) if config["centralized-eval"] else None
 
-    def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Flower calls this (as ``evaluate_fn``) before round 1 and after every round."""
-        if server_round > 0 and "train-nodes" not in self.current:
-            raise RuntimeError(
-                f"no node returned a training result in round {server_round}: the ClientApps failed "
-                "(run with --verbose to see their errors)"
-            )
-        weights = from_record(arrays)
-        record: dict[str, Any] = {"round": server_round, **self.current}
-        central = None
-        if self.central is not None:
-            self.backend.set_weights(self.model, weights)
-            metrics = self.backend.evaluate(self.model, *self.central, self.config)
-            record["centralized-loss"] = float(metrics["loss"])
-            record["centralized-accuracy"] = float(metrics["accuracy"])
-            central = MetricRecord({"loss": record["centralized-loss"], "accuracy": record["centralized-accuracy"]})
-        record["seconds"] = round(time.monotonic() - self.started, 3)
-        self.results.save_weights(weights)
-        self.results.add_round(record)
-        self.current, self.started = {}, time.monotonic()
-        return central
+    def __call__(self, server_round: int, weights: Weights) -> dict[str, float] | None:
+        if self.data is None:
+            return None
+        self.backend.set_weights(self.model, weights)
+        metrics = self.backend.evaluate(self.model, *self.data, self.config)
+        return {"loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"])}
 
 
 server_app = ServerApp()
@@ -131,20 +140,34 @@ server_app = ServerApp()
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the configured strategy from a freshly built global model; save what it learned."""
+    """Run the configured strategy from a fresh global model, or continue from the results' checkpoint."""
     backend, config = backend_and_config(context.run_config)
     model = backend.build_model(str(config["model"]), data_spec(config), config)
     out = Path(str(config["out"])) if config["out"] else default_out(backend.name)
-    results = Results(out, config)
-    tracker = RoundTracker(backend, config, model, results)
-    strategy = make_strategy(config, tracker.aggregator("train"), tracker.aggregator("evaluate"))
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=to_record(backend.get_weights(model)),
-        num_rounds=int(config["num-server-rounds"]),  # type: ignore[arg-type]
-        train_config=ConfigRecord({"lr": config["lr"]}),
-        evaluate_fn=tracker.end_round,
-    )
-    backend.set_weights(model, from_record(result.arrays))
+    strategy = make_strategy(config)
+    evaluation = CentralEvaluation(backend, config, model)
+    try:
+        arrays = _run_rounds(grid, strategy, config, out, backend.get_weights(model), evaluation)
+    except RunFailed as error:
+        write_status(out, "failed", str(error))
+        raise
+    backend.set_weights(model, from_record(arrays))
     backend.save(model, out / f"model{backend.file_suffix}")
     plot_metrics(out, title=f"fedplug {backend.name} · {config['model']} · {config['strategy']}")
+    write_status(out, "finished")
+
+
+def _run_rounds(
+    grid: Grid, strategy: Any, config: Config, out: Path, initial: Weights, evaluation: CentralEvaluation
+) -> ArrayRecord:
+    """Round 0 (the initial model) and every round after it, or the rounds after the checkpoint in ``out``."""
+    resumed = resume_state(out, strategy)
+    if resumed is None:
+        loop = RoundLoop(grid, strategy, config, sampling(config), Results(out, config), evaluation)
+        first, weights = 0, initial
+    else:
+        done, weights, rounds, failed_in_a_row = resumed
+        loop = RoundLoop(grid, strategy, config, sampling(config), Results(out, config, rounds), evaluation)
+        loop.failed_in_a_row = failed_in_a_row
+        first = done + 1
+    return loop.run(to_record(weights), first, int(config["num-server-rounds"]))  # type: ignore[arg-type]

@@ -111,12 +111,12 @@ def _flags_to_overrides(**flags: Any) -> dict[str, Scalar]:
     return {names[key]: value for key, value in flags.items() if value is not None}
 
 
-def prepare_run(backend: Backend, overrides: dict[str, Scalar], out: Path) -> dict[str, Scalar]:
-    """Check everything a run needs before it starts; return the resolved run config."""
+def prepare_run(backend: Backend, overrides: dict[str, Scalar]) -> dict[str, Scalar]:
+    """Check everything a run needs before it starts; return the resolved run config (``out`` not yet set)."""
     from fedplug.data import DataError, data_spec, make_partitioner
     from fedplug.strategies import strategy_kwargs
 
-    config = resolve(backend, {**overrides, "out": str(out.resolve())})
+    config = resolve(backend, overrides)
     if Path(str(config["dataset"])).expanduser().exists():  # Ray workers run elsewhere: absolute paths
         config["dataset"] = str(Path(str(config["dataset"])).expanduser().resolve())
     strategy_kwargs(config)
@@ -156,9 +156,47 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     process.wait()
 
 
+class Stopped(Exception):
+    """The ``fedplug`` command got SIGTERM or SIGHUP: stop the run as Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
+def resume_config(folder: Path, rounds: int | None, backend: str | None) -> tuple[Backend, dict[str, Scalar]]:
+    """The stored run config of ``folder`` to continue, with ``rounds`` if it extends the run."""
+    from fedplug import checkpoint
+
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder} is not a fedplug run folder (no config.json): give the --out of an earlier run")
+    stored = json.loads((folder / "config.json").read_text())
+    if backend is not None and backend != stored.get("backend"):
+        raise ConfigError(f"{folder} holds a '{stored.get('backend')}' run, not '{backend}': drop the backend argument")
+    chosen = backend_or_exit(str(stored.get("backend")))
+    saved = checkpoint.latest(folder)
+    if saved is None:
+        raise ConfigError(f"{folder} has no checkpoint (it stopped before its first round finished): start it anew")
+    planned = int(stored["num-server-rounds"])
+    if rounds is not None:
+        if rounds <= saved.round:
+            raise ConfigError(f"{folder} has finished {saved.round} rounds already: --rounds must be more than that")
+        planned = rounds
+    if saved.round >= planned:
+        raise ConfigError(
+            f"{folder} holds a finished run ({saved.round} rounds): extend it with --rounds N (N > {saved.round})"
+        )
+    config = resolve(chosen, {**stored, "num-server-rounds": planned})
+    return chosen, config
+
+
 @app.command()
 def run(
-    backend: Annotated[str, typer.Argument(help="Backend name, e.g. mlx, torch, numpy.")],
+    backend: Annotated[str | None, typer.Argument(help="Backend name, e.g. mlx, torch, numpy.")] = None,
     run_config: Annotated[
         str,
         typer.Option(
@@ -178,8 +216,14 @@ def run(
     partitioner: Annotated[
         str | None, typer.Option(help="iid, dirichlet, pathological or shard (partitioner.<param>=...).")
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of model init, partitioning and shuffling.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of model init, partitioning, sampling and shuffling.")] = None,
     out: Annotated[Path | None, typer.Option(help="Results folder (default: ./fedplug-runs/<time>-<backend>).")] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue the run in this results folder from its last finished round (--rounds extends it)."
+        ),
+    ] = None,
     client_cpus: Annotated[float, typer.Option(help="CPU cores per simulated client.")] = 1.0,
     client_gpus: Annotated[
         float | None,
@@ -188,38 +232,76 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run a federated training on Flower's Simulation Engine and write a results folder."""
-    from fedplug.display import console, summary_table
-    from fedplug.results import Results, default_out, plot_metrics, read_metrics
+    from fedplug.results import Results, default_out
 
-    chosen = backend_or_exit(backend)
-    try:
-        chosen.check_available()
-    except BackendUnavailable as error:
-        fail(str(error))
-    out = out or default_out(chosen.name)
-    if (out / "config.json").exists():
-        fail(f"{out} already holds a run; choose another --out")
-    flags = _flags_to_overrides(
-        rounds=rounds,
-        nodes=nodes,
-        fraction_train=fraction_train,
-        fraction_evaluate=fraction_evaluate,
-        local_epochs=local_epochs,
-        strategy=strategy,
-        model=model,
-        dataset=dataset,
-        partitioner=partitioner,
-        seed=seed,
-    )
-    try:
-        config = prepare_run(chosen, {**parse_overrides(run_config), **flags}, out)
-    except (ConfigError, ModelError) as error:
-        fail(str(error), code=2)
-    _notice_once(chosen)
-    Results(out, config)
+    given = {
+        "rounds": rounds,
+        "nodes": nodes,
+        "fraction_train": fraction_train,
+        "fraction_evaluate": fraction_evaluate,
+        "local_epochs": local_epochs,
+        "strategy": strategy,
+        "model": model,
+        "dataset": dataset,
+        "partitioner": partitioner,
+        "seed": seed,
+    }
+    flags = _flags_to_overrides(**given)
+    if resume is not None:
+        changed = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
+        changed += ["--run-config"] * bool(run_config) + ["--out"] * (out is not None)
+        changed = [flag for flag in changed if flag != "--rounds"]
+        if changed:
+            fail(
+                f"{changed[0]} would change the experiment: a resumed run keeps the config stored in {resume} "
+                "(only --rounds may extend it)",
+                code=2,
+            )
+        try:
+            chosen, config = resume_config(resume, rounds, backend)
+        except ConfigError as error:
+            fail(str(error), code=2)
+        out = resume
+    else:
+        if backend is None:
+            fail("name a backend (fedplug run numpy), or continue a run with --resume DIR", code=2)
+        chosen = backend_or_exit(backend)
+        try:
+            chosen.check_available()
+        except BackendUnavailable as error:
+            fail(str(error))
+        if out is not None and (out / "config.json").exists():
+            fail(f"{out} already holds a run; choose another --out, or continue it with --resume {out}", code=2)
+        try:
+            config = prepare_run(chosen, {**parse_overrides(run_config), **flags})
+        except (ConfigError, ModelError) as error:
+            fail(str(error), code=2)
+        out = out or default_out(chosen.name)
+        config["out"] = str(out.resolve())
+        _notice_once(chosen)
+    Results(out, config)  # config.json: what the simulation process runs
+    code = _simulate(chosen, config, out, client_cpus, client_gpus, verbose, resumed=resume is not None)
+    if code:
+        raise typer.Exit(code)
+
+
+def _simulate(
+    chosen: Backend,
+    config: dict[str, Scalar],
+    out: Path,
+    client_cpus: float,
+    client_gpus: float | None,
+    verbose: bool,
+    resumed: bool,
+) -> int:
+    """Run the simulation process for ``out``, report its rounds and how it ended; return the exit code."""
+    from fedplug.display import console, summary_table
+    from fedplug.results import failure_summary, plot_metrics, read_metrics, read_status
+
     console.print(
-        f"fedplug: {chosen.name} · model {config['model']} · {config['num-supernodes']} nodes · "
-        f"{config['num-server-rounds']} rounds · {config['strategy']} · dataset {config['dataset']}"
+        f"fedplug: {'resuming ' if resumed else ''}{chosen.name} · model {config['model']} · "
+        f"{config['num-supernodes']} nodes · {config['num-server-rounds']} rounds · {config['strategy']} · "
+        f"dataset {config['dataset']}"
     )
     if client_gpus is None:
         client_gpus = gpu_share(client_cpus)
@@ -236,32 +318,53 @@ def run(
     ]
     started = time.monotonic()
     log_path = out / "simulation.log"  # Flower's, Ray's and the frameworks' chatter goes here
-    with open(log_path, "ab") as log:
-        env = {**os.environ, "FEDPLUG_RUN_DIR": str(out.resolve())}  # marks every process of this run
-        process = subprocess.Popen(command, start_new_session=True, stderr=None if verbose else log, env=env)
+    (out / "status.json").unlink(missing_ok=True)
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    process = None
     try:
+        with open(log_path, "ab") as log:
+            env = {
+                **os.environ,
+                "FEDPLUG_RUN_DIR": str(out.resolve()),  # marks every process of this run
+                "FEDPLUG_PARENT_PID": str(os.getpid()),  # the simulation ends itself if this command dies
+            }
+            process = subprocess.Popen(command, start_new_session=True, stderr=None if verbose else log, env=env)
         code = process.wait()
     except KeyboardInterrupt:
-        console.print("fedplug: interrupted, stopping the simulation ...")
-        _stop(process)
+        _say("fedplug: interrupted, stopping the simulation ...")
         code = 130
+    except Stopped as stop:
+        _say(f"fedplug: got {stop}, stopping the simulation ...")
+        code = 128 + stop.signum
     finally:
-        _stop(process)
+        if process is not None:
+            _stop(process)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     rounds_done = read_metrics(out)
     if code:  # the ServerApp plots when it finishes; an interrupted or failed run is plotted here
         plot_metrics(out, title=f"fedplug {chosen.name} · {config['model']} · {config['strategy']}")
     if rounds_done:
-        console.print(summary_table(rounds_done))
-    console.print(f"results: {out}  ({time.monotonic() - started:.1f}s)")
+        _say(summary_table(rounds_done))
+    for line in failure_summary(rounds_done):
+        _say(f"failed: {line}")
+    _say(f"results: {out}  ({time.monotonic() - started:.1f}s)")
     finished = sum(1 for record in rounds_done if record["round"] > 0)
-    if code == 0 and finished < int(config["num-server-rounds"]):  # type: ignore[arg-type]
+    status = read_status(out)
+    if code == 0 and (status.get("status") != "finished" or finished < int(config["num-server-rounds"])):  # type: ignore[arg-type]
         code = 1  # the Simulation Runtime gave up without raising
-    if code and code != 130:
-        reasons = [line for line in log_path.read_text(errors="replace").splitlines() if line.startswith("fedplug:")]
-        reason = reasons[-1].removeprefix("fedplug: ") if reasons else f"the simulation stopped after {finished} rounds"
-        fail(f"{reason} (log: {log_path})", code)
-    if code:
-        raise typer.Exit(code)
+    if code and code < 128:
+        reason = status.get("reason") or f"the simulation stopped after {finished} rounds"
+        typer.echo(f"fedplug: error: {reason} (log: {log_path})", err=True)
+    return code
+
+
+def _say(message: Any) -> None:
+    """Print to the terminal, which may be gone (SIGHUP)."""
+    from fedplug.display import console
+
+    with suppress(OSError):
+        console.print(message)
 
 
 @app.command("new-backend")

@@ -33,6 +33,9 @@ CORE_DEFAULTS: dict[str, Scalar] = {
     "test-fraction": 0.2,
     "centralized-eval": True,
     "seed": 42,
+    "round-timeout": 600.0,
+    "max-failed-rounds": 3,
+    "clip-norm": 0.0,
     "image-column": "",
     "label-column": "",
     "out": "",
@@ -129,6 +132,16 @@ def check_values(backend: Backend, config: Config) -> None:
     for key in ("num-server-rounds", "num-supernodes", "local-epochs", "batch-size"):
         if int(config[key]) < 1:  # type: ignore[arg-type]
             raise ConfigError(f"run-config '{key}' must be at least 1, got {config[key]}")
+    if not 0.0 < float(config["round-timeout"]) < float("inf"):  # type: ignore[arg-type]
+        raise ConfigError(
+            f"run-config 'round-timeout' must be a positive number of seconds, got {config['round-timeout']}"
+        )
+    if int(config["max-failed-rounds"]) < 1:  # type: ignore[arg-type]
+        raise ConfigError(f"run-config 'max-failed-rounds' must be at least 1, got {config['max-failed-rounds']}")
+    if not 0.0 <= float(config["clip-norm"]) < float("inf"):  # type: ignore[arg-type]
+        raise ConfigError(
+            f"run-config 'clip-norm' must be 0 (off) or a positive update norm, got {config['clip-norm']}"
+        )
     for key in ("fraction-train", "fraction-evaluate"):
         if not 0.0 <= float(config[key]) <= 1.0:  # type: ignore[arg-type]
             raise ConfigError(f"run-config '{key}' must be between 0 and 1, got {config[key]}")

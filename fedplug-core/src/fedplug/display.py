@@ -63,7 +63,12 @@ def round_line(record: dict[str, Any]) -> str:
     """``round 2 │ nodes 4 │ train 0.582 85.0% │ eval 0.467 88.3% │ server 0.435 88.9% │ 6.7 s``."""
     parts = [f"round {record['round']:>3}"]
     if "train-nodes" in record:
-        parts.append(f"nodes {record['train-nodes']}")
+        nodes = f"nodes {record['train-nodes']}"
+        if record.get("train-failed"):
+            nodes += f"/{len(record['train-partitions'])} · {record['train-failed']} failed"
+        if record.get("skipped"):
+            nodes += " · skipped"
+        parts.append(nodes)
     for kind, label in (("train", "train"), ("evaluate", "eval"), ("centralized", "server")):
         if f"{kind}-loss" in record:
             accuracy = record.get(f"{kind}-accuracy")

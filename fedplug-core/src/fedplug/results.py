@@ -1,13 +1,19 @@
 """The results folder of a run: config, per-round metrics (JSON, CSV, PNG), final model.
 
 Metrics are rewritten after every round, so an interrupted run keeps what it finished.
+Every file is written to a temporary name and renamed, so a kill at any instant leaves
+each file either complete or as it was. JSON is strict: non-finite numbers become null.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import math
+import os
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,9 +25,11 @@ from fedplug.backend import Config, Weights
 METRIC_COLUMNS = (
     "round",
     "train-nodes",
+    "train-failed",
     "train-loss",
     "train-accuracy",
     "evaluate-nodes",
+    "evaluate-failed",
     "evaluate-loss",
     "evaluate-accuracy",
     "centralized-loss",
@@ -33,17 +41,60 @@ progress_log = logging.getLogger("fedplug.progress")
 
 
 def default_out(backend: str, root: Path = Path("fedplug-runs")) -> Path:
-    return root / f"{datetime.now():%Y%m%d-%H%M%S}-{backend}"
+    """A new folder ``root/<time>-<backend>``, made now so that runs started together never share one."""
+    stem = f"{datetime.now():%Y%m%d-%H%M%S}-{backend}"
+    root.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        out = root / (stem if attempt == 1 else f"{stem}-{attempt}")
+        try:
+            out.mkdir()  # atomic: exactly one process gets each name
+            return out
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"too many runs named {stem} in {root}")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def strict_json(value: Any) -> str:
+    """JSON that strict parsers accept: NaN and infinities become null."""
+    return json.dumps(_finite(value), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``path`` through a temporary file and a rename: never half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as file:
+        file.write(data.encode() if isinstance(data, str) else data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+
+
+def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomic(path, buffer.getvalue())
 
 
 class Results:
     """Writes one run's results folder."""
 
-    def __init__(self, out: Path, config: Config) -> None:
+    def __init__(self, out: Path, config: Config, rounds: list[dict[str, Any]] | None = None) -> None:
         self.out = out
-        self.rounds: list[dict[str, Any]] = []
+        self.rounds: list[dict[str, Any]] = list(rounds or [])
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dict(config), indent=2) + "\n")
+        write_atomic(out / "config.json", strict_json(dict(config)))
+        if rounds is not None:
+            write_metrics(out, self.rounds)
 
     def add_round(self, record: dict[str, Any]) -> None:
         self.rounds.append(record)
@@ -51,16 +102,39 @@ class Results:
         progress_log.info("round %s finished", record["round"], extra={"record": record})
 
     def save_weights(self, weights: Weights) -> None:
-        with open(self.out / "weights.npz", "wb") as file:
-            np.savez(file, **weights)
+        save_npz(self.out / "weights.npz", weights)
 
 
 def write_metrics(out: Path, rounds: list[dict[str, Any]]) -> None:
-    (out / "metrics.json").write_text(json.dumps({"rounds": rounds}, indent=2) + "\n")
-    with open(out / "metrics.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rounds)
+    write_atomic(out / "metrics.json", strict_json({"rounds": rounds}))
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rounds)
+    write_atomic(out / "metrics.csv", text.getvalue())
+
+
+def failure_summary(rounds: list[dict[str, Any]]) -> list[str]:
+    """Distinct failure reasons of a run, most frequent first: ``3 nodes: train raised ValueError: ...``."""
+    counts: dict[str, set[int]] = {}
+    for record in rounds:
+        for kind in ("train", "evaluate"):
+            for failure in record.get(f"{kind}-failures", []):
+                counts.setdefault(failure["reason"], set()).add(failure["partition"])
+    ranked = sorted(counts.items(), key=lambda item: (-len(item[1]), item[0]))
+    return [f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}: {reason}" for reason, nodes in ranked]
+
+
+def write_status(out: Path, status: str, reason: str = "") -> None:
+    """How the run ended (``finished``, ``failed``, ``interrupted``) and why, for the CLI to report."""
+    write_atomic(out / "status.json", strict_json({"status": status, "reason": reason}))
+
+
+def read_status(out: Path) -> dict[str, str]:
+    try:
+        return json.loads((out / "status.json").read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return {}
 
 
 def read_metrics(out: Path) -> list[dict[str, Any]]:
@@ -95,6 +169,8 @@ def plot_metrics(out: Path, title: str = "") -> Path | None:
     figure.suptitle(title)
     figure.tight_layout()
     path = out / "metrics.png"
-    figure.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
+    write_atomic(path, buffer.getvalue())
     return path

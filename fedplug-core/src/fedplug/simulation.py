@@ -2,16 +2,20 @@
 
 ``fedplug run`` starts ``python -m fedplug.simulation OUT`` in its own process group and
 kills that group when the run ends, fails or is interrupted, so no Ray process outlives
-the command. The child writes a Flower App (``OUT/flower-app/pyproject.toml``: the apps
+the command. If the command itself dies without a chance to clean up (SIGKILL), the
+kernel tells this process (Linux's parent-death signal) and it kills its own group.
+The child writes a Flower App (``OUT/flower-app/pyproject.toml``: the apps
 and the resolved run config) and hands it to the Simulation Engine, exactly as
 ``flwr run`` does; the same folder runs on the Deployment Engine.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import warnings
@@ -132,12 +136,35 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float) -
             ray.shutdown()
 
 
+PARENT_ENV = "FEDPLUG_PARENT_PID"
+"""The pid of the ``fedplug`` command that started this simulation."""
+PR_SET_PDEATHSIG = 1
+
+
+def _end_group(signum: int, frame: object) -> None:
+    """Kill this process group at once: Ray's processes and this one. Results files are written atomically."""
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def die_with_parent() -> None:
+    """End this simulation and everything it started when the ``fedplug`` command is gone, however it ended."""
+    signal.signal(signal.SIGTERM, _end_group)
+    signal.signal(signal.SIGHUP, _end_group)
+    if sys.platform.startswith("linux"):
+        with_errno = ctypes.CDLL(None, use_errno=True)
+        with_errno.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    parent = os.environ.get(PARENT_ENV, "")
+    if parent.isdigit() and os.getppid() != int(parent):  # the command died before prctl took effect
+        _end_group(signal.SIGTERM, None)
+
+
 def main(argv: list[str]) -> int:
+    die_with_parent()
     out, verbose = Path(argv[0]), "--verbose" in argv
     cpus = float(argv[argv.index("--client-cpus") + 1]) if "--client-cpus" in argv else 1.0
     gpus = float(argv[argv.index("--client-gpus") + 1]) if "--client-gpus" in argv else 0.0
     from fedplug.display import RoundPrinter
-    from fedplug.results import progress_log
+    from fedplug.results import progress_log, read_status, write_status
 
     progress_log.addHandler(RoundPrinter())
     progress_log.setLevel(logging.INFO)
@@ -145,9 +172,12 @@ def main(argv: list[str]) -> int:
     try:
         simulate(out, verbose, cpus, gpus)
     except KeyboardInterrupt:
+        write_status(out, "interrupted")
         return 130
     except Exception as error:
         cause = error.__cause__ or error
+        if read_status(out).get("status") != "failed":  # the ServerApp did not say why: say what we know
+            write_status(out, "failed", f"{type(cause).__name__}: {cause}")
         print(f"fedplug: run failed: {type(cause).__name__}: {cause}", file=sys.stderr)
         if verbose:
             import traceback

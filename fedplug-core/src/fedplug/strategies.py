@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 from fedplug.backend import Config, Scalar
@@ -34,8 +33,6 @@ INTERNAL = {
     "self",
 }
 """Constructor parameters fedplug sets itself; everything else is ``strategy.<param>``."""
-
-MetricsAggregator = Callable[[list[Any], str], Any]
 
 
 def strategy_class(name: str) -> type:
@@ -84,14 +81,25 @@ def strategy_kwargs(config: Config) -> dict[str, Any]:
     return kwargs
 
 
-def make_strategy(config: Config, train_aggr: MetricsAggregator, evaluate_aggr: MetricsAggregator) -> Any:
-    """The configured strategy, aggregating client metrics with the given functions."""
+SAMPLING = ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes", "min_available_nodes")
+"""Parameters fedplug's round loop applies itself (``fedplug.rounds``): the strategy sees only drawn nodes."""
+
+
+def sampling(config: Config) -> Any:
+    """How many nodes the configured strategy wants per round (fractions and minimums)."""
+    from fedplug.rounds import Sampling
+
+    kwargs = strategy_kwargs(config)
+    return Sampling(**{name: kwargs[name] for name in SAMPLING})
+
+
+def make_strategy(config: Config) -> Any:
+    """The configured strategy, set to use every node the round loop shows it."""
     cls = strategy_class(str(config["strategy"]))
+    kwargs = strategy_kwargs(config)
+    kwargs.update(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=0, min_evaluate_nodes=0)
+    kwargs["min_available_nodes"] = 0
     try:
-        return cls(
-            train_metrics_aggr_fn=train_aggr,
-            evaluate_metrics_aggr_fn=evaluate_aggr,
-            **strategy_kwargs(config),
-        )
+        return cls(**kwargs)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"strategy '{config['strategy']}': {error}") from error

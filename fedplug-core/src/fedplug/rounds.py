@@ -1,0 +1,326 @@
+"""The ServerApp's round loop: seeded sampling, screened replies, a fixed aggregation order.
+
+It drives one of Flower's strategies through its public methods (``configure_train``,
+``aggregate_train``, ``configure_evaluate``, ``aggregate_evaluate``) and the Grid's
+``send_and_receive``, as ``Strategy.start`` does, and adds what a trustworthy
+experiment needs and ``start`` does not have:
+
+- Sampling depends only on the seed, the round and the partition ids (Flower samples
+  its random node ids with the global ``random``): the loop learns each node's
+  partition id with one query message, draws the round's partitions with its own
+  seeded generator, and shows the strategy only the drawn nodes.
+- Every reply is screened before the strategy sees it (``fedplug.validation``); a
+  refused reply, an error reply and a missing reply (``round-timeout``) are failures of
+  that node in that round, recorded with their reason.
+- Replies are aggregated in partition order, so floating-point sums do not depend on
+  which node answered first.
+- A round with fewer good replies than the strategy's minimum is skipped; after
+  ``max-failed-rounds`` skipped rounds in a row, or if the global model stops being
+  finite, the run stops with ``RunFailed``.
+- Each finished round leaves a checkpoint; ``resume`` continues from one exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedplug import checkpoint
+from fedplug.backend import Config, Weights
+from fedplug.results import Results
+from fedplug.validation import all_finite, check_metrics, check_weights, clip_update
+
+log = logging.getLogger("fedplug.rounds")
+NODE_RECORD = "node"
+"""Key of the ConfigRecord a node returns to the discovery query."""
+NON_FINITE = "non-finite weights"
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on; the message says why, in one line."""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the server knows of a node, from its answer to the discovery query."""
+
+    node_id: int
+    partition: int
+    backend: str
+    train_examples: int
+    test_examples: int
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How many nodes take part in a round: Flower's fractions and minimums."""
+
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+
+
+class _DrawnNodes:
+    """The Grid as a strategy's ``configure_*`` sees it: only the nodes fedplug drew."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+
+def _to_weights(record: ArrayRecord) -> Weights:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def _reason(message: Message) -> str:
+    """An error reply's reason on one line."""
+    text = " ".join(str(message.error.reason).split())
+    return text[:300] or f"error code {message.error.code}"
+
+
+def draw(partitions: list[int], fraction: float, minimum: int, seed: int, server_round: int, stream: int) -> list[int]:
+    """The partitions that take part in a round: ``max(int(n * fraction), minimum)`` of them, seeded."""
+    if fraction <= 0.0 or not partitions:
+        return []
+    count = min(len(partitions), max(int(len(partitions) * fraction), minimum))
+    rng = np.random.default_rng([seed, server_round, stream])
+    chosen = rng.choice(len(partitions), size=count, replace=False)
+    return sorted(partitions[i] for i in chosen)
+
+
+class RoundLoop:
+    """Runs rounds ``first..last`` of one strategy on one Grid and records them in ``results``."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        strategy: Any,
+        config: Config,
+        sampling: Sampling,
+        results: Results,
+        evaluate: Callable[[int, Weights], dict[str, float] | None],
+    ) -> None:
+        self.grid, self.strategy, self.config, self.sampling = grid, strategy, config, sampling
+        self.results, self.evaluate = results, evaluate
+        self.seed = int(config["seed"])  # type: ignore[arg-type]
+        self.timeout = float(config["round-timeout"])  # type: ignore[arg-type]
+        self.clip_norm = float(config["clip-norm"])  # type: ignore[arg-type]
+        self.max_failed = int(config["max-failed-rounds"])  # type: ignore[arg-type]
+        self.nodes: dict[int, NodeInfo] = {}  # by node id
+        self.failed_in_a_row = 0
+
+    # -- nodes ----------------------------------------------------------------------
+
+    def discover(self) -> dict[int, NodeInfo]:
+        """Ask every node not yet known for its partition id, backend and data sizes."""
+        unknown = [node for node in self.grid.get_node_ids() if node not in self.nodes]
+        if unknown:
+            messages = [
+                Message(
+                    content=RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type=MessageType.QUERY
+                )
+                for node in unknown
+            ]
+            for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+                if reply.has_error() or NODE_RECORD not in reply.content:
+                    log.warning("node %s did not answer the discovery query", reply.metadata.src_node_id)
+                    continue
+                info = reply.content[NODE_RECORD]
+                node = reply.metadata.src_node_id
+                self.nodes[node] = NodeInfo(
+                    node,
+                    int(info["partition-id"]),  # type: ignore[arg-type]
+                    str(info["backend"]),
+                    int(info["train-examples"]),  # type: ignore[arg-type]
+                    int(info["test-examples"]),  # type: ignore[arg-type]
+                )
+        return self.nodes
+
+    def _wait_for_nodes(self, needed: int) -> dict[int, NodeInfo]:
+        deadline = time.monotonic() + self.timeout
+        while len(self.discover()) < needed and time.monotonic() < deadline:
+            time.sleep(1.0)
+        return self.nodes
+
+    def _drawn(self, server_round: int, train: bool) -> list[NodeInfo]:
+        s = self.sampling
+        nodes = self._wait_for_nodes(s.min_available_nodes)
+        by_partition = {info.partition: info for info in nodes.values()}
+        fraction, minimum = (
+            (s.fraction_train, s.min_train_nodes) if train else (s.fraction_evaluate, s.min_evaluate_nodes)
+        )
+        chosen = draw(sorted(by_partition), fraction, minimum, self.seed, server_round, 0 if train else 1)
+        return [by_partition[p] for p in chosen]
+
+    # -- one exchange ---------------------------------------------------------------
+
+    def _exchange(
+        self, server_round: int, drawn: list[NodeInfo], arrays: ArrayRecord, train: bool
+    ) -> tuple[list[Message], list[dict[str, Any]]]:
+        """Send the round's messages to the drawn nodes; return good replies in partition order and failures."""
+        ids = [info.node_id for info in drawn]
+        configure = self.strategy.configure_train if train else self.strategy.configure_evaluate
+        config = ConfigRecord({"lr": self.config["lr"]} if train else {})
+        messages = list(configure(server_round, arrays, config, _DrawnNodes(ids)))
+        replies = {
+            reply.metadata.src_node_id: reply for reply in self.grid.send_and_receive(messages, timeout=self.timeout)
+        }
+        reference = _to_weights(arrays) if train else {}
+        good: list[tuple[int, Message]] = []
+        failures: list[dict[str, Any]] = []
+        for info in drawn:
+            reply = replies.get(info.node_id)
+            reason = self._screen(reply, info, reference, train)
+            if reason is None:
+                assert reply is not None
+                good.append((info.partition, reply))
+            else:
+                failures.append({"partition": info.partition, "reason": reason})
+        good.sort(key=lambda pair: pair[0])
+        return [reply for _, reply in good], failures
+
+    def _screen(self, reply: Message | None, info: NodeInfo, reference: Weights, train: bool) -> str | None:
+        """Why a reply is refused, or None; clips an accepted update to ``clip-norm``."""
+        if reply is None:
+            return f"no reply within round-timeout ({self.timeout:g} s)"
+        if reply.has_error():
+            return _reason(reply)
+        content = reply.content
+        if len(content.metric_records) != 1:
+            return "reply must carry one MetricRecord"
+        metrics = next(iter(content.metric_records.values()))
+        reason = check_metrics(metrics, info.train_examples if train else info.test_examples)
+        if reason or not train:
+            return reason
+        if len(content.array_records) != 1:
+            return "reply must carry one ArrayRecord of weights"
+        key, record = next(iter(content.array_records.items()))
+        try:
+            weights = _to_weights(record)
+        except Exception as error:  # a record that does not even decode
+            return f"unreadable weights: {error}"
+        reason = check_weights(weights, reference)
+        if reason is None and self.clip_norm > 0:
+            clipped = clip_update(weights, reference, self.clip_norm)
+            if clipped is not weights:
+                content[key] = ArrayRecord({name: array for name, array in clipped.items()})
+        return reason
+
+    # -- rounds ---------------------------------------------------------------------
+
+    def run(self, arrays: ArrayRecord, first: int, last: int) -> ArrayRecord:
+        """Run rounds ``first..last`` (round 0 only evaluates the initial model); return the final arrays."""
+        for server_round in range(first, last + 1):
+            started = time.monotonic()
+            record: dict[str, Any] = {"round": server_round}
+            if server_round > 0:
+                arrays = self._train(server_round, arrays, record)
+                self._evaluate(server_round, arrays, record)
+            weights = _to_weights(arrays)
+            central = self.evaluate(server_round, weights)
+            if central:
+                record.update({f"centralized-{k}": v for k, v in central.items()})
+            record["seconds"] = round(time.monotonic() - started, 3)
+            self.finish_round(server_round, weights, record)
+        return arrays
+
+    def finish_round(self, server_round: int, weights: Weights, record: dict[str, Any]) -> None:
+        """Checkpoint first (it carries the metrics), then the results files."""
+        rounds = [*self.results.rounds, record]
+        checkpoint.save(
+            self.results.out, server_round, weights, self.strategy, rounds, failed_in_a_row=self.failed_in_a_row
+        )
+        self.results.save_weights(weights)
+        self.results.add_round(record)
+
+    def _train(self, server_round: int, arrays: ArrayRecord, record: dict[str, Any]) -> ArrayRecord:
+        drawn = self._drawn(server_round, train=True)
+        if not drawn:
+            return arrays
+        replies, failures = self._exchange(server_round, drawn, arrays, train=True)
+        record.update(
+            {
+                "train-partitions": [info.partition for info in drawn],
+                "train-nodes": len(replies),
+                "train-failed": len(failures),
+                "train-failures": failures,
+            }
+        )
+        needed = max(1, min(self.sampling.min_train_nodes, len(drawn)))
+        if len(replies) < needed:
+            return self._skip(server_round, arrays, record, failures, needed)
+        self.failed_in_a_row = 0
+        aggregated, metrics = self.strategy.aggregate_train(server_round, replies)
+        if metrics is not None:
+            record.update({f"train-{k}": float(v) for k, v in metrics.items() if k in ("loss", "accuracy")})
+        if aggregated is None:
+            return arrays
+        if not all_finite(_to_weights(aggregated)):
+            raise RunFailed(
+                f"the global model became non-finite in round {server_round} ({self.config['strategy']}); "
+                "lower lr or set clip-norm"
+            )
+        return aggregated  # type: ignore[no-any-return]
+
+    def _skip(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        record: dict[str, Any],
+        failures: list[dict[str, Any]],
+        needed: int,
+    ) -> ArrayRecord:
+        self.failed_in_a_row += 1
+        record["skipped"] = f"{len(record['train-partitions']) - len(failures)} good replies, {needed} needed"
+        if failures and all(f["reason"] == NON_FINITE for f in failures):
+            raise RunFailed(
+                f"training diverged in round {server_round}: every node returned non-finite weights "
+                f"(lr={self.config['lr']}); lower lr"
+            )
+        if self.failed_in_a_row >= self.max_failed:
+            reasons = sorted({f["reason"] for f in failures})
+            raise RunFailed(
+                f"no usable training result in {self.failed_in_a_row} rounds in a row (last: round {server_round}): "
+                + ("; ".join(reasons)[:400] or "no node replied")
+            )
+        log.warning("round %s skipped: %s", server_round, record["skipped"])
+        return arrays
+
+    def _evaluate(self, server_round: int, arrays: ArrayRecord, record: dict[str, Any]) -> None:
+        drawn = self._drawn(server_round, train=False)
+        if not drawn:
+            return
+        replies, failures = self._exchange(server_round, drawn, arrays, train=False)
+        record.update(
+            {
+                "evaluate-partitions": [info.partition for info in drawn],
+                "evaluate-nodes": len(replies),
+                "evaluate-failed": len(failures),
+                "evaluate-failures": failures,
+            }
+        )
+        if replies:
+            metrics = self.strategy.aggregate_evaluate(server_round, replies)
+            if metrics is not None:
+                record.update({f"evaluate-{k}": float(v) for k, v in metrics.items() if k in ("loss", "accuracy")})
+
+
+def resume_state(out: Path, strategy: Any) -> tuple[int, Weights, list[dict[str, Any]], int] | None:
+    """Restore the strategy from ``out``'s newest checkpoint; (round, weights, rounds, failed in a row)."""
+    saved = checkpoint.latest(out)
+    if saved is None:
+        return None
+    checkpoint.restore_strategy(strategy, saved.strategy["layout"], saved.strategy["arrays"])
+    return saved.round, saved.weights, saved.rounds, int(saved.extra.get("failed_in_a_row", 0))
