@@ -60,4 +60,4 @@ def test_typer_usage_errors_do_not_show_tracebacks() -> None:
 def test_out_folder_of_an_earlier_run_is_not_overwritten(tmp_path) -> None:
     (tmp_path / "config.json").write_text("{}")
     done = fedplug("run", "numpy", "--out", str(tmp_path), env=QUIET)
-    assert done.returncode == 1 and "already holds a run" in done.stderr
+    assert done.returncode == 2 and "already holds a run" in done.stderr and "--resume" in done.stderr
