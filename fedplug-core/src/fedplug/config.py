@@ -36,6 +36,7 @@ CORE_DEFAULTS: dict[str, Scalar] = {
     "round-timeout": 600.0,
     "max-failed-rounds": 3,
     "clip-norm": 0.0,
+    "outlier-factor": 100.0,
     "image-column": "",
     "label-column": "",
     "out": "",
@@ -141,6 +142,10 @@ def check_values(backend: Backend, config: Config) -> None:
     if not 0.0 <= float(config["clip-norm"]) < float("inf"):  # type: ignore[arg-type]
         raise ConfigError(
             f"run-config 'clip-norm' must be 0 (off) or a positive update norm, got {config['clip-norm']}"
+        )
+    if not 0.0 <= float(config["outlier-factor"]) < float("inf"):  # type: ignore[arg-type]
+        raise ConfigError(
+            f"run-config 'outlier-factor' must be 0 (off) or a positive factor, got {config['outlier-factor']}"
         )
     for key in ("fraction-train", "fraction-evaluate"):
         if not 0.0 <= float(config[key]) <= 1.0:  # type: ignore[arg-type]

@@ -36,7 +36,7 @@ from flwr.serverapp import Grid
 from fedplug import checkpoint
 from fedplug.backend import Config, Weights
 from fedplug.results import Results
-from fedplug.validation import all_finite, check_metrics, check_weights, clip_update
+from fedplug.validation import all_finite, check_metrics, check_weights, clip_update, update_norm
 
 log = logging.getLogger("fedplug.rounds")
 NODE_RECORD = "node"
@@ -118,6 +118,7 @@ class RoundLoop:
         self.timeout = float(config["round-timeout"])  # type: ignore[arg-type]
         self.clip_norm = float(config["clip-norm"])  # type: ignore[arg-type]
         self.max_failed = int(config["max-failed-rounds"])  # type: ignore[arg-type]
+        self.outlier_factor = float(config["outlier-factor"])  # type: ignore[arg-type]
         self.nodes: dict[int, NodeInfo] = {}  # by node id
         self.failed_in_a_row = 0
 
@@ -189,7 +190,32 @@ class RoundLoop:
             else:
                 failures.append({"partition": info.partition, "reason": reason})
         good.sort(key=lambda pair: pair[0])
+        if train and self.outlier_factor > 0:
+            good = self._drop_outliers(good, reference, failures)
         return [reply for _, reply in good], failures
+
+    def _drop_outliers(
+        self, good: list[tuple[int, Message]], reference: Weights, failures: list[dict[str, Any]]
+    ) -> list[tuple[int, Message]]:
+        """Refuse updates whose norm is ``outlier-factor`` times the round's median update norm or more."""
+        if len(good) < 3:
+            return good
+        norms = [
+            update_norm(_to_weights(next(iter(reply.content.array_records.values()))), reference) for _, reply in good
+        ]
+        limit = self.outlier_factor * float(np.median(norms))
+        if limit <= 0:
+            return good
+        kept = []
+        for (partition, reply), norm in zip(good, norms):
+            if norm > limit:
+                failures.append(
+                    {"partition": partition, "reason": f"outlier update (norm {norm:.3g}, limit {limit:.3g})"}
+                )
+            else:
+                kept.append((partition, reply))
+        failures.sort(key=lambda failure: failure["partition"])
+        return kept
 
     def _screen(self, reply: Message | None, info: NodeInfo, reference: Weights, train: bool) -> str | None:
         """Why a reply is refused, or None; clips an accepted update to ``clip-norm``."""
