@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 RESULT_FILES = ("config.json", "metrics.json", "metrics.csv", "metrics.png", "weights.npz")
@@ -27,12 +28,47 @@ def check_results(out: Path, suffix: str) -> list[dict]:
     return rounds
 
 
+def processes_of(out: Path) -> list[str]:
+    """Command lines of live processes started for the run writing ``out`` (marked by FEDPLUG_RUN_DIR)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.environ().get("FEDPLUG_RUN_DIR") == str(out.resolve()):
+                found.append(" ".join(proc.info["cmdline"] or [])[:120])
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def read_rounds(out: Path) -> list[dict]:
+    """The rounds in ``out/metrics.json``, or [] while there are none (the file is written atomically)."""
+    try:
+        return json.loads((out / "metrics.json").read_text())["rounds"]
+    except (OSError, ValueError):
+        return []
+
+
+def assert_same_run(a: Path, b: Path, native: str | None = None) -> None:
+    """Two runs of one config and seed: the same canonical weights and metrics (timings aside), bit for bit.
+
+    ``native`` names the native model file to compare byte for byte too, where the framework's format
+    is deterministic (Keras writes the save date into ``.keras``: it is compared through weights.npz).
+    """
+    for name in ("weights.npz", *([native] if native else [])):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs between two runs of one seed"
+
+    def without_timings(out: Path) -> list[dict]:
+        return [{k: v for k, v in record.items() if k != "seconds"} for record in read_rounds(out)]
+
+    assert without_timings(a) == without_timings(b), "metrics differ between two runs of one seed"
+
+
 @pytest.fixture
 def run_fedplug(tmp_path: Path):
     """Run ``fedplug run BACKEND ARGS`` into a fresh folder; return (process, folder)."""
 
-    def run(backend: str, *args: str, env: dict[str, str] | None = None):
-        out = tmp_path / f"run-{backend}"
+    def run(backend: str, *args: str, env: dict[str, str] | None = None, name: str = ""):
+        out = tmp_path / f"run-{backend}{name}"
         proc = fedplug("run", backend, "--out", str(out), *args, env=env)
         assert proc.returncode == 0, f"fedplug run {backend} failed:\n{proc.stdout}\n{proc.stderr}"
         return proc, out

@@ -11,21 +11,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
-from conftest import check_results
-
-
-def processes_of(out: Path) -> list[str]:
-    """Command lines of live processes started for the run writing ``out`` (marked by FEDPLUG_RUN_DIR)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if proc.environ().get("FEDPLUG_RUN_DIR") == str(out.resolve()):
-                found.append(" ".join(proc.info["cmdline"] or [])[:120])
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
+from conftest import check_results, processes_of, read_rounds
 
 
 def test_run_numpy_end_to_end(run_fedplug, tmp_path: Path) -> None:
@@ -76,24 +63,17 @@ def test_ctrl_c_stops_everything_and_keeps_finished_rounds(tmp_path: Path) -> No
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "FEDPLUG_PLUGINS": ""}
     )
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not any(r["round"] >= 1 for r in _rounds(out)):
+    while time.monotonic() < deadline and not any(r["round"] >= 1 for r in read_rounds(out)):
         time.sleep(0.5)
-    assert _rounds(out), "no round finished within 5 minutes"
+    assert read_rounds(out), "no round finished within 5 minutes"
     assert any("raylet" in line for line in processes_of(out)), "the marker does not reach Ray's processes"
     proc.send_signal(signal.SIGINT)  # what Ctrl-C does
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130
     assert "interrupted" in stdout and "Traceback" not in stderr
-    assert 1 <= len(_rounds(out)) < 51
+    assert 1 <= len(read_rounds(out)) < 51
     assert (out / "metrics.png").is_file() and (out / "metrics.csv").is_file()
     assert processes_of(out) == [], "processes of the run outlived Ctrl-C"
-
-
-def _rounds(out: Path) -> list[dict]:
-    try:
-        return json.loads((out / "metrics.json").read_text())["rounds"]
-    except (OSError, ValueError):
-        return []
 
 
 def test_failing_client_apps_end_the_run_with_one_line(tmp_path: Path) -> None:
@@ -101,12 +81,18 @@ def test_failing_client_apps_end_the_run_with_one_line(tmp_path: Path) -> None:
 
     out = tmp_path / "failing"
     done = fedplug(
-        "run", "failing_train", "--rounds", "3", "--nodes", "2", "--out", str(out), env={"FEDPLUG_PLUGINS": "failing"}
-    )
+        "run", "failing_train", "--rounds", "5", "--nodes", "2", "--out", str(out),
+        "--run-config", "max-failed-rounds=2", env={"FEDPLUG_PLUGINS": "failing"},
+    )  # fmt: skip
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr
-    assert "no node returned a training result in round 1" in lines[0] and "simulation.log" in lines[0]
+    # the node's own error reaches the user, not a generic "the ClientApps failed"
+    assert "no usable training result in 2 rounds in a row (last: round 2)" in lines[0]
+    assert "train raised RuntimeError: train() is broken on purpose" in lines[0] and "simulation.log" in lines[0]
+    assert "failed: 2 nodes: train raised RuntimeError" in done.stdout
+    assert [r["round"] for r in read_rounds(out)] == [0, 1, 2]  # the failed rounds are recorded with their reasons
+    assert read_rounds(out)[2]["train-failures"][0]["reason"].startswith("train raised RuntimeError")
     assert processes_of(out) == []
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import check_results
+from conftest import assert_same_run, check_results
 from fedplug.backend import DataSpec
 from fedplug.config import resolve
 from fedplug.models import canonical_shapes
@@ -198,6 +198,8 @@ def test_fedplug_run_torch_learns(run_fedplug) -> None:
     run_config = "lr=0.05 batch-size=32 fraction-train=0.5"
     _, out = run_fedplug("torch", "--rounds", "2", "--nodes", "4", "--run-config", run_config)
     rounds = check_results(out, ".pt")
+    _, again = run_fedplug("torch", "--rounds", "2", "--nodes", "4", "--run-config", run_config, name="-again")
+    assert_same_run(out, again, "model.pt")
     assert rounds[-1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"]
     assert rounds[-1]["centralized-accuracy"] > 0.5
     state = torch.load(out / "model.pt", weights_only=True, map_location="cpu")

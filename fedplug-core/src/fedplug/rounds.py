@@ -252,7 +252,12 @@ class RoundLoop:
             started = time.monotonic()
             record: dict[str, Any] = {"round": server_round}
             if server_round > 0:
-                arrays = self._train(server_round, arrays, record)
+                try:
+                    arrays = self._train(server_round, arrays, record)
+                except RunFailed:  # keep the failed round's record (not its model) for the user
+                    record["seconds"] = round(time.monotonic() - started, 3)
+                    self.results.add_round(record)
+                    raise
                 self._evaluate(server_round, arrays, record)
             weights = _to_weights(arrays)
             central = self.evaluate(server_round, weights)

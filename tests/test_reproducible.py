@@ -1,0 +1,106 @@
+"""Same seed, same bits; a run killed with SIGKILL continues where it stopped, bit-identical (numpy backend)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import assert_same_run, fedplug, processes_of, read_rounds
+
+QUIET = {"FEDPLUG_PLUGINS": ""}
+SMALL = ["--nodes", "4", "--fraction-train", "0.5", "--run-config", "hidden-dims='16'"]
+
+
+def run(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    done = fedplug("run", "numpy", "--out", str(out), *SMALL, *args, env=QUIET)
+    assert done.returncode == 0, f"fedplug run failed:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def weights(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as saved:
+        return {key: saved[key] for key in saved.files}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Uninterrupted 6-round runs, one per strategy."""
+    root = tmp_path_factory.mktemp("reference")
+    runs = {}
+    for strategy in ("fedavg", "fedadam"):
+        runs[strategy] = root / strategy
+        run(runs[strategy], "--rounds", "6", "--strategy", strategy, "--seed", "3")
+    return runs
+
+
+def test_same_seed_gives_the_same_bits_and_another_seed_does_not(reference, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    run(again, "--rounds", "6", "--strategy", "fedavg", "--seed", "3")
+    assert_same_run(reference["fedavg"], again, "model.npz")
+    rounds = read_rounds(again)
+    assert all(len(r["train-partitions"]) == 2 for r in rounds[1:])  # fraction 0.5 of 4 nodes
+    assert len({tuple(r["train-partitions"]) for r in rounds[1:]}) > 1, "every round drew the same nodes"
+    other = tmp_path / "other-seed"
+    run(other, "--rounds", "2", "--strategy", "fedavg", "--seed", "4")
+    assert not np.array_equal(
+        weights(other / "weights.npz")["layers.0.weight"], weights(again / "weights.npz")["layers.0.weight"]
+    )
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
+def test_killed_run_resumes_bit_identical(reference, strategy: str, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    command = [str(Path(sys.executable).with_name("fedplug")), "run", "numpy", "--out", str(out), *SMALL]
+    command += ["--rounds", "6", "--strategy", strategy, "--seed", "3"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **QUIET})
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not any(r["round"] >= 3 for r in read_rounds(out)):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = max(r["round"] for r in read_rounds(out))
+    assert 3 <= finished < 6, f"the run was not killed mid-way (finished {finished} rounds)"
+    time.sleep(10)
+    assert processes_of(out) == [], "processes of the run outlived SIGKILL"
+    json.loads((out / "config.json").read_text())  # the folder stays readable
+    resumed = fedplug("run", "--resume", str(out), env=QUIET)
+    assert resumed.returncode == 0, f"resume failed:\n{resumed.stdout}\n{resumed.stderr}"
+    assert "resuming numpy" in resumed.stdout
+    assert f"round   {finished}" not in resumed.stdout and "round   6" in resumed.stdout  # only the new rounds run
+    assert_same_run(reference[strategy], out, "model.npz")
+
+
+def test_resume_refuses_what_would_change_the_experiment(reference, tmp_path: Path) -> None:
+    finished = reference["fedavg"]
+    cases = [
+        (["--resume", str(finished)], "holds a finished run (6 rounds): extend it with --rounds N"),
+        (["--resume", str(finished), "--rounds", "4"], "has finished 6 rounds already"),
+        (["--resume", str(finished), "--nodes", "3"], "--nodes would change the experiment"),
+        (["--resume", str(finished), "--run-config", "lr=0.5"], "--run-config would change the experiment"),
+        (["torch", "--resume", str(finished), "--rounds", "8"], "holds a 'numpy' run, not 'torch'"),
+        (["--resume", str(tmp_path)], "is not a fedplug run folder"),
+    ]
+    for args, hint in cases:
+        done = fedplug("run", *args, env=QUIET)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and hint in lines[0], (args, done.stderr)
+
+
+def test_a_finished_run_can_be_extended(reference, tmp_path: Path) -> None:
+    import shutil
+
+    extended = tmp_path / "extended"
+    shutil.copytree(reference["fedavg"], extended)
+    done = fedplug("run", "--resume", str(extended), "--rounds", "7", env=QUIET)
+    assert done.returncode == 0, done.stderr
+    assert [r["round"] for r in read_rounds(extended)] == list(range(8))
+    assert json.loads((extended / "config.json").read_text())["num-server-rounds"] == 7
