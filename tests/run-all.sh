@@ -16,7 +16,7 @@ echo "== test environment .venv"
 .venv/bin/pip install "${PIP_FLAGS[@]}" torch==2.13.0
 .venv/bin/pip install "${PIP_FLAGS[@]}" \
   ./fedplug-core ./fedplug-torch "./fedplug-keras[tensorflow-cpu]" ./fedplug-jax ./fedplug-mlx \
-  ./tests/plugins/fedplug-testplugins ./tests/plugins/fedplug-broken-example \
+  ./tests/plugins/fedplug-testplugins ./tests/plugins/fedplug-broken-example ./tests/plugins/fedplug-faulty \
   pytest psutil ruff
 .venv/bin/ruff check . && .venv/bin/ruff format --check .
 .venv/bin/python -m pytest tests --ignore=tests/mxnet "$@"
