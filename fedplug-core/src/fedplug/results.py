@@ -116,11 +116,13 @@ def write_metrics(out: Path, rounds: list[dict[str, Any]]) -> None:
 
 def failure_summary(rounds: list[dict[str, Any]]) -> list[str]:
     """Distinct failure reasons of a run, most frequent first: ``3 nodes: train raised ValueError: ...``."""
-    counts: dict[str, set[int]] = {}
+    counts: dict[str, set[tuple[str, int]]] = {}
     for record in rounds:
+        for failure in record.get("unusable-nodes", []):  # nodes that could not even say which partition they hold
+            counts.setdefault(failure["reason"], set()).add(("node", failure["node"]))
         for kind in ("train", "evaluate"):
             for failure in record.get(f"{kind}-failures", []):
-                counts.setdefault(failure["reason"], set()).add(failure["partition"])
+                counts.setdefault(failure["reason"], set()).add(("partition", failure["partition"]))
     ranked = sorted(counts.items(), key=lambda item: (-len(item[1]), item[0]))
     return [f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}: {reason}" for reason, nodes in ranked]
 

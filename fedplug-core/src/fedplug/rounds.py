@@ -120,6 +120,8 @@ class RoundLoop:
         self.max_failed = int(config["max-failed-rounds"])  # type: ignore[arg-type]
         self.outlier_factor = float(config["outlier-factor"])  # type: ignore[arg-type]
         self.nodes: dict[int, NodeInfo] = {}  # by node id
+        self.unusable: dict[int, str] = {}  # nodes that could not answer the query (e.g. their data fails)
+        self.new_unusable: list[dict[str, Any]] = []  # not yet in a round's record
         self.failed_in_a_row = 0
 
     # -- nodes ----------------------------------------------------------------------
@@ -135,11 +137,14 @@ class RoundLoop:
                 for node in unknown
             ]
             for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+                node = reply.metadata.src_node_id
                 if reply.has_error() or NODE_RECORD not in reply.content:
-                    log.warning("node %s did not answer the discovery query", reply.metadata.src_node_id)
+                    reason = _reason(reply) if reply.has_error() else "no node record in its reply"
+                    if node not in self.unusable:
+                        self.unusable[node] = reason
+                        self.new_unusable.append({"node": node, "reason": reason})
                     continue
                 info = reply.content[NODE_RECORD]
-                node = reply.metadata.src_node_id
                 self.nodes[node] = NodeInfo(
                     node,
                     int(info["partition-id"]),  # type: ignore[arg-type]
@@ -152,6 +157,9 @@ class RoundLoop:
     def _wait_for_nodes(self, needed: int) -> dict[int, NodeInfo]:
         deadline = time.monotonic() + self.timeout
         while len(self.discover()) < needed and time.monotonic() < deadline:
+            if not self.nodes and self.unusable and set(self.unusable) >= set(self.grid.get_node_ids()):
+                reasons = sorted(set(self.unusable.values()))
+                raise RunFailed(f"no node can take part: {'; '.join(reasons)[:400]}")
             time.sleep(1.0)
         return self.nodes
 
@@ -255,10 +263,12 @@ class RoundLoop:
                 try:
                     arrays = self._train(server_round, arrays, record)
                 except RunFailed:  # keep the failed round's record (not its model) for the user
+                    self._note_unusable(record)
                     record["seconds"] = round(time.monotonic() - started, 3)
                     self.results.add_round(record)
                     raise
                 self._evaluate(server_round, arrays, record)
+            self._note_unusable(record)
             weights = _to_weights(arrays)
             central = self.evaluate(server_round, weights)
             if central:
@@ -266,6 +276,10 @@ class RoundLoop:
             record["seconds"] = round(time.monotonic() - started, 3)
             self.finish_round(server_round, weights, record)
         return arrays
+
+    def _note_unusable(self, record: dict[str, Any]) -> None:
+        if self.new_unusable:
+            record["unusable-nodes"], self.new_unusable = self.new_unusable, []
 
     def finish_round(self, server_round: int, weights: Weights, record: dict[str, Any]) -> None:
         """Checkpoint first (it carries the metrics), then the results files."""
