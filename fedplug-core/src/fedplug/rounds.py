@@ -42,6 +42,8 @@ log = logging.getLogger("fedplug.rounds")
 NODE_RECORD = "node"
 """Key of the ConfigRecord a node returns to the discovery query."""
 NON_FINITE = "non-finite weights"
+JOIN_TIMEOUT = 120.0
+"""Seconds the loop waits at least for nodes to answer the discovery query (their start-up included)."""
 
 
 class RunFailed(RuntimeError):
@@ -136,7 +138,7 @@ class RoundLoop:
                 )
                 for node in unknown
             ]
-            for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            for reply in self.grid.send_and_receive(messages, timeout=max(self.timeout, JOIN_TIMEOUT)):
                 node = reply.metadata.src_node_id
                 if reply.has_error() or NODE_RECORD not in reply.content:
                     reason = _reason(reply) if reply.has_error() else "no node record in its reply"
@@ -155,7 +157,8 @@ class RoundLoop:
         return self.nodes
 
     def _wait_for_nodes(self, needed: int) -> dict[int, NodeInfo]:
-        deadline = time.monotonic() + self.timeout
+        # the first answers include the workers' start-up (imports, data): wait at least JOIN_TIMEOUT for them
+        deadline = time.monotonic() + max(self.timeout, JOIN_TIMEOUT)
         while len(self.discover()) < needed and time.monotonic() < deadline:
             if not self.nodes and self.unusable and set(self.unusable) >= set(self.grid.get_node_ids()):
                 reasons = sorted(set(self.unusable.values()))
@@ -293,7 +296,10 @@ class RoundLoop:
     def _train(self, server_round: int, arrays: ArrayRecord, record: dict[str, Any]) -> ArrayRecord:
         drawn = self._drawn(server_round, train=True)
         if not drawn:
-            return arrays
+            if self.sampling.fraction_train <= 0:
+                return arrays
+            record["train-partitions"] = []
+            return self._skip(server_round, arrays, record, [], self.sampling.min_available_nodes)
         replies, failures = self._exchange(server_round, drawn, arrays, train=True)
         record.update(
             {
@@ -328,7 +334,10 @@ class RoundLoop:
         needed: int,
     ) -> ArrayRecord:
         self.failed_in_a_row += 1
-        record["skipped"] = f"{len(record['train-partitions']) - len(failures)} good replies, {needed} needed"
+        good = len(record["train-partitions"]) - len(failures)
+        record["skipped"] = (
+            f"{good} good replies, {needed} needed" if record["train-partitions"] else "no node available"
+        )
         if failures and all(f["reason"] == NON_FINITE for f in failures):
             raise RunFailed(
                 f"training diverged in round {server_round}: every node returned non-finite weights "
