@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections import OrderedDict
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
@@ -24,20 +23,12 @@ from fedplug.backend import Backend, Config, Scalar, Weights
 from fedplug.config import resolve
 from fedplug.data import data_spec, load_centralized, load_partition
 from fedplug.plugins import get_backend
+from fedplug.records import from_record, to_record
 from fedplug.results import Results, default_out, plot_metrics, write_status
 from fedplug.rounds import NODE_RECORD, RoundLoop, RunFailed, resume_state
 from fedplug.strategies import make_strategy, sampling
 
 log = logging.getLogger("fedplug.apps")
-
-
-def to_record(weights: Weights) -> ArrayRecord:
-    """Canonical weights -> ArrayRecord, keeping names and order."""
-    return ArrayRecord(OrderedDict((name, Array(array)) for name, array in weights.items()))
-
-
-def from_record(record: ArrayRecord) -> Weights:
-    return {name: array.numpy() for name, array in record.items()}
 
 
 def backend_and_config(run_config: Config) -> tuple[Backend, dict[str, Scalar]]:

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
 from fedplug.backend import Weights
+from fedplug.records import to_record
 from fedplug.results import save_npz, strict_json
 
 FOLDER = "checkpoints"
@@ -65,7 +66,7 @@ def restore_strategy(strategy: object, layout: dict[str, Any], arrays: dict[str,
         values = [arrays[f"{attr}/{i}"] for i in range(len(spec["keys"]))]
         kind = spec["kind"]
         if kind == "arrayrecord":
-            value: Any = ArrayRecord({k: Array(v) for k, v in zip(spec["keys"], values)})
+            value: Any = to_record(dict(zip(spec["keys"], values)))
         elif kind == "dict":
             value = dict(zip(spec["keys"], values))
         elif kind == "list":

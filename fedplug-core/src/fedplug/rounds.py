@@ -35,6 +35,7 @@ from flwr.serverapp import Grid
 
 from fedplug import checkpoint
 from fedplug.backend import Config, Weights
+from fedplug.records import from_record, to_record
 from fedplug.results import Results
 from fedplug.validation import all_finite, check_metrics, check_weights, clip_update, update_norm
 
@@ -82,10 +83,6 @@ class _DrawnNodes:
         return list(self.node_ids)
 
 
-def _to_weights(record: ArrayRecord) -> Weights:
-    return {name: array.numpy() for name, array in record.items()}
-
-
 def _reason(message: Message) -> str:
     """An error reply's reason on one line."""
     text = " ".join(str(message.error.reason).split())
@@ -121,6 +118,7 @@ class RoundLoop:
         self.clip_norm = float(config["clip-norm"])  # type: ignore[arg-type]
         self.max_failed = int(config["max-failed-rounds"])  # type: ignore[arg-type]
         self.outlier_factor = float(config["outlier-factor"])  # type: ignore[arg-type]
+        self.dtypes: dict[str, Any] = {}  # of the global model, set by run()
         self.nodes: dict[int, NodeInfo] = {}  # by node id
         self.unusable: dict[int, str] = {}  # nodes that could not answer the query (e.g. their data fails)
         self.new_unusable: list[dict[str, Any]] = []  # not yet in a round's record
@@ -189,7 +187,7 @@ class RoundLoop:
         replies = {
             reply.metadata.src_node_id: reply for reply in self.grid.send_and_receive(messages, timeout=self.timeout)
         }
-        reference = _to_weights(arrays) if train else {}
+        reference = from_record(arrays) if train else {}
         good: list[tuple[int, Message]] = []
         failures: list[dict[str, Any]] = []
         for info in drawn:
@@ -212,7 +210,7 @@ class RoundLoop:
         if len(good) < 3:
             return good
         norms = [
-            update_norm(_to_weights(next(iter(reply.content.array_records.values()))), reference) for _, reply in good
+            update_norm(from_record(next(iter(reply.content.array_records.values()))), reference) for _, reply in good
         ]
         limit = self.outlier_factor * float(np.median(norms))
         if limit <= 0:
@@ -245,20 +243,21 @@ class RoundLoop:
             return "reply must carry one ArrayRecord of weights"
         key, record = next(iter(content.array_records.items()))
         try:
-            weights = _to_weights(record)
+            weights = from_record(record)
         except Exception as error:  # a record that does not even decode
             return f"unreadable weights: {error}"
         reason = check_weights(weights, reference)
         if reason is None and self.clip_norm > 0:
             clipped = clip_update(weights, reference, self.clip_norm)
             if clipped is not weights:
-                content[key] = ArrayRecord({name: array for name, array in clipped.items()})
+                content[key] = to_record(clipped)
         return reason
 
     # -- rounds ---------------------------------------------------------------------
 
     def run(self, arrays: ArrayRecord, first: int, last: int) -> ArrayRecord:
         """Run rounds ``first..last`` (round 0 only evaluates the initial model); return the final arrays."""
+        self.dtypes = {name: array.dtype for name, array in from_record(arrays).items()}
         for server_round in range(first, last + 1):
             started = time.monotonic()
             record: dict[str, Any] = {"round": server_round}
@@ -272,7 +271,7 @@ class RoundLoop:
                     raise
                 self._evaluate(server_round, arrays, record)
             self._note_unusable(record)
-            weights = _to_weights(arrays)
+            weights = from_record(arrays)
             central = self.evaluate(server_round, weights)
             if central:
                 record.update({f"centralized-{k}": v for k, v in central.items()})
@@ -318,12 +317,14 @@ class RoundLoop:
             record.update({f"train-{k}": float(v) for k, v in metrics.items() if k in ("loss", "accuracy")})
         if aggregated is None:
             return arrays
-        if not all_finite(_to_weights(aggregated)):
+        weights = from_record(aggregated)
+        if not all_finite(weights):
             raise RunFailed(
                 f"the global model became non-finite in round {server_round} ({self.config['strategy']}); "
                 "lower lr or set clip-norm"
             )
-        return aggregated  # type: ignore[no-any-return]
+        # server optimisers (FedAdam, FedYogi, ...) compute in float64: the global model keeps the model's dtypes
+        return to_record({name: array.astype(self.dtypes[name], copy=False) for name, array in weights.items()})
 
     def _skip(
         self,
