@@ -198,6 +198,9 @@ class RoundLoop:
                 good.append((info.partition, reply))
             else:
                 failures.append({"partition": info.partition, "reason": reason})
+                log.warning(
+                    "round %s: %s on partition %s failed: %s", server_round, configure.__name__, info.partition, reason
+                )
         good.sort(key=lambda pair: pair[0])
         if train and self.outlier_factor > 0:
             good = self._drop_outliers(good, reference, failures)
