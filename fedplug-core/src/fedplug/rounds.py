@@ -199,7 +199,11 @@ class RoundLoop:
             else:
                 failures.append({"partition": info.partition, "reason": reason})
                 log.warning(
-                    "round %s: %s on partition %s failed: %s", server_round, configure.__name__, info.partition, reason
+                    "round %s: %s on partition %s failed: %s",
+                    server_round,
+                    "train" if train else "evaluate",
+                    info.partition,
+                    reason,
                 )
         good.sort(key=lambda pair: pair[0])
         if train and self.outlier_factor > 0:
