@@ -74,7 +74,14 @@ def measure(nodes: int, cuts: int) -> dict[str, object]:
         server = stage("server", nodes, cuts, run_dir)
         worker = stage("worker", nodes, cuts, run_dir)
     total = cli["cpu"] + server["cpu"] + 2 * worker["cpu"]
-    return {"nodes": nodes, "cuts_per_worker": cuts, "cli": cli, "server": server, "worker": worker, "total_cpu": round(total, 3)}
+    return {
+        "nodes": nodes,
+        "cuts_per_worker": cuts,
+        "cli": cli,
+        "server": server,
+        "worker": worker,
+        "total_cpu": round(total, 3),
+    }
 
 
 def main() -> None:

@@ -113,7 +113,7 @@ def _flags_to_overrides(**flags: Any) -> dict[str, Scalar]:
 
 def prepare_run(backend: Backend, overrides: dict[str, Scalar]) -> dict[str, Scalar]:
     """Check everything a run needs before it starts; return the resolved run config (``out`` not yet set)."""
-    from fedplug.data import DataError, data_spec, make_partitioner
+    from fedplug.data import DataError, check_data
     from fedplug.strategies import strategy_kwargs
 
     config = resolve(backend, overrides)
@@ -121,10 +121,9 @@ def prepare_run(backend: Backend, overrides: dict[str, Scalar]) -> dict[str, Sca
         config["dataset"] = str(Path(str(config["dataset"])).expanduser().resolve())
     strategy_kwargs(config)
     try:
-        data_spec(config)  # first: it decides whether the hub is used offline
+        check_data(config)  # the dataset and every node's partition, computed once for the whole run
     except DataError as error:
         raise ConfigError(str(error)) from error
-    make_partitioner(config, int(config["num-supernodes"]))  # type: ignore[arg-type]
     return config
 
 
@@ -232,6 +231,7 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run a federated training on Flower's Simulation Engine and write a results folder."""
+    from fedplug.data import share_run_data
     from fedplug.results import Results, default_out
 
     given = {
@@ -280,6 +280,7 @@ def run(
         config["out"] = str(out.resolve())
         _notice_once(chosen)
     Results(out, config)  # config.json: what the simulation process runs
+    share_run_data(config, out)  # the run's other processes read the checked data and partitions from here
     code = _simulate(chosen, config, out, client_cpus, client_gpus, verbose, resumed=resume is not None)
     if code:
         raise typer.Exit(code)
@@ -295,6 +296,7 @@ def _simulate(
     resumed: bool,
 ) -> int:
     """Run the simulation process for ``out``, report its rounds and how it ended; return the exit code."""
+    from fedplug.data import remove_run_data
     from fedplug.display import console, summary_table
     from fedplug.results import failure_summary, plot_metrics, read_metrics, read_status
 
@@ -339,6 +341,7 @@ def _simulate(
     finally:
         if process is not None:
             _stop(process)
+        remove_run_data(out)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     rounds_done = read_metrics(out)

@@ -1,69 +1,112 @@
-"""The data layer: load a dataset, partition it with flwr-datasets, hand out numpy arrays.
+"""The data layer: load a dataset once, partition it once per run, hand out numpy arrays by index.
 
-Sources, by the run-config key ``dataset``:
+Sources, by the run-config key ``dataset`` (see :mod:`fedplug.data.sources`):
 
 - ``embedded``: 15,000 real MNIST digits shipped inside fedplug-core (see README.md here);
-- a local ``.parquet`` or ``.csv`` file, or a folder of them;
-- any Hugging Face dataset id (``ylecun/mnist``, ``uoft-cs/cifar10``) through
-  flwr-datasets' ``FederatedDataset``.
+- a local ``.parquet`` or ``.csv`` file (read with pyarrow);
+- a hub-style dataset folder or any Hugging Face dataset id (``ylecun/mnist``, ``uoft-cs/cifar10``)
+  through flwr-datasets' ``FederatedDataset``.
 
-Each process loads a dataset once and each partition once; later rounds reuse them.
+Partitioning (see :mod:`fedplug.data.partition`) runs the flwr-datasets partitioner on the
+labels alone and gives each node its example indices. A run computes this once: the CLI checks
+the data and the plan before anything starts (:func:`check_data`) and writes them into the run
+folder (:func:`share_run_data`); the simulation process and every Ray worker (all marked by
+``FEDPLUG_RUN_DIR``) read them from there and cut each node's arrays by index with numpy. A
+process without those files (the Deployment Engine, a test) computes the same plan itself.
 """
 
 from __future__ import annotations
 
-import inspect
+import hashlib
+import json
 import os
-import socket
-from contextlib import suppress
+import shutil
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 
 from fedplug.backend import Config, DataSpec, Scalar
-from fedplug.config import ConfigError
+from fedplug.data.partition import (
+    PARTITIONER_DEFAULTS,
+    PARTITIONERS,
+    Plan,
+    make_partitioner,
+    make_plan,
+    min_examples,
+    split,
+)
+from fedplug.data.sources import (
+    EMBEDDED,
+    EMBEDDED_SPEC,
+    IMAGE_COLUMNS,
+    LABEL_COLUMNS,
+    LOCAL_SUFFIXES,
+    DataError,
+    Source,
+    embedded_labels,
+    hub_reachable,
+    table_images,
+)
+from fedplug.data.sources import load as load_source
 
-EMBEDDED = "embedded"
-PARTITIONERS = ("iid", "dirichlet", "pathological", "shard")
-PARTITIONER_DEFAULTS: dict[str, dict[str, Scalar]] = {
-    "dirichlet": {"alpha": 0.5},
-    "pathological": {"num-classes-per-partition": 2},
-    "shard": {"num-shards-per-partition": 2},
-}
-"""Values for the partitioners' required parameters, overridable as ``partitioner.<name>``."""
-IMAGE_COLUMNS = ("image", "img", "pixel_values")
-LABEL_COLUMNS = ("label", "labels", "fine_label", "digit")
-LOCAL_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
+__all__ = [
+    "EMBEDDED",
+    "IMAGE_COLUMNS",
+    "LABEL_COLUMNS",
+    "LOCAL_SUFFIXES",
+    "PARTITIONERS",
+    "PARTITIONER_DEFAULTS",
+    "DataError",
+    "Partition",
+    "check_data",
+    "data_spec",
+    "hub_reachable",
+    "load_centralized",
+    "load_local",
+    "load_partition",
+    "make_partitioner",
+    "min_examples",
+    "remove_run_data",
+    "share_run_data",
+    "to_images",
+]
 
-
-class DataError(RuntimeError):
-    """A dataset cannot be loaded or partitioned; the message says what to do."""
+SHARED = ".fedplug-data"
+"""Folder of a run's shared data inside its results folder, removed when the run ends."""
+_KEYS = ("dataset", "seed", "image-column", "label-column", "test-fraction", "partitioner")
 
 
 @dataclass(frozen=True)
 class Partition:
-    """One node's data: an 80/20 (``test-fraction``) train/test split and the data spec."""
+    """One node's data: a ``test-fraction`` (80/20) train/test split as float32 ``(N, C, H, W)`` and int64."""
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-    spec: DataSpec
 
 
-def _key(config: Config) -> tuple[tuple[str, Scalar], ...]:
+Key = tuple[tuple[str, Scalar], ...]
+
+
+def _key(config: Config) -> Key:
     """The part of the run config that decides the data, hashable for caching."""
-    names = ("dataset", "partitioner", "seed", "image-column", "label-column", "test-fraction")
-    return tuple(sorted((k, v) for k, v in config.items() if k in names or k.startswith("partitioner.")))
+    return tuple(sorted((k, v) for k, v in config.items() if k in _KEYS or k.startswith("partitioner.")))
+
+
+def _source_key(key: Key) -> Key:
+    return tuple((k, v) for k, v in key if k in ("dataset", "seed", "image-column", "label-column"))
+
+
+def _digest(key: Key) -> str:
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
 def load_partition(config: Config, partition_id: int, num_partitions: int) -> Partition:
-    """Node ``partition_id``'s data, computed once per process."""
+    """Node ``partition_id``'s data of ``num_partitions``, cut by index from the run's shared source."""
     return _partition(_key(config), partition_id, num_partitions)
 
 
@@ -74,212 +117,193 @@ def load_centralized(config: Config) -> tuple[np.ndarray, np.ndarray] | None:
 
 def data_spec(config: Config) -> DataSpec:
     """Input shape and number of classes of the configured dataset."""
-    return _source(_key(config)).spec
+    key = _key(config)
+    if dict(key)["dataset"] == EMBEDDED:
+        return EMBEDDED_SPEC
+    shared = _shared(key)
+    return shared.spec if shared is not None else _source(_source_key(key)).spec
 
 
-def make_partitioner(config: Config, num_partitions: int) -> Any:
-    """The flwr-datasets partitioner named by ``partitioner``, with ``partitioner.*`` params."""
-    from flwr_datasets import partitioner as fp
+def check_data(config: Config) -> DataSpec:
+    """Everything about the data a run needs, checked before it starts; the data spec.
 
-    name = str(config["partitioner"])
-    classes = {
-        "iid": fp.IidPartitioner,
-        "dirichlet": fp.DirichletPartitioner,
-        "pathological": fp.PathologicalPartitioner,
-        "shard": fp.ShardPartitioner,
-    }
-    if name not in classes:
-        raise ConfigError(f"unknown partitioner '{name}'; choose one of: {', '.join(PARTITIONERS)}")
-    params = dict(PARTITIONER_DEFAULTS.get(name, {}))
-    params.update({k.removeprefix("partitioner."): v for k, v in config.items() if k.startswith("partitioner.")})
-    cls = classes[name]
-    accepted = inspect.signature(cls.__init__).parameters
-    kwargs: dict[str, Any] = {"num_partitions": num_partitions}
-    if "partition_by" in accepted:
-        kwargs["partition_by"] = "label"
-    if "seed" in accepted:
-        kwargs["seed"] = int(config["seed"])  # type: ignore[arg-type]
-    for key, value in params.items():
-        arg = key.replace("-", "_")
-        if arg not in accepted or arg in ("self", "num_partitions", "partition_by"):
-            options = [
-                p.replace("_", "-") for p in accepted if p not in ("self", "num_partitions", "partition_by", "seed")
-            ]
-            raise ConfigError(
-                f"partitioner '{name}' has no parameter '{key}'; it takes: {', '.join(options) or 'none'}"
-            )
-        kwargs[arg] = value
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"partitioner '{name}': {error}") from error
+    Loads only what the checks need (the labels alone for the embedded digits), refuses bad
+    data and node counts that leave a node too few examples, and computes the partition plan
+    that :func:`share_run_data` then hands to the run's other processes.
+
+    Raises
+    ------
+    DataError
+        With a one-line message saying what to do.
+    """
+    key, nodes = _key(config), int(config["num-supernodes"])  # type: ignore[arg-type]
+    _plan(key, nodes)
+    return data_spec(config)
 
 
-@dataclass
-class _Source:
-    train: Any  # a datasets.Dataset with columns "image" and "label"
-    test: Any | None
-    spec: DataSpec
-    image: str
-    label: str
+def share_run_data(config: Config, out: str | os.PathLike[str]) -> None:
+    """Write the run's partition plan (and a non-embedded dataset as .npy arrays) into ``out``.
+
+    The run's other processes read them instead of loading and partitioning the data again.
+    """
+    key, nodes = _key(config), int(config["num-supernodes"])  # type: ignore[arg-type]
+    folder = Path(out) / SHARED
+    folder.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {"key": _digest(key)}
+    if dict(key)["dataset"] != EMBEDDED:
+        source = _source(_source_key(key))
+        meta.update(spec=[list(source.spec.input_shape), source.spec.num_classes], scale=source.scale)
+        arrays = {
+            "x_train": source.x_train,
+            "y_train": source.y_train,
+            "x_test": source.x_test,
+            "y_test": source.y_test,
+        }
+        for name, array in arrays.items():
+            if array is not None:
+                np.save(folder / f"{name}.npy", array)
+        meta["test"] = source.x_test is not None
+    plan = _plan(key, nodes)
+    np.savez(folder / f"plan-{nodes}.npz", indices=plan.indices, bounds=plan.bounds)
+    (folder / "meta.json").write_text(json.dumps(meta))
 
 
-def _quiet_datasets() -> None:
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+def remove_run_data(out: str | os.PathLike[str]) -> None:
+    """Remove the shared data of a finished run from its results folder."""
+    shutil.rmtree(Path(out) / SHARED, ignore_errors=True)
 
 
-@cache
-def _source(key: tuple[tuple[str, Scalar], ...]) -> _Source:
-    config = dict(key)
-    name = str(config["dataset"])
-    on_hub = name != EMBEDDED and not Path(name).expanduser().exists()
-    if on_hub and "HF_HUB_OFFLINE" not in os.environ and not hub_reachable():
-        # no network: use the local Hugging Face cache only, instead of retrying for a minute
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    _quiet_datasets()
-    if name == EMBEDDED:
-        return _embedded(int(config["seed"]))  # type: ignore[arg-type]
-    splits = _load_splits(name, config)
-    train = splits["train"]
-    image = _pick(train, str(config["image-column"]), IMAGE_COLUMNS, "image-column", name)
-    label = _pick(train, str(config["label-column"]), LABEL_COLUMNS, "label-column", name)
-    first = to_images(train.select([0]), image)
-    feature = train.features[label]
-    num_classes = getattr(feature, "num_classes", None) or int(np.max(train[label])) + 1
-    spec = DataSpec(tuple(first.shape[1:]), int(num_classes))  # type: ignore[arg-type]
-    return _Source(train, splits.get("test"), spec, image, label)
+def load_local(config: Config, path: str | os.PathLike[str]) -> Partition:
+    """A whole local .parquet/.csv file as ONE node's data, split by ``test-fraction`` with ``seed``.
 
-
-def _embedded(seed: int) -> _Source:
-    import datasets
-
-    with resources.files(__name__).joinpath("mnist.npz").open("rb") as file, np.load(file) as npz:
-        arrays = {key: npz[key] for key in npz.files}
-    features = datasets.Features(
-        {"image": datasets.Array2D((28, 28), "uint8"), "label": datasets.ClassLabel(num_classes=10)}
+    For a node of the Deployment Engine that holds its own data file.
+    """
+    source = load_source(
+        str(Path(path).expanduser()),
+        int(config["seed"]),  # type: ignore[arg-type]
+        str(config["image-column"]),
+        str(config["label-column"]),
     )
-
-    def build(split: str, order: np.ndarray | None = None) -> Any:
-        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if order is not None:
-            images, labels = images[order], labels[order]
-        return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
-
-    shuffled = np.random.default_rng(seed).permutation(len(arrays["train_labels"]))
-    train = build("train", shuffled)  # iid partitions are contiguous blocks: shuffle first
-    return _Source(train, build("test"), DataSpec((1, 28, 28), 10), "image", "label")
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers a TCP connection."""
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        port = url.port or (443 if url.scheme == "https" else 80)
-        with socket.create_connection((url.hostname or "", port), timeout=timeout):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
-def _load_splits(name: str, config: dict[str, Scalar]) -> dict[str, Any]:
-    """Load every split of a local file/folder or a hub dataset with ``FederatedDataset``."""
-    from flwr_datasets import FederatedDataset
-
-    path = Path(name).expanduser()
-    kwargs: dict[str, Any] = {}
-    if path.suffix in LOCAL_SUFFIXES:
-        if not path.is_file():
-            raise DataError(f"dataset file {path} does not exist")
-        kwargs = {"dataset": LOCAL_SUFFIXES[path.suffix], "data_files": str(path)}
-    else:
-        kwargs = {"dataset": str(path) if path.is_dir() else name}
-    federated = FederatedDataset(
-        partitioners={"train": 1},
-        shuffle=True,
-        seed=int(config["seed"]),
-        **kwargs,  # type: ignore[arg-type]
-    )
-    try:
-        splits = {"train": federated.load_split("train")}
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    fraction = float(config["test-fraction"])  # type: ignore[arg-type]
+    if len(source.y_train) < min_examples(fraction):
         raise DataError(
-            f"cannot load dataset '{name}' ({reason}); without network use the offline "
-            "default (--dataset embedded) or a local file (--dataset path/to/data.parquet)"
-        ) from error
-    with suppress(ValueError):  # no held-out split: centralized evaluation is skipped
-        splits["test"] = federated.load_split("test")
-    return splits
-
-
-def _pick(dataset: Any, given: str, candidates: tuple[str, ...], key: str, name: str) -> str:
-    columns = list(dataset.column_names)
-    if given:
-        if given not in columns:
-            raise DataError(f"dataset '{name}' has no column '{given}' (columns: {', '.join(columns)})")
-        return given
-    for column in candidates:
-        if column in columns:
-            return column
-    if key == "image-column" and len(columns) > 2:
-        return ""  # tabular: every column but the label holds one pixel
-    raise DataError(
-        f"cannot tell the {key[:-7]} column of '{name}' (columns: {', '.join(columns)}); "
-        f'set --run-config "{key}=NAME"'
-    )
+            f"dataset file {path} has {len(source.y_train)} examples, too few for a train/test split "
+            f"(at least {min_examples(fraction)} with test-fraction {fraction})"
+        )
+    rows = source.order if source.order is not None else np.arange(len(source.y_train))
+    train, test = split(len(rows), fraction, int(config["seed"]))  # type: ignore[arg-type]
+    return _cut(source, rows[train], rows[test])
 
 
 def to_images(dataset: Any, column: str, label: str = "label") -> np.ndarray:
-    """Images of ``column`` as float32 ``(N, C, H, W)`` in ``[0, 1]``.
+    """Images of a Hugging Face dataset's ``column`` as float32 ``(N, C, H, W)`` in ``[0, 1]``.
 
-    ``column`` empty means a tabular dataset whose other columns are the pixels of a
-    square grey image (as MNIST in CSV form).
+    ``column`` empty means a tabular dataset whose other columns are the pixels of a square
+    grey image (as MNIST in CSV form).
     """
-    if column:
-        images = np.asarray(dataset.with_format("numpy")[column])
-    else:
-        pixels = dataset.remove_columns([label]).with_format("numpy")[:]
-        images = np.stack([np.asarray(v) for v in pixels.values()], axis=1)
-        side = round(np.sqrt(images.shape[1]))
-        if side * side != images.shape[1]:
-            raise DataError(f"cannot read {images.shape[1]} pixel columns as a square image")
-        images = images.reshape(-1, side, side)
-    if images.dtype == object:
-        images = np.stack([np.asarray(image) for image in images])
-    if images.ndim == 3:
-        images = images[:, None]
-    elif images.ndim == 4 and images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4):
-        images = images.transpose(0, 3, 1, 2)
+    images = table_images(dataset.with_format("arrow")[:], column, label)
     images = images.astype(np.float32)
     return images / 255.0 if images.max(initial=0) > 1.0 else images
 
 
-def _arrays(dataset: Any, source: _Source) -> tuple[np.ndarray, np.ndarray]:
-    x = to_images(dataset, source.image, source.label)
-    y = np.asarray(dataset.with_format("numpy")[source.label]).astype(np.int64)
-    return x, y
+# --- per process: the shared files of the run, or the same computed here --------------------------
+
+
+@dataclass(frozen=True)
+class _Shared:
+    folder: Path
+    meta: dict[str, Any]
+
+    @property
+    def spec(self) -> DataSpec:
+        shape, classes = self.meta["spec"]
+        return DataSpec(tuple(shape), int(classes))
 
 
 @cache
-def _partition(key: tuple[tuple[str, Scalar], ...], partition_id: int, num_partitions: int) -> Partition:
-    config = dict(key)
-    source = _source(key)
-    partitioner = make_partitioner(config, num_partitions)
-    partitioner.dataset = source.train
+def _shared(key: Key) -> _Shared | None:
+    """The run's shared data (``FEDPLUG_RUN_DIR``), when it was written for this data config."""
+    run_dir = os.environ.get("FEDPLUG_RUN_DIR")
+    if not run_dir:
+        return None
+    folder = Path(run_dir) / SHARED
     try:
-        part = partitioner.load_partition(partition_id)
-    except ValueError as error:
-        raise DataError(f"cannot make partition {partition_id} of {num_partitions}: {error}") from error
-    split = part.train_test_split(test_size=float(config["test-fraction"]), seed=int(config["seed"]))  # type: ignore[arg-type]
-    x_train, y_train = _arrays(split["train"], source)
-    x_test, y_test = _arrays(split["test"], source)
-    return Partition(x_train, y_train, x_test, y_test, source.spec)
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("key") != _digest(key) or (dict(key)["dataset"] != EMBEDDED and "spec" not in meta):
+        return None
+    return _Shared(folder, meta)
 
 
 @cache
-def _centralized(key: tuple[tuple[str, Scalar], ...]) -> tuple[np.ndarray, np.ndarray] | None:
-    source = _source(key)
-    return None if source.test is None else _arrays(source.test, source)
+def _source(source_key: Key) -> Source:
+    config = dict(source_key)
+    return load_source(
+        str(config["dataset"]), int(config["seed"]), str(config["image-column"]), str(config["label-column"])
+    )  # type: ignore[arg-type]
+
+
+@cache
+def _arrays(key: Key) -> Source:
+    """This process's source arrays: memory-mapped from the run folder, or loaded here."""
+    shared = _shared(key)
+    if shared is None or dict(key)["dataset"] == EMBEDDED:
+        return _source(_source_key(key))
+    folder, test = shared.folder, shared.meta["test"]
+
+    def array(name: str) -> np.ndarray:
+        return np.load(folder / f"{name}.npy", mmap_mode="r")
+
+    return Source(
+        array("x_train"),
+        array("y_train"),
+        array("x_test") if test else None,
+        array("y_test") if test else None,
+        shared.spec,
+        bool(shared.meta["scale"]),
+        None,
+    )
+
+
+@cache
+def _plan(key: Key, num_partitions: int) -> Plan:
+    shared = _shared(key)
+    if shared is not None and (shared.folder / f"plan-{num_partitions}.npz").is_file():
+        with np.load(shared.folder / f"plan-{num_partitions}.npz") as npz:
+            return Plan(npz["indices"], npz["bounds"])
+    config = dict(key)
+    name = str(config["dataset"])
+    if name == EMBEDDED:
+        labels = embedded_labels()
+        order = np.random.default_rng(int(config["seed"])).permutation(len(labels))  # type: ignore[arg-type]
+    else:
+        source = _source(_source_key(key))
+        labels, order = source.y_train, source.order
+    return make_plan(name, labels, order, config, num_partitions)
+
+
+def _cut(source: Source, train: np.ndarray, test: np.ndarray) -> Partition:
+    return Partition(
+        source.images(source.x_train[train]),
+        np.asarray(source.y_train[train], dtype=np.int64),
+        source.images(source.x_train[test]),
+        np.asarray(source.y_train[test], dtype=np.int64),
+    )
+
+
+@lru_cache(maxsize=64)
+def _partition(key: Key, partition_id: int, num_partitions: int) -> Partition:
+    plan = _plan(key, num_partitions)
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} is out of range for {num_partitions} partitions")
+    train, test = plan.node(partition_id)
+    return _cut(_arrays(key), train, test)
+
+
+@cache
+def _centralized(key: Key) -> tuple[np.ndarray, np.ndarray] | None:
+    source = _arrays(key)
+    if source.x_test is None or source.y_test is None:
+        return None
+    return source.images(source.x_test), np.asarray(source.y_test, dtype=np.int64)

@@ -1,0 +1,340 @@
+"""Datasets as numpy arrays: the embedded digits, local parquet/csv files, hub ids and hub-style folders.
+
+Every source becomes a :class:`Source`: raw images ``(N, C, H, W)`` (uint8 when the pixels are
+whole numbers in 0..255, float32 otherwise), int64 labels, and the order in which the
+partitioner sees the training examples (the seed's shuffle). Only hub ids and hub-style folders
+go through flwr-datasets' ``FederatedDataset``; the embedded ``mnist.npz`` is read with numpy and
+local files with pyarrow. Every check a user's data must pass (labels are whole numbers in
+range, pixels are finite numbers, the dataset is not empty) is made here, with one-line errors.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+from contextlib import suppress
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from fedplug.backend import DataSpec
+
+EMBEDDED = "embedded"
+IMAGE_COLUMNS = ("image", "img", "pixel_values")
+LABEL_COLUMNS = ("label", "labels", "fine_label", "digit")
+LOCAL_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
+EMBEDDED_SPEC = DataSpec((1, 28, 28), 10)
+
+
+class DataError(RuntimeError):
+    """A dataset cannot be loaded or partitioned; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A dataset in numpy: what every node's partition is cut from."""
+
+    x_train: np.ndarray
+    """Raw training images ``(N, C, H, W)``, uint8 or float32, in the dataset's own order."""
+    y_train: np.ndarray
+    """int64 labels of ``x_train``."""
+    x_test: np.ndarray | None
+    """The held-out split for the server, or None when the dataset has none."""
+    y_test: np.ndarray | None
+    spec: DataSpec
+    scale: bool
+    """Whether pixels are divided by 255 (their maximum is above 1)."""
+    order: np.ndarray | None
+    """Positions of ``x_train`` in the order the partitioner sees them (the seed's shuffle); None: as stored."""
+
+    def images(self, x: np.ndarray) -> np.ndarray:
+        """Raw images -> float32 in [0, 1], exactly as the data layer always converted them."""
+        images = x.astype(np.float32)
+        return images / 255.0 if self.scale else images
+
+
+def embedded_labels() -> np.ndarray:
+    """The embedded training labels alone (the CLI's checks need no images)."""
+    with resources.files(__package__).joinpath("mnist.npz").open("rb") as file, np.load(file) as npz:
+        return npz["train_labels"].astype(np.int64)
+
+
+def embedded(seed: int) -> Source:
+    """The 15,000 embedded MNIST digits: 12,000 to partition, 3,000 held out."""
+    with resources.files(__package__).joinpath("mnist.npz").open("rb") as file, np.load(file) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    order = np.random.default_rng(seed).permutation(len(arrays["train_labels"]))  # iid shards are contiguous
+    return Source(
+        arrays["train_images"][:, None],
+        arrays["train_labels"].astype(np.int64),
+        arrays["test_images"][:, None],
+        arrays["test_labels"].astype(np.int64),
+        EMBEDDED_SPEC,
+        True,
+        order,
+    )
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers a TCP connection."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def load(name: str, seed: int, image_column: str, label_column: str) -> Source:
+    """The dataset ``name``: ``embedded``, a local .parquet/.csv file, a hub-style folder or a hub id."""
+    if name == EMBEDDED:
+        return embedded(seed)
+    path = Path(name).expanduser()
+    if path.suffix in LOCAL_SUFFIXES:
+        if not path.is_file():
+            raise DataError(f"dataset file {path} does not exist; give an existing .parquet or .csv file")
+        table, class_names = _read_file(path)
+        order = np.random.default_rng(seed).permutation(table.num_rows)  # as FederatedDataset(shuffle=True) did
+        return _from_tables(name, table, None, class_names, image_column, label_column, order)
+    return _from_hub(name, path, seed, image_column, label_column)
+
+
+def _read_file(path: Path) -> tuple[Any, dict[str, int]]:
+    """A local file as a pyarrow Table, and the class counts its Hugging Face metadata declares."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        else:
+            import pyarrow.csv as pacsv
+
+            table = pacsv.read_csv(path)
+    except Exception as error:  # pyarrow raises several types for unreadable files
+        raise DataError(f"cannot read dataset file {path} ({_first_line(error)})") from error
+    return table, _declared_classes(table.schema.metadata or {})
+
+
+def _declared_classes(metadata: dict[bytes, bytes]) -> dict[str, int]:
+    """``{column: num_classes}`` of ClassLabel columns in a parquet file written by ``datasets``."""
+    with suppress(KeyError, ValueError, TypeError, AttributeError):
+        features = json.loads(metadata[b"huggingface"])["info"]["features"]
+        return {k: len(v["names"]) for k, v in features.items() if v.get("_type") == "ClassLabel"}
+    return {}
+
+
+def _from_hub(name: str, path: Path, seed: int, image_column: str, label_column: str) -> Source:
+    """A hub id or hub-style folder through ``FederatedDataset``, converted to numpy once."""
+    if not path.exists() and "HF_HUB_OFFLINE" not in os.environ and not hub_reachable():
+        # no network: use the local Hugging Face cache only, instead of retrying for a minute
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    import datasets
+    from flwr_datasets import FederatedDataset
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    federated = FederatedDataset(
+        dataset=str(path) if path.is_dir() else name, partitioners={"train": 1}, shuffle=True, seed=seed
+    )
+    try:
+        train = federated.load_split("train")
+    except Exception as error:
+        raise DataError(
+            f"cannot load dataset '{name}' ({_first_line(error)}); without network use the offline "
+            "default (--dataset embedded) or a local file (--dataset path/to/data.parquet)"
+        ) from error
+    test = None
+    with suppress(ValueError):  # no held-out split: centralized evaluation is skipped
+        test = federated.load_split("test")
+    classes = {k: f.num_classes for k, f in train.features.items() if getattr(f, "num_classes", None)}
+    return _from_tables(
+        name,
+        train.with_format("arrow")[:],
+        None if test is None else test.with_format("arrow")[:],
+        classes,
+        image_column,
+        label_column,
+        None,  # FederatedDataset shuffled already
+    )
+
+
+def _from_tables(
+    name: str,
+    train: Any,
+    test: Any | None,
+    classes: dict[str, int],
+    image_column: str,
+    label_column: str,
+    order: np.ndarray | None,
+) -> Source:
+    if train.num_rows == 0:
+        raise DataError(f"dataset '{name}' has no examples")
+    columns = list(train.column_names)
+    label = _pick(columns, label_column, LABEL_COLUMNS, "label-column", name)
+    image = _pick(columns, image_column, IMAGE_COLUMNS, "image-column", name)
+    x_train, y_train = table_images(train, image, label, name), table_labels(train, label, name)
+    num_classes = classes.get(label) or int(y_train.max()) + 1
+    x_test = y_test = None
+    if test is not None and test.num_rows:
+        x_test, y_test = table_images(test, image, label, name), table_labels(test, label, name)
+        num_classes = classes.get(label) or max(num_classes, int(y_test.max()) + 1)
+    for y in (y_train, y_test):
+        if y is not None and y.max() >= num_classes:
+            raise DataError(
+                f"dataset '{name}': label {int(y.max())} is out of range for {num_classes} classes "
+                f"(column '{label}'); labels must be 0..{num_classes - 1}"
+            )
+    top = max(float(x.max(initial=0)) for x in (x_train, x_test) if x is not None)
+    spec = DataSpec(tuple(int(d) for d in x_train.shape[1:]), int(num_classes))
+    return Source(x_train, y_train, x_test, y_test, spec, top > 1.0, order)
+
+
+def _pick(columns: list[str], given: str, candidates: tuple[str, ...], key: str, name: str) -> str:
+    if given:
+        if given not in columns:
+            raise DataError(f"dataset '{name}' has no column '{given}' (columns: {', '.join(columns)})")
+        return given
+    for column in candidates:
+        if column in columns:
+            return column
+    if key == "image-column" and len(columns) > 2:
+        return ""  # tabular: every column but the label holds one pixel
+    raise DataError(
+        f"cannot tell the {key[:-7]} column of '{name}' (columns: {', '.join(columns)}); "
+        f'set --run-config "{key}=NAME"'
+    )
+
+
+def table_labels(table: Any, column: str, name: str = "dataset") -> np.ndarray:
+    """The int64 labels of a pyarrow table's ``column``: whole numbers from 0, else a DataError."""
+    import pyarrow as pa
+
+    array = table.column(column)
+    kind = array.type
+    where = f"dataset '{name}': label column '{column}'"
+    if array.null_count:
+        raise DataError(f"{where} has {array.null_count} missing values; every example needs a label")
+    if pa.types.is_dictionary(kind):
+        array, kind = array.cast(kind.value_type), kind.value_type
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+        sample = array[0].as_py()
+        raise DataError(f"{where} holds {kind} values like {sample!r}, not class ids; write labels as integers 0..K-1")
+    values = array.to_numpy()
+    if values.dtype.kind == "f":
+        bad = values[~np.isfinite(values) | (values != np.round(values))]
+        if bad.size:
+            raise DataError(f"{where} holds non-integer values like {bad[0]!r}; labels must be whole class ids 0..K-1")
+    labels = values.astype(np.int64)
+    if labels.min() < 0:
+        raise DataError(f"{where} holds negative labels like {int(labels.min())}; labels must be 0..K-1")
+    return labels
+
+
+def table_images(table: Any, column: str, label: str, name: str = "dataset") -> np.ndarray:
+    """Raw images of a pyarrow table as ``(N, C, H, W)`` (or ``(N, F)`` for flat vectors).
+
+    ``column`` empty means a tabular dataset whose other columns are the pixels of a square
+    grey image (as MNIST in CSV form).
+    """
+    import pyarrow as pa
+
+    if column:
+        images = _column_array(table.column(column), column, name)
+    else:
+        pixels = [c for c in table.column_names if c != label]
+        for pixel in pixels:
+            kind = table.column(pixel).type
+            if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+                raise DataError(
+                    f"dataset '{name}': pixel column '{pixel}' holds {kind} values, not numbers; "
+                    "every column but the label must hold one pixel value"
+                )
+        images = np.stack([_numbers(table.column(p), p, name) for p in pixels], axis=1)
+        side = round(np.sqrt(images.shape[1]))
+        if side * side != images.shape[1]:
+            raise DataError(f"dataset '{name}': cannot read {images.shape[1]} pixel columns as a square image")
+        images = images.reshape(-1, side, side)
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4):
+        images = images.transpose(0, 3, 1, 2)
+    return _compact(images, name)
+
+
+def _numbers(array: Any, column: str, name: str) -> np.ndarray:
+    if array.null_count:
+        raise DataError(f"dataset '{name}': column '{column}' has {array.null_count} missing values")
+    return array.to_numpy()
+
+
+def _column_array(array: Any, column: str, name: str) -> np.ndarray:
+    """One image column (encoded images, nested lists or fixed-size arrays) as one numpy array."""
+    import pyarrow as pa
+
+    array = array.combine_chunks() if hasattr(array, "combine_chunks") else array
+    if isinstance(array.type, pa.ExtensionType):  # e.g. datasets.Array2D: nested lists underneath
+        array = array.storage
+    kind = array.type
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:  # datasets.Image()
+        return np.stack([_decode(item, column, name) for item in array.field("bytes").to_pylist()])
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return np.stack([_decode(item, column, name) for item in array.to_pylist()])
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        raise DataError(
+            f"dataset '{name}': image column '{column}' holds text like {array[0].as_py()[:20]!r}, not pixels; "
+            "store images as encoded image bytes or nested lists of numbers"
+        )
+    shape: list[int] = []
+    values = array
+    while (
+        pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or pa.types.is_fixed_size_list(values.type)
+    ):
+        if values.null_count:
+            raise DataError(f"dataset '{name}': image column '{column}' has missing values")
+        lengths = values.value_lengths().to_numpy(zero_copy_only=False) if len(values) else np.zeros(0)
+        if lengths.size and (lengths != lengths[0]).any():
+            raise DataError(f"dataset '{name}': images of column '{column}' differ in size; resize them to one size")
+        shape.append(int(lengths[0]) if lengths.size else 0)
+        values = values.flatten()
+    if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
+        raise DataError(f"dataset '{name}': image column '{column}' holds {values.type} values, not pixel numbers")
+    flat = _numbers(values, column, name)
+    return flat.reshape(len(array), *shape)
+
+
+def _decode(data: bytes | None, column: str, name: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    if data is None:
+        raise DataError(f"dataset '{name}': image column '{column}' has missing images")
+    try:
+        return np.asarray(Image.open(io.BytesIO(data)))
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"dataset '{name}': cannot decode an image of column '{column}' ({error})") from error
+
+
+def _compact(images: np.ndarray, name: str) -> np.ndarray:
+    """uint8 when every pixel is a whole number in 0..255 (exact), float32 otherwise; refuse NaN/inf."""
+    if images.dtype == np.uint8:
+        return images
+    if images.dtype.kind == "f":
+        finite = np.isfinite(images)
+        if not finite.all():
+            bad = images[~finite][0]
+            raise DataError(f"dataset '{name}' holds non-finite pixel values ({bad}); every pixel must be a number")
+        return images.astype(np.float32)
+    if images.dtype.kind in "iub" and images.size and images.min() >= 0 and images.max() <= 255:
+        return images.astype(np.uint8)
+    return images.astype(np.float32)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
