@@ -132,3 +132,43 @@ def test_hub_id_without_network_says_what_to_do() -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr
     assert "cannot load dataset 'ylecun/mnist'" in lines[0] and "--dataset embedded" in lines[0]
+
+
+def test_a_whole_local_file_is_one_nodes_data(tmp_path) -> None:
+    """Deployment Engine: a SuperNode's own data file, split train/test by test-fraction with the seed."""
+    from fedplug.data import load_local
+
+    images, labels = _mnist_like(50)
+    header = "label," + ",".join(f"pixel{i}" for i in range(64))
+    rows = [f"{label}," + ",".join(map(str, image.ravel())) for image, label in zip(images, labels)]
+    (tmp_path / "mine.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
+    part = load_local(config(**{"test-fraction": 0.3}), tmp_path / "mine.csv")
+    assert (len(part.y_train), len(part.y_test)) == (35, 15)
+    assert part.x_train.shape == (35, 1, 8, 8) and part.x_train.dtype == np.float32 and part.x_train.max() <= 1.0
+    both = np.concatenate([part.y_train, part.y_test])
+    assert sorted(both.tolist()) == sorted(labels.tolist())
+    again = load_local(config(**{"test-fraction": 0.3}), tmp_path / "mine.csv")
+    assert np.array_equal(again.x_train, part.x_train)
+    other = load_local(config(**{"test-fraction": 0.3, "seed": 1}), tmp_path / "mine.csv")
+    assert not np.array_equal(other.y_train, part.y_train)
+
+
+def test_too_many_nodes_for_the_data_are_refused_with_the_most_it_supports() -> None:
+    from fedplug.data import check_data
+
+    with pytest.raises(DataError, match="use --nodes 6000 or fewer"):
+        check_data(config(**{"num-supernodes": 10_000}))
+    with pytest.raises(DataError, match="use --nodes 4000 or fewer"):  # test-fraction 0.6: 3 examples a node
+        check_data(config(**{"num-supernodes": 4_001, "test-fraction": 0.6}))
+    assert check_data(config(**{"num-supernodes": 6_000})).num_classes == 10
+    part = load_partition(config(), 5_999, 6_000)
+    assert len(part.y_train) == len(part.y_test) == 1
+
+
+def test_thousand_nodes_are_partitioned_once_and_quickly() -> None:
+    import time
+
+    cfg = config(**{"num-supernodes": 1_000})
+    started = time.process_time()
+    sizes = [len(load_partition(cfg, i, 1_000).y_train) for i in range(0, 1_000, 10)]
+    assert sizes == [9] * 100  # 12 examples: 9 train, 3 test and time.process_time() - started < 2.0

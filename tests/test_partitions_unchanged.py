@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -192,3 +193,71 @@ if __name__ == "__main__":  # print the fingerprints of the installed implementa
         found = {name: fingerprint(run_config(o, made), n) for name, (o, n) in CASES.items()}
         central = {name: central_fingerprint(run_config(CASES[name][0], made)) for name in ("iid-10", "folder-iid-2")}
     json.dump({"EXPECTED": found, "CENTRAL_EXPECTED": central}, sys.stdout)
+
+
+@pytest.mark.parametrize(("size", "nodes"), [(12_000, 10), (12_000, 7), (101, 9), (50, 25), (12_000, 1000), (13, 4)])
+def test_iid_blocks_are_flwr_datasets_iid_partitioner(size: int, nodes: int) -> None:
+    """The iid plan is computed without importing datasets: it must be IidPartitioner's, node for node."""
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner
+
+    from fedplug.data.partition import node_positions
+
+    labels = np.random.default_rng(size).integers(0, 10, size)
+    partitioner = IidPartitioner(num_partitions=nodes)
+    partitioner.dataset = datasets.Dataset.from_dict({"label": labels, "row": np.arange(size)})
+    ours = node_positions(labels, {"partitioner": "iid", "seed": 0}, nodes)
+    for node in range(nodes):
+        assert np.array_equal(ours[node], partitioner.load_partition(node)["row"])
+
+
+@pytest.mark.parametrize(("size", "fraction", "seed"), [(2, 0.2, 0), (1200, 0.2, 42), (517, 0.3, 5), (9, 0.5, 1)])
+def test_train_test_split_is_datasets_train_test_split(size: int, fraction: float, seed: int) -> None:
+    import datasets
+
+    from fedplug.data.partition import split
+
+    parts = datasets.Dataset.from_dict({"row": np.arange(size)}).train_test_split(test_size=fraction, seed=seed)
+    train, test = split(size, fraction, seed)
+    assert np.array_equal(train, parts["train"]["row"]) and np.array_equal(test, parts["test"]["row"])
+
+
+SHARED_CHECK = r"""
+import json, sys
+from test_partitions_unchanged import fingerprint, run_config
+overrides, nodes, files = json.loads(sys.argv[1])
+print(json.dumps([*fingerprint(run_config(overrides, files), nodes), "datasets" in sys.modules]))
+"""
+
+
+@pytest.mark.parametrize("name", ["csv-dirichlet-2", "shard-4-3shards", "iid-10"])
+def test_processes_of_a_run_read_the_shared_data_and_get_the_same_partitions(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the CLI writes into the run folder gives the run's other processes the same partitions.
+
+    The dataset file is deleted before the other process starts: it can only use the shared copy; and
+    it must not import ``datasets`` (which partitioning needs).
+    """
+    import subprocess
+
+    from fedplug.data import share_run_data
+
+    files = make_files(tmp_path)
+    overrides, nodes = CASES[name]
+    config = run_config({**overrides, "num-supernodes": nodes}, files)
+    out = tmp_path / "run"
+    share_run_data(config, out)
+    Path(files["csv"]).unlink()
+    monkeypatch.setenv("FEDPLUG_RUN_DIR", str(out))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), *sys.path]))
+    done = subprocess.run(
+        [sys.executable, "-c", SHARED_CHECK, json.dumps([overrides, nodes, files])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    digest, sizes, imported_datasets = json.loads(done.stdout)
+    assert [digest, sizes] == list(EXPECTED[name])
+    assert not imported_datasets, "the process partitioned again instead of reading the run's plan"

@@ -230,7 +230,9 @@ def table_labels(table: Any, column: str, name: str = "dataset") -> np.ndarray:
     if values.dtype.kind == "f":
         bad = values[~np.isfinite(values) | (values != np.round(values))]
         if bad.size:
-            raise DataError(f"{where} holds non-integer values like {bad[0]!r}; labels must be whole class ids 0..K-1")
+            raise DataError(
+                f"{where} holds non-integer values like {bad[0].item()!r}; labels must be whole class ids 0..K-1"
+            )
     labels = values.astype(np.int64)
     if labels.min() < 0:
         raise DataError(f"{where} holds negative labels like {int(labels.min())}; labels must be 0..K-1")
@@ -270,7 +272,10 @@ def table_images(table: Any, column: str, label: str, name: str = "dataset") -> 
 
 def _numbers(array: Any, column: str, name: str) -> np.ndarray:
     if array.null_count:
-        raise DataError(f"dataset '{name}': column '{column}' has {array.null_count} missing values")
+        raise DataError(
+            f"dataset '{name}': column '{column}' has {array.null_count} missing or NaN values; "
+            "every pixel must be a number"
+        )
     return array.to_numpy()
 
 
