@@ -55,14 +55,22 @@ class Source:
 
     def images(self, x: np.ndarray) -> np.ndarray:
         """Raw images -> float32 in [0, 1], exactly as the data layer always converted them."""
-        images = x.astype(np.float32)
-        return images / 255.0 if self.scale else images
+        images = np.array(x, dtype=np.float32)  # a fresh array, even from float32 or a memory map
+        if self.scale:
+            images /= 255.0  # in place: the same float32 values as images / 255.0, one pass less
+        return images
 
 
 def embedded_labels() -> np.ndarray:
     """The embedded training labels alone (the CLI's checks need no images)."""
     with resources.files(__package__).joinpath("mnist.npz").open("rb") as file, np.load(file) as npz:
         return npz["train_labels"].astype(np.int64)
+
+
+def embedded_test() -> tuple[np.ndarray, np.ndarray]:
+    """The 3,000 held-out embedded digits alone (raw uint8 ``(N, 1, 28, 28)``, int64 labels), for the server."""
+    with resources.files(__package__).joinpath("mnist.npz").open("rb") as file, np.load(file) as npz:
+        return npz["test_images"][:, None], npz["test_labels"].astype(np.int64)
 
 
 def embedded(seed: int) -> Source:
