@@ -1,6 +1,9 @@
 """CPU time of fedplug's data preparation, each stage cold in a fresh process; prints JSON.
 
-Usage: ``python benchmarks/data_layer.py`` (with the fedplug to measure first on the path).
+Usage: ``python benchmarks/data_layer.py`` (with the fedplug to measure first on the path);
+``python benchmarks/data_layer.py --run`` runs ``fedplug run numpy`` with 1,000 nodes, 10% sampled
+per round, 3 rounds, and reports its wall time, the CPU time and the peak summed RSS of all its processes (sampled
+every 0.5 s).
 
 Stages, as a ``fedplug run`` meets them on the embedded digits:
 
@@ -84,9 +87,49 @@ def measure(nodes: int, cuts: int) -> dict[str, object]:
     }
 
 
+def whole_run(args: list[str]) -> dict[str, object]:
+    """Wall time, CPU time and peak summed RSS of every process of a real ``fedplug run numpy ARGS``."""
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    with tempfile.TemporaryDirectory(prefix="fedplug-bench-") as folder:
+        out = Path(folder) / "run"
+        command = [str(Path(sys.executable).with_name("fedplug")), "run", "numpy", "--out", str(out), *args]
+        started, peak, cpu = time.monotonic(), 0.0, {}
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while process.poll() is None:
+            total = 0
+            for proc in psutil.process_iter():
+                try:
+                    if proc.pid == process.pid or proc.environ().get("FEDPLUG_RUN_DIR") == str(out.resolve()):
+                        total += proc.memory_info().rss
+                        times = proc.cpu_times()
+                        cpu[proc.pid] = times.user + times.system
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+            peak = max(peak, total / 2**20)
+            time.sleep(0.5)
+        rounds = json.loads((out / "metrics.json").read_text())["rounds"] if (out / "metrics.json").exists() else []
+    return {
+        "args": " ".join(args),
+        "exit": process.returncode,
+        "wall_s": round(time.monotonic() - started, 1),
+        "peak_rss_mb": round(peak),
+        "cpu_s": round(sum(cpu.values()), 1),
+        "round_seconds": [r.get("seconds") for r in rounds],
+        "train_nodes": [r.get("train-nodes") for r in rounds],
+    }
+
+
 def main() -> None:
     import fedplug.data
 
+    if "--run" in sys.argv:  # the real thing: 1,000 nodes, 10% sampled per round
+        args = "--nodes 1000 --fraction-train 0.1 --fraction-evaluate 0.1 --rounds 3 --run-config hidden-dims='32'"
+        print(json.dumps(whole_run(args.split()), indent=1))
+        return
     runs = {
         "mlx-default-10-nodes": measure(10, 10),
         "torch-2-nodes": measure(2, 2),

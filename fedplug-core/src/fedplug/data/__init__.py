@@ -177,14 +177,15 @@ def remove_run_data(out: str | os.PathLike[str]) -> None:
 def load_local(config: Config, path: str | os.PathLike[str]) -> Partition:
     """A whole local .parquet/.csv file as ONE node's data, split by ``test-fraction`` with ``seed``.
 
-    For a node of the Deployment Engine that holds its own data file.
+    For a node of the Deployment Engine that holds its own data file; computed once per process.
     """
-    source = load_source(
-        str(Path(path).expanduser()),
-        int(config["seed"]),  # type: ignore[arg-type]
-        str(config["image-column"]),
-        str(config["label-column"]),
-    )
+    return _local(_key(config), str(Path(path).expanduser().resolve()))
+
+
+@lru_cache(maxsize=4)
+def _local(key: Key, path: str) -> Partition:
+    config = dict(key)
+    source = _source((("dataset", path), *((k, v) for k, v in _source_key(key) if k != "dataset")))
     fraction = float(config["test-fraction"])  # type: ignore[arg-type]
     if len(source.y_train) < min_examples(fraction):
         raise DataError(
