@@ -63,6 +63,8 @@ def embedded(folder: Path) -> str:
     return "embedded"
 
 
+pytestmark = pytest.mark.fast
+
 CASES: list[tuple[str, Callable[[Path], str], list[str], str]] = [
     ("csv-text-label", csv(digits(20, ["cat"] * 20)), [], "not class ids"),
     ("csv-text-pixel", csv([*digits(19), "1,a,b,c,d"]), [], "pixel column 'p0' holds string values"),

@@ -23,6 +23,8 @@ from fedplug.config import resolve
 from fedplug.data import load_centralized, load_partition
 from fedplug.numpy_backend import NumpyBackend
 
+pytestmark = pytest.mark.fast
+
 CASES: dict[str, tuple[dict, int]] = {
     "iid-10": ({}, 10),
     "iid-3-seed7": ({"seed": 7}, 3),

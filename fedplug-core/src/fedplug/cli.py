@@ -231,7 +231,7 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run a federated training on Flower's Simulation Engine and write a results folder."""
-    from fedplug.data import share_run_data
+    from fedplug.data import DataError, share_run_data
     from fedplug.results import Results, default_out
 
     given = {
@@ -280,7 +280,10 @@ def run(
         config["out"] = str(out.resolve())
         _notice_once(chosen)
     Results(out, config)  # config.json: what the simulation process runs
-    share_run_data(config, out)  # the run's other processes read the checked data and partitions from here
+    try:
+        share_run_data(config, out)  # the run's other processes read the checked data and partitions from here
+    except DataError as error:  # a resumed run whose dataset changed or went away
+        fail(str(error), code=2)
     code = _simulate(chosen, config, out, client_cpus, client_gpus, verbose, resumed=resume is not None)
     if code:
         raise typer.Exit(code)
