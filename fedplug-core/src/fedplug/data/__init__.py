@@ -276,6 +276,8 @@ def _plan(key: Key, num_partitions: int) -> Plan:
             return Plan(npz["indices"], npz["bounds"])
     config = dict(key)
     name = str(config["dataset"])
+    labels: np.ndarray
+    order: np.ndarray | None
     if name == EMBEDDED:
         labels = embedded_labels()
         order = np.random.default_rng(int(config["seed"])).permutation(len(labels))  # type: ignore[arg-type]

@@ -200,7 +200,7 @@ def _from_tables(
                 f"(column '{label}'); labels must be 0..{num_classes - 1}"
             )
     top = max(float(x.max(initial=0)) for x in (x_train, x_test) if x is not None)
-    spec = DataSpec(tuple(int(d) for d in x_train.shape[1:]), int(num_classes))
+    spec = DataSpec(tuple(int(d) for d in x_train.shape[1:]), int(num_classes))  # type: ignore[arg-type]
     return Source(x_train, y_train, x_test, y_test, spec, top > 1.0, order)
 
 
