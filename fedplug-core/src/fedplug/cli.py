@@ -189,7 +189,8 @@ def resume_config(folder: Path, rounds: int | None, backend: str | None) -> tupl
         raise ConfigError(
             f"{folder} holds a finished run ({saved.round} rounds): extend it with --rounds N (N > {saved.round})"
         )
-    config = resolve(chosen, {**stored, "num-server-rounds": planned})
+    # the folder may have moved since: results go where it is now
+    config = resolve(chosen, {**stored, "num-server-rounds": planned, "out": str(folder.resolve())})
     return chosen, config
 
 
