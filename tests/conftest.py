@@ -63,6 +63,23 @@ def assert_same_run(a: Path, b: Path, native: str | None = None) -> None:
     assert without_timings(a) == without_timings(b), "metrics differ between two runs of one seed"
 
 
+def assert_resume_matches_longer_run(
+    run_fedplug, backend: str, out: Path, args: tuple[str, ...], native: str | None, env=None
+) -> None:
+    """Same seed, same bits, and resume, for one backend.
+
+    ``out`` (a finished run of ``args``) resumed for one more round must equal, bit for bit, a fresh
+    run of one more round with the same seed: weights, metrics, and the native model where deterministic.
+    """
+    args = list(args)
+    rounds = int(args[args.index("--rounds") + 1]) + 1
+    args[args.index("--rounds") + 1] = str(rounds)
+    resumed = fedplug("run", "--resume", str(out), "--rounds", str(rounds), env=env)
+    assert resumed.returncode == 0, f"resume failed:\n{resumed.stdout}\n{resumed.stderr}"
+    _, longer = run_fedplug(backend, *args, env=env, name="-longer")
+    assert_same_run(out, longer, native)
+
+
 @pytest.fixture
 def run_fedplug(tmp_path: Path):
     """Run ``fedplug run BACKEND ARGS`` into a fresh folder; return (process, folder)."""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from conftest import assert_same_run, check_results
+from conftest import assert_resume_matches_longer_run, check_results
 from fedplug.backend import BackendUnavailable, DataSpec, ModelError
 from fedplug.config import resolve
 from fedplug.testing import BackendConformance
@@ -235,25 +235,13 @@ def test_jax_starts_quietly_with_threads_from_cpu_share_and_a_compilation_cache(
 
 
 def test_fedplug_run_jax_learns(run_fedplug) -> None:
-    proc, out = run_fedplug(
-        "jax",
-        "--rounds",
-        "2",
-        "--nodes",
-        "2",
-        "--fraction-train",
-        "1",
-        "--fraction-evaluate",
-        "1",
-    )
+    args = ("--rounds", "2", "--nodes", "2", "--fraction-train", "1", "--fraction-evaluate", "1")
+    proc, out = run_fedplug("jax", *args)
     rounds = check_results(out, ".msgpack")
-    _, again = run_fedplug(
-        "jax", "--rounds", "2", "--nodes", "2", "--fraction-train", "1", "--fraction-evaluate", "1", name="-again"
-    )
-    assert_same_run(out, again, "model.msgpack")
     assert rounds[-1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"] + 0.2, rounds
     assert rounds[-1]["evaluate-accuracy"] > 0.5, rounds
     assert "NVIDIA" not in proc.stderr and "TPU" not in proc.stderr
+    assert_resume_matches_longer_run(run_fedplug, "jax", out, args, "model.msgpack")
 
 
 class TestConformance(BackendConformance):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_same_run, check_results, fedplug
+from conftest import assert_resume_matches_longer_run, check_results, fedplug
 from fedplug import BackendUnavailable, DataSpec
 from fedplug.config import resolve
 from fedplug.models import canonical_shapes
@@ -256,13 +256,13 @@ def test_mlx_without_compute_library_is_reported_by_fedplug_run(tmp_path: Path) 
 
 
 def test_fedplug_run_mlx_learns(run_fedplug) -> None:
-    _, out = run_fedplug("mlx", "--rounds", "2", "--nodes", "4", "--fraction-train", "0.5")
+    args = ("--rounds", "2", "--nodes", "4", "--fraction-train", "0.5")
+    _, out = run_fedplug("mlx", *args)
     rounds = check_results(out, ".safetensors")
-    _, again = run_fedplug("mlx", "--rounds", "2", "--nodes", "4", "--fraction-train", "0.5", name="-again")
-    assert_same_run(out, again, "model.safetensors")
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert rounds[-1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"] + 0.1
     assert rounds[-1]["evaluate-accuracy"] > rounds[1]["evaluate-accuracy"]
+    assert_resume_matches_longer_run(run_fedplug, "mlx", out, args, "model.safetensors")
 
 
 class TestConformance(BackendConformance):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_same_run, check_results
+from conftest import assert_resume_matches_longer_run, check_results
 from fedplug.backend import DataSpec
 from fedplug.config import resolve
 from fedplug.models import canonical_shapes
@@ -196,14 +196,14 @@ def test_saves_a_native_state_dict(backend: TorchBackend, config: dict, tmp_path
 
 def test_fedplug_run_torch_learns(run_fedplug) -> None:
     run_config = "lr=0.05 batch-size=32 fraction-train=0.5"
-    _, out = run_fedplug("torch", "--rounds", "2", "--nodes", "4", "--run-config", run_config)
+    args = ("--rounds", "2", "--nodes", "4", "--run-config", run_config)
+    _, out = run_fedplug("torch", *args)
     rounds = check_results(out, ".pt")
-    _, again = run_fedplug("torch", "--rounds", "2", "--nodes", "4", "--run-config", run_config, name="-again")
-    assert_same_run(out, again, "model.pt")
     assert rounds[-1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"]
     assert rounds[-1]["centralized-accuracy"] > 0.5
     state = torch.load(out / "model.pt", weights_only=True, map_location="cpu")
     assert list(state) == list(canonical_shapes("lenet", GREY, {}))
+    assert_resume_matches_longer_run(run_fedplug, "torch", out, args, "model.pt")
 
 
 class TestConformance(BackendConformance):
