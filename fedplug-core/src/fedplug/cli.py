@@ -129,8 +129,15 @@ def prepare_run(backend: Backend, overrides: dict[str, Scalar]) -> dict[str, Sca
     return config
 
 
+def check_before_data(backend: Backend, overrides: dict[str, Scalar]) -> None:
+    """The checks of the run config alone (names, types, ranges, strategy), before any dataset loads."""
+    from fedplug.strategies import check_strategy
+
+    check_strategy(resolve(backend, overrides))
+
+
 def check_before_start(backend: Backend, config: dict[str, Scalar]) -> None:
-    """The checks that need the resolved config and the data spec: strategy, partitioner, model.
+    """The checks that need the data spec: partitioner and model.
 
     The shared models are checked by their canonical shapes, without importing a framework;
     a backend's own models (e.g. ``cnn``) are built where they train: importing a framework
@@ -139,9 +146,7 @@ def check_before_start(backend: Backend, config: dict[str, Scalar]) -> None:
     from fedplug.config import check_partitioner
     from fedplug.data import DataError, data_spec
     from fedplug.models import canonical_shapes
-    from fedplug.strategies import check_strategy
 
-    check_strategy(config)
     try:
         spec = data_spec(config)
     except DataError as error:
@@ -374,7 +379,9 @@ def run(
         out = out or default_out(chosen.name)
         check_out_folder(out)
         try:
-            config = prepare_run(chosen, {**parse_overrides(run_config), **flags})
+            overrides = {**parse_overrides(run_config), **flags}
+            check_before_data(chosen, overrides)
+            config = prepare_run(chosen, overrides)
             check_before_start(chosen, config)
         except (ConfigError, ModelError) as error:
             fail(str(error), code=2)
