@@ -21,3 +21,17 @@ NO_TELEMETRY_ENV = {
 def switch_off_telemetry() -> None:
     """Set the variables that switch off Flower's, Ray's and Hugging Face's telemetry."""
     os.environ.update(NO_TELEMETRY_ENV)
+
+
+def no_flwr_datasets_source_id() -> None:
+    """Keep flwr-datasets from writing a persistent id to ``~/.flwr/source``.
+
+    flwr-datasets builds each telemetry event, and so reads or creates ``~/.flwr/source``,
+    before it looks at ``FLWR_TELEMETRY_ENABLED`` (it never sends the event when that is
+    0). Giving it a source id first means it never touches ``~/.flwr``. The one use of a
+    private flwr-datasets module in fedplug: call this before using ``FederatedDataset``.
+    """
+    from flwr_datasets.common import telemetry
+
+    if telemetry.state.get("source") is None:
+        telemetry.state["source"] = "disabled"
