@@ -184,3 +184,16 @@ def test_partitioner_values_are_checked_against_the_classes() -> None:
         check_partitioner(config, num_classes=9)
     with pytest.raises(ConfigError, match="must be an integer of at least 1"):
         check_partitioner(resolve(BACKEND, {"partitioner": "shard", "partitioner.shard-size": 2.5}), 10)
+
+
+def test_flower_app_toml_holds_any_unicode(tmp_path) -> None:
+    import tomllib
+
+    from fedplug.simulation import write_flower_app
+
+    config = resolve(BACKEND, {"label-column": 'étiquette 🏷️ "quoted" \\ back', "strategy.proximal-mu": 0.1})
+    config["out"] = str(tmp_path / "résultats 🚀")
+    app = write_flower_app(tmp_path, config)
+    written = tomllib.loads((app / "pyproject.toml").read_text(encoding="utf-8"))
+    assert written["tool"]["flwr"]["app"]["config"] == config
+    assert written["tool"]["flwr"]["app"]["components"]["clientapp"] == "fedplug.apps:client_app"
