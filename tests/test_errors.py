@@ -33,6 +33,10 @@ class Case:
     hint: str
     env: dict[str, str] = field(default_factory=dict)
     backend: str = "numpy"
+    out: bool = True
+    """Pass ``--out {work}/out`` unless the row gives its own (False: the default folder, ./fedplug-runs/...)."""
+    files: tuple[str, ...] = ()
+    """Files to make in ``{work}`` (the command's working folder) first."""
 
 
 def case(kind: str, args: str | tuple[str, ...], hint: str, code: int = 2, **options: object) -> Case:
@@ -136,6 +140,8 @@ CASES = [
     case("out folder", "--out /sys/fedplug-test-out/run", "/sys refuses new folders"),
     case("out folder", ("--out", "{work}/" + "x" * 300), "File name too long"),
     case("out folder", ("--out", os.fsdecode(b"{work}/bad-\xff-name")), "is not valid Unicode"),
+    case("out folder", "--seed -1", "'seed' must be between", out=False),  # the default folder is not made either
+    case("out folder", (), "--out fedplug-runs is a file", out=False, files=("fedplug-runs",)),
     # backends and their plugins
     case("backend", (), "did you mean 'numpy'?", backend="nunpy"),
     case("backend", (), "did you mean 'torch'? to add it: pip install fedplug-torch", backend="pytorch"),
@@ -182,10 +188,12 @@ def processes_marked(marker: str) -> list[str]:
 def test_mistake_is_one_line_before_anything_starts(row: Case, tmp_path: Path) -> None:
     work, home = tmp_path / "work", tmp_path / "home"
     make_work(work)
+    for name in row.files:
+        (work / name).write_text("in the way\n")
     home.mkdir()
     before = tree(work)
     args = [arg.replace("{work}", str(work)) for arg in row.args]
-    if "--out" not in args:
+    if row.out and "--out" not in args:
         args += ["--out", str(work / "out")]
     marker = uuid.uuid4().hex
     env = {**os.environ, "FEDPLUG_PLUGINS": "", "HOME": str(home), "FEDPLUG_TEST_ROW": marker, **row.env}

@@ -156,6 +156,10 @@ def check_before_start(backend: Backend, config: dict[str, Scalar]) -> None:
         canonical_shapes(str(config["model"]), spec, config)
 
 
+RUNS_ROOT = Path("fedplug-runs")
+"""Where runs go without ``--out``: one new folder each."""
+
+
 def check_out_folder(out: Path) -> None:
     """Refuse an ``--out`` that cannot become this run's results folder, creating nothing."""
     try:
@@ -376,8 +380,7 @@ def run(
             fail("name a backend (fedplug run numpy), or continue a run with --resume DIR", code=2)
         chosen = backend_or_exit(backend)
         check_backend_available(chosen)
-        out = out or default_out(chosen.name)
-        check_out_folder(out)
+        check_out_folder(out if out is not None else RUNS_ROOT)  # the default folder is made after the checks
         try:
             overrides = {**parse_overrides(run_config), **flags}
             check_before_data(chosen, overrides)
@@ -385,6 +388,7 @@ def run(
             check_before_start(chosen, config)
         except (ConfigError, ModelError) as error:
             fail(str(error), code=2)
+        out = out or default_out(chosen.name, RUNS_ROOT)
         config["out"] = str(out.resolve())
         _notice_once(chosen)
     Results(out, config)  # config.json: what the simulation process runs
