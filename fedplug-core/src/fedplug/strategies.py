@@ -127,9 +127,10 @@ def _interval(low: float, low_in: bool, high: float, high_in: bool) -> str:
 def check_strategy(config: Config) -> None:
     """Check the strategy's parameters against their valid ranges and the node count.
 
-    Flower accepts out-of-range values and then waits forever for nodes that never come
-    (``min-*-nodes`` above the node count, ``fraction-train`` above 1) or skips every
-    aggregation (Bulyan with too few nodes): all of that is refused here, before Ray starts.
+    Flower's classes accept out-of-range values; a run would then wait for nodes that never
+    come (``min-*-nodes`` above the node count, ``fraction-train`` above 1), diverge
+    (``beta-1`` of 1, ``tau`` of 0) or skip every aggregation (Bulyan with too few nodes):
+    all of that is refused here, before Ray starts.
     """
     name = str(config["strategy"])
     kwargs = strategy_kwargs(config)
