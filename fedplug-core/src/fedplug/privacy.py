@@ -28,10 +28,27 @@ def no_flwr_datasets_source_id() -> None:
 
     flwr-datasets builds each telemetry event, and so reads or creates ``~/.flwr/source``,
     before it looks at ``FLWR_TELEMETRY_ENABLED`` (it never sends the event when that is
-    0). Giving it a source id first means it never touches ``~/.flwr``. The one use of a
-    private flwr-datasets module in fedplug: call this before using ``FederatedDataset``.
+    0). Giving it a source id first means it never touches ``~/.flwr``. Call this before
+    using ``FederatedDataset``.
     """
     from flwr_datasets.common import telemetry
 
-    if telemetry.state.get("source") is None:
-        telemetry.state["source"] = "disabled"
+    _give_source_id(telemetry.state)
+
+
+def no_flower_source_id() -> None:
+    """Keep Flower from writing a persistent id to ``$FLWR_HOME/source``, as flwr-datasets above.
+
+    Flower's exit event runs on a thread of its own that may outlive the simulation and
+    recreate a removed ``FLWR_HOME``; with a source id given, it writes nothing.
+    """
+    from flwr.supercore import telemetry
+
+    with telemetry.state_lock:
+        _give_source_id(telemetry.state)
+
+
+def _give_source_id(state: dict[str, object]) -> None:
+    # the one use of Flower's and flwr-datasets' private telemetry modules in fedplug
+    if state.get("source") is None:
+        state["source"] = "disabled"

@@ -104,6 +104,9 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float) -
     from flwr.supercore.telemetry import EventType
 
     from fedplug.apps import client_app, server_app
+    from fedplug.privacy import no_flower_source_id
+
+    no_flower_source_id()
 
     quiet_logs(verbose)  # again: importing Flower resets its logger's level
     app_dir = write_flower_app(out, config)
