@@ -108,7 +108,11 @@ CASES = [
         "'strategy.num-nodes-to-select' must be between 1 and the number of nodes",
     ),
     # partitioner parameters: ranges and the data's classes
-    case("partitioner", ("--partitioner", "dirichlet", *rc("partitioner.alpha=0")), "greater than zero"),
+    case(
+        "partitioner",
+        ("--partitioner", "dirichlet", *rc("partitioner.alpha=0")),
+        "'partitioner.alpha' (Dirichlet concentration) must be",
+    ),
     case(
         "partitioner",
         ("--partitioner", "dirichlet", *rc("partitioner.min-partition-size=-1")),
@@ -124,7 +128,11 @@ CASES = [
         ("--partitioner", "pathological", *rc("partitioner.class-assignment-mode='sorted'")),
         "must be one of: random, deterministic, first-deterministic",
     ),
-    case("partitioner", ("--partitioner", "shard", *rc("partitioner.shard-size=0")), "partitioner 'shard'"),
+    case(
+        "partitioner",
+        ("--partitioner", "shard", *rc("partitioner.shard-size=0")),
+        "'partitioner.shard-size' must be an integer of at least 1",
+    ),
     # client resources Ray could never grant
     case("resources", "--client-cpus 0", "--client-cpus must be a positive number"),
     case("resources", "--client-cpus -1", "--client-cpus must be a positive number"),

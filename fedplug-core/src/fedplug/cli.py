@@ -130,20 +130,28 @@ def prepare_run(backend: Backend, overrides: dict[str, Scalar]) -> dict[str, Sca
 
 
 def check_before_data(backend: Backend, overrides: dict[str, Scalar]) -> None:
-    """The checks of the run config alone (names, types, ranges, strategy), before any dataset loads."""
+    """The checks of the run config alone (names, types, ranges, strategy, partitioner), before partitioning."""
+    from fedplug.config import check_partitioner
+    from fedplug.data import DataError, data_spec
     from fedplug.strategies import check_strategy
 
-    check_strategy(resolve(backend, overrides))
+    config = resolve(backend, overrides)
+    check_strategy(config)
+    check_partitioner(config, num_classes=None)
+    if config["partitioner"] == "pathological":  # classes per node against the data's classes
+        try:
+            check_partitioner(config, num_classes=data_spec(config).num_classes)
+        except DataError as error:
+            raise ConfigError(str(error)) from error
 
 
 def check_before_start(backend: Backend, config: dict[str, Scalar]) -> None:
-    """The checks that need the data spec: partitioner and model.
+    """The model against the data spec, after the data is checked.
 
     The shared models are checked by their canonical shapes, without importing a framework;
     a backend's own models (e.g. ``cnn``) are built where they train: importing a framework
     here would add seconds to every run.
     """
-    from fedplug.config import check_partitioner
     from fedplug.data import DataError, data_spec
     from fedplug.models import canonical_shapes
 
@@ -151,7 +159,6 @@ def check_before_start(backend: Backend, config: dict[str, Scalar]) -> None:
         spec = data_spec(config)
     except DataError as error:
         raise ConfigError(str(error)) from error
-    check_partitioner(config, spec.num_classes)
     if config["model"] in ("mlp", "lenet"):
         canonical_shapes(str(config["model"]), spec, config)
 

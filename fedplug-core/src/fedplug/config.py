@@ -208,8 +208,8 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def check_partitioner(config: Config, num_classes: int) -> None:
-    """Check ``partitioner.<param>`` values against their real ranges and the data's classes.
+def check_partitioner(config: Config, num_classes: int | None) -> None:
+    """Check ``partitioner.<param>`` values against their real ranges and the data's classes (if given).
 
     Whether the data has enough examples for the shards or the nodes is the data layer's check.
     """
@@ -227,7 +227,7 @@ def check_partitioner(config: Config, num_classes: int) -> None:
             low = 0 if key == "min-partition-size" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{shown} must be an integer of at least {low}, got {value!r}")
-    if name == "pathological":
+    if name == "pathological" and num_classes is not None:
         classes = params.get("num-classes-per-partition", 2)
         if isinstance(classes, int) and classes > num_classes:
             raise ConfigError(
