@@ -25,12 +25,18 @@ def test_info_shows_models_and_defaults() -> None:
     assert "num-server-rounds" in done.stdout and "hidden-dims" in done.stdout
 
 
-def test_unknown_backend_exits_2_with_one_line() -> None:
-    done = fedplug("run", "tensorflw", env=QUIET)
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("tensorflw", "did you mean 'keras'? to add it: pip install fedplug-keras"),
+        ("nunpy", "did you mean 'numpy'?"),
+        ("sklearn", "to add it: pip install fedplug-sklearn"),
+    ],
+)
+def test_unknown_backend_exits_2_with_one_line(name: str, hint: str) -> None:
+    done = fedplug("run", name, env=QUIET)
     assert done.returncode == 2
-    assert done.stderr.strip() == (
-        "fedplug: error: unknown backend 'tensorflw' (installed: numpy); to add it: pip install fedplug-tensorflw"
-    )
+    assert done.stderr.strip() == f"fedplug: error: unknown backend '{name}' (installed: numpy); {hint}"
 
 
 @pytest.mark.parametrize(
@@ -61,3 +67,4 @@ def test_out_folder_of_an_earlier_run_is_not_overwritten(tmp_path) -> None:
     (tmp_path / "config.json").write_text("{}")
     done = fedplug("run", "numpy", "--out", str(tmp_path), env=QUIET)
     assert done.returncode == 2 and "already holds a run" in done.stderr and "--resume" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]

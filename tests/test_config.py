@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from fedplug.config import CORE_DEFAULTS, ConfigError, parse_overrides, resolve
+from fedplug.config import CORE_DEFAULTS, ConfigError, check_partitioner, parse_overrides, resolve
 from fedplug.data import make_partitioner
 from fedplug.numpy_backend import NumpyBackend
-from fedplug.strategies import STRATEGIES, make_strategy, sampling, strategy_kwargs, strategy_parameters
+from fedplug.strategies import (
+    STRATEGIES,
+    check_strategy,
+    make_strategy,
+    sampling,
+    strategy_kwargs,
+    strategy_parameters,
+)
 
 pytestmark = pytest.mark.fast
 
@@ -119,3 +128,72 @@ def test_bad_strategy_settings_are_refused(overrides, message) -> None:
 def test_bad_partitioner_settings_are_refused(overrides, message) -> None:
     with pytest.raises(ConfigError, match=message):
         make_partitioner(resolve(BACKEND, overrides), 4)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_with_its_defaults_passes_the_range_checks(name: str) -> None:
+    check_strategy(resolve(BACKEND, {"strategy": name}))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"strategy": "fedadam", "strategy.beta-1": 0.0, "strategy.beta-2": 0.999, "strategy.tau": 1e-9},
+        {"strategy.min-available-nodes": 10, "strategy.min-train-nodes": 10, "strategy.min-evaluate-nodes": 0},
+        {"strategy.fraction-train": 1.0, "fraction-evaluate": 0.0},
+        {"fraction-train": 0.05},  # rounds down to 0 nodes, but Flower's min-train-nodes (2) still train
+        {"strategy": "fedtrimmedavg", "strategy.beta": 0.0},
+        {"strategy": "fedavgm", "strategy.server-momentum": 0.0, "strategy.server-learning-rate": 0.5},
+        {"strategy": "krum", "strategy.num-malicious-nodes": 3},
+        {"strategy": "bulyan", "strategy.num-malicious-nodes": 1, "num-supernodes": 7},
+        {"strategy": "multikrum", "strategy.num-nodes-to-select": 10},
+        {"strategy": "qfedavg", "strategy.q": 0.0},
+    ],
+)
+def test_values_at_the_edge_of_their_range_are_accepted(overrides) -> None:
+    check_strategy(resolve(BACKEND, overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"strategy.fraction-train": 1.01}, "'strategy.fraction-train' must be in (0, 1]"),
+        ({"strategy.min-available-nodes": 11}, "'strategy.min-available-nodes' must be between 0 and the number"),
+        ({"strategy": "fedadam", "strategy.beta-2": 1.0}, "'strategy.beta-2' must be in [0, 1)"),
+        ({"strategy": "bulyan", "strategy.num-malicious-nodes": 1, "num-supernodes": 6}, "4 * num-malicious-nodes"),
+        ({"strategy": "krum", "strategy.num-malicious-nodes": 4}, "tolerates 4 malicious nodes"),
+    ],
+)
+def test_out_of_range_strategy_values_are_refused(overrides, message) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_strategy(resolve(BACKEND, overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"seed": 0}, {"seed": 2**32 - 1}, {"momentum": 0.0}, {"momentum": 0.99}, {"lr": 1e-6}, {"num-supernodes": 10_000}],
+)
+def test_run_config_values_at_the_edge_are_accepted(overrides) -> None:
+    resolve(BACKEND, overrides)
+
+
+def test_partitioner_values_are_checked_against_the_classes() -> None:
+    config = resolve(BACKEND, {"partitioner": "pathological", "partitioner.num-classes-per-partition": 10})
+    check_partitioner(config, num_classes=10)
+    with pytest.raises(ConfigError, match="the dataset has only 9 classes"):
+        check_partitioner(config, num_classes=9)
+    with pytest.raises(ConfigError, match="must be an integer of at least 1"):
+        check_partitioner(resolve(BACKEND, {"partitioner": "shard", "partitioner.shard-size": 2.5}), 10)
+
+
+def test_flower_app_toml_holds_any_unicode(tmp_path) -> None:
+    import tomllib
+
+    from fedplug.simulation import write_flower_app
+
+    config = resolve(BACKEND, {"label-column": 'étiquette 🏷️ "quoted" \\ back', "strategy.proximal-mu": 0.1})
+    config["out"] = str(tmp_path / "résultats 🚀")
+    app = write_flower_app(tmp_path, config)
+    written = tomllib.loads((app / "pyproject.toml").read_text(encoding="utf-8"))
+    assert written["tool"]["flwr"]["app"]["config"] == config
+    assert written["tool"]["flwr"]["app"]["components"]["clientapp"] == "fedplug.apps:client_app"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pluggy
 import pytest
@@ -137,3 +140,63 @@ def test_strict_mode_reraises_plugin_errors() -> None:
     done = fedplug_command("list", env={"FEDPLUG_STRICT": "1", "FEDPLUG_PLUGINS": "badimport"})
     assert done.returncode != 0
     assert "ModuleNotFoundError" in done.stderr and "Traceback" in done.stderr
+
+
+MISBEHAVE = {"FEDPLUG_TESTPLUGINS_MISBEHAVE": "1"}
+
+
+@pytest.mark.parametrize(
+    ("plugin", "reason"),
+    [
+        ("exits", "SystemExit: the plugin called sys.exit(3)"),
+        ("interrupts", "KeyboardInterrupt"),
+        ("hookexits", "SystemExit: the plugin called sys.exit(0)"),
+        ("baseexception", "PluginAbort: this plugin aborts in its hook"),
+    ],
+)
+def test_plugin_that_exits_or_interrupts_is_reported_and_the_command_goes_on(plugin: str, reason: str) -> None:
+    done = fedplug_command("list", "--json", env={**MISBEHAVE, "FEDPLUG_PLUGINS": f"{plugin},example"})
+    assert done.returncode == 0, done.stderr
+    rows = {row["name"]: row for row in json.loads(done.stdout)}
+    assert rows[plugin] == {"name": plugin, "status": "broken", "distribution": "fedplug-testplugins", "reason": reason}
+    assert {"numpy", "example_a", "example_b"} <= {n for n, r in rows.items() if r["status"] == "ok"}
+    assert done.stderr.splitlines() == [f"fedplug: plugin '{plugin}' (fedplug-testplugins) is broken: {reason}"]
+
+
+def test_every_command_survives_all_misbehaving_plugins_at_once() -> None:
+    env = {**MISBEHAVE, "FEDPLUG_PLUGINS": "exits,interrupts,hookexits,baseexception,prints", "COLUMNS": "200"}
+    done = fedplug_command("info", "numpy", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "models: mlp, lenet" in done.stdout
+    assert "Traceback" not in done.stderr
+    assert sum("is broken" in line for line in done.stderr.splitlines()) == 4
+
+
+def test_plugin_output_never_corrupts_list_json() -> None:
+    done = fedplug_command("list", "--json", env={**MISBEHAVE, "FEDPLUG_PLUGINS": "prints"})
+    assert done.returncode == 0, done.stderr
+    rows = {row["name"]: row for row in json.loads(done.stdout)}  # stdout is nothing but the JSON
+    assert rows["printing"]["status"] == "ok"
+    for said in ("hello from the prints plugin at import", "raw bytes from the prints plugin", "prints plugin's hook"):
+        assert said in done.stderr, "what a plugin prints goes to stderr, not lost"
+
+
+def test_discovery_works_from_a_source_tree_without_core_metadata() -> None:
+    """fedplug-core run from its source folder (no installed metadata) still lists its built-in backend."""
+    code = """
+import importlib.metadata as md
+real = md.Distribution.from_name.__func__
+def from_name(cls, name):
+    if name.replace("_", "-") == "fedplug-core":
+        raise md.PackageNotFoundError(name)
+    return real(cls, name)
+md.Distribution.from_name = classmethod(from_name)
+from fedplug.plugins import get_registry
+entry = get_registry().backends["numpy"]
+print(entry.distribution, entry.version)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "FEDPLUG_PLUGINS": ""}
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["fedplug-core", "0.0.0"]

@@ -2,7 +2,11 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from fedplug.backend import (
+from fedplug.privacy import switch_off_telemetry
+
+switch_off_telemetry()  # first: before anything can import Flower, flwr-datasets or Ray
+
+from fedplug.backend import (  # noqa: E402
     Backend,
     BackendUnavailable,
     Config,
@@ -11,7 +15,7 @@ from fedplug.backend import (
     ModelError,
     Weights,
 )
-from fedplug.hookspecs import hookimpl
+from fedplug.hookspecs import hookimpl  # noqa: E402
 
 try:
     __version__ = version("fedplug-core")

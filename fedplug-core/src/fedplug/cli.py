@@ -7,10 +7,12 @@ Only light modules are imported at start-up so that ``fedplug --help`` and
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -127,14 +129,130 @@ def prepare_run(backend: Backend, overrides: dict[str, Scalar]) -> dict[str, Sca
     return config
 
 
-def gpu_share(client_cpus: float) -> float:
-    """GPUs per client so that the clients running in parallel share the machine's NVIDIA GPUs."""
+def check_before_data(backend: Backend, overrides: dict[str, Scalar]) -> None:
+    """The checks of the run config alone (names, types, ranges, strategy, partitioner), before partitioning."""
+    from fedplug.config import check_partitioner
+    from fedplug.data import DataError, data_spec
+    from fedplug.strategies import check_strategy
+
+    config = resolve(backend, overrides)
+    check_strategy(config)
+    check_partitioner(config, num_classes=None)
+    if config["partitioner"] == "pathological":  # classes per node against the data's classes
+        try:
+            check_partitioner(config, num_classes=data_spec(config).num_classes)
+        except DataError as error:
+            raise ConfigError(str(error)) from error
+
+
+def check_before_start(backend: Backend, config: dict[str, Scalar]) -> None:
+    """The model against the data spec, after the data is checked.
+
+    The shared models are checked by their canonical shapes, without importing a framework;
+    a backend's own models (e.g. ``cnn``) are built where they train: importing a framework
+    here would add seconds to every run.
+    """
+    from fedplug.data import DataError, data_spec
+    from fedplug.models import canonical_shapes
+
+    try:
+        spec = data_spec(config)
+    except DataError as error:
+        raise ConfigError(str(error)) from error
+    if config["model"] in ("mlp", "lenet"):
+        canonical_shapes(str(config["model"]), spec, config)
+
+
+RUNS_ROOT = Path("fedplug-runs")
+"""Where runs go without ``--out``: one new folder each."""
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an ``--out`` that cannot become this run's results folder, creating nothing."""
+    try:
+        str(out).encode("utf-8")
+    except UnicodeEncodeError:
+        fail(f"--out {str(out)!r} is not valid Unicode (undecodable bytes); choose another name", code=2)
+    try:
+        if out.exists() and not out.is_dir():
+            fail(f"--out {out} is a file, not a folder; choose a folder for the results", code=2)
+        if (out / "config.json").exists():
+            fail(f"{out} already holds a run; choose another --out, or continue it with --resume {out}", code=2)
+        existing = out.absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            fail(f"--out {out} is inside {existing}, which is a file; choose a folder path", code=2)
+    except OSError as error:
+        fail(f"cannot use --out {out}: {error.strerror or error}; choose another folder", code=2)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fedplug-probe-", dir=existing))  # a real write test, even as root
+    except OSError as error:
+        fail(f"cannot write --out {out}: {existing} refuses new folders ({error.strerror}); choose a writable one", 2)
+
+
+def machine_cores() -> float:
+    """CPU cores this process may use: its affinity, capped by a cgroup (v2) CPU quota."""
+    cores: float = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def count_gpus() -> int:
+    """The machine's NVIDIA GPUs, as ``nvidia-smi -L`` lists them (0 without nvidia-smi)."""
     import shutil
 
     if not shutil.which("nvidia-smi"):
-        return 0.0
-    done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
-    gpus = sum(line.startswith("GPU ") for line in done.stdout.splitlines())
+        return 0
+    try:
+        done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in done.stdout.splitlines())
+
+
+def check_resources(client_cpus: float, client_gpus: float | None) -> None:
+    """Refuse client resources Ray could never grant: the simulation would wait forever."""
+    cores = machine_cores()
+    if not math.isfinite(client_cpus) or client_cpus <= 0:
+        fail(f"--client-cpus must be a positive number of cores, e.g. 1 or 0.5; got {client_cpus}", code=2)
+    if client_cpus > cores:
+        fail(f"--client-cpus {client_cpus:g} is more than this machine's {cores:g} cores; use at most {cores:g}", 2)
+    if client_gpus is None:
+        return
+    if not math.isfinite(client_gpus) or client_gpus < 0:
+        fail(f"--client-gpus must be 0 or a positive number of GPUs, e.g. 0.5; got {client_gpus}", code=2)
+    if client_gpus > 0:
+        gpus = count_gpus()
+        if not gpus:
+            fail("--client-gpus: this machine has no NVIDIA GPU (no nvidia-smi); leave it out or use 0", code=2)
+        if client_gpus > gpus:
+            fail(f"--client-gpus {client_gpus:g} is more than the {gpus} GPUs of this machine; use at most {gpus}", 2)
+
+
+def check_backend_available(backend: Backend) -> None:
+    """The backend's own check; a plugin that fails it with anything else is named in one line."""
+    try:
+        backend.check_available()
+    except BackendUnavailable as error:
+        fail(str(error))
+    except (Exception, SystemExit) as error:
+        entry = get_registry().backends.get(backend.name)
+        origin = f"plugin '{entry.plugin}' ({entry.distribution} {entry.version})" if entry else "its plugin"
+        fail(
+            f"backend '{backend.name}' from {origin} failed its availability check with "
+            f"{type(error).__name__}: {error}; reinstall it or report this to its authors"
+        )
+
+
+def gpu_share(client_cpus: float) -> float:
+    """GPUs per client so that the clients running in parallel share the machine's NVIDIA GPUs."""
+    gpus = count_gpus()
     parallel = max(1, int((os.cpu_count() or 1) // client_cpus))
     return round(gpus / parallel, 4) if gpus else 0.0
 
@@ -248,6 +366,7 @@ def run(
         "seed": seed,
     }
     flags = _flags_to_overrides(**given)
+    check_resources(client_cpus, client_gpus)
     if resume is not None:
         changed = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
         changed += ["--run-config"] * bool(run_config) + ["--out"] * (out is not None)
@@ -267,17 +386,16 @@ def run(
         if backend is None:
             fail("name a backend (fedplug run numpy), or continue a run with --resume DIR", code=2)
         chosen = backend_or_exit(backend)
+        check_backend_available(chosen)
+        check_out_folder(out if out is not None else RUNS_ROOT)  # the default folder is made after the checks
         try:
-            chosen.check_available()
-        except BackendUnavailable as error:
-            fail(str(error))
-        if out is not None and (out / "config.json").exists():
-            fail(f"{out} already holds a run; choose another --out, or continue it with --resume {out}", code=2)
-        try:
-            config = prepare_run(chosen, {**parse_overrides(run_config), **flags})
+            overrides = {**parse_overrides(run_config), **flags}
+            check_before_data(chosen, overrides)
+            config = prepare_run(chosen, overrides)
+            check_before_start(chosen, config)
         except (ConfigError, ModelError) as error:
             fail(str(error), code=2)
-        out = out or default_out(chosen.name)
+        out = out or default_out(chosen.name, RUNS_ROOT)
         config["out"] = str(out.resolve())
         _notice_once(chosen)
     Results(out, config)  # config.json: what the simulation process runs

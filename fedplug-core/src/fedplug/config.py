@@ -8,12 +8,14 @@ and the flwr-datasets partitioner; they are checked against those classes.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
-from fedplug.backend import Backend, Config, Scalar
+from fedplug.backend import Backend, Config, ModelError, Scalar
+from fedplug.models import hidden_dims
 
 CORE_DEFAULTS: dict[str, Scalar] = {
     "backend": "numpy",
@@ -44,6 +46,14 @@ CORE_DEFAULTS: dict[str, Scalar] = {
 """Defaults every backend starts from; a backend's ``defaults`` override and extend them."""
 
 PREFIXES = ("strategy.", "partitioner.")
+MAX_SEED = 2**32 - 1
+"""Seeds are unsigned 32-bit integers: every framework's generator accepts them."""
+MAX_SUPERNODES = 10_000
+"""More simulated nodes than this is a typo, not a federation (the data also bounds the count)."""
+PARTITIONER_CHOICES: dict[str, tuple[str, ...]] = {
+    "class-assignment-mode": ("random", "deterministic", "first-deterministic"),
+}
+"""Values flwr-datasets' partitioners accept for their string parameters."""
 _PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
 
 
@@ -130,6 +140,11 @@ def check_values(backend: Backend, config: Config) -> None:
         raise ConfigError(
             f"backend '{backend.name}' has no model '{config['model']}'; choose one of: {', '.join(backend.models)}"
         )
+    for key, value in config.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"run-config '{key}' must be a finite number, got {value}")
+        if isinstance(value, str) and not _encodable(value):
+            raise ConfigError(f"run-config '{key}' is not valid Unicode: {value!r}")
     for key in ("num-server-rounds", "num-supernodes", "local-epochs", "batch-size"):
         if int(config[key]) < 1:  # type: ignore[arg-type]
             raise ConfigError(f"run-config '{key}' must be at least 1, got {config[key]}")
@@ -147,13 +162,75 @@ def check_values(backend: Backend, config: Config) -> None:
         raise ConfigError(
             f"run-config 'outlier-factor' must be 0 (off) or a positive factor, got {config['outlier-factor']}"
         )
-    for key in ("fraction-train", "fraction-evaluate"):
-        if not 0.0 <= float(config[key]) <= 1.0:  # type: ignore[arg-type]
-            raise ConfigError(f"run-config '{key}' must be between 0 and 1, got {config[key]}")
+    if int(config["num-supernodes"]) > MAX_SUPERNODES:  # type: ignore[arg-type]
+        raise ConfigError(
+            f"run-config 'num-supernodes' must be at most {MAX_SUPERNODES}, got {config['num-supernodes']}"
+        )
+    if not 0 <= int(config["seed"]) <= MAX_SEED:  # type: ignore[arg-type]
+        raise ConfigError(f"run-config 'seed' must be between 0 and {MAX_SEED}, got {config['seed']}")
+    if not 0.0 < float(config["fraction-train"]) <= 1.0:  # type: ignore[arg-type]
+        raise ConfigError(
+            f"run-config 'fraction-train' must be between 0 and 1 (above 0: some node must train), "
+            f"got {config['fraction-train']}"
+        )
+    if not 0.0 <= float(config["fraction-evaluate"]) <= 1.0:  # type: ignore[arg-type]
+        raise ConfigError(f"run-config 'fraction-evaluate' must be between 0 and 1, got {config['fraction-evaluate']}")
     if not 0.0 < float(config["test-fraction"]) < 1.0:  # type: ignore[arg-type]
         raise ConfigError(
             f"run-config 'test-fraction' must be between 0 and 1 (exclusive), got {config['test-fraction']}"
         )
+    if not float(config["lr"]) > 0.0:  # type: ignore[arg-type]
+        raise ConfigError(f"run-config 'lr' must be a positive number like 0.05, got {config['lr']}")
+    if "momentum" in config and not 0.0 <= float(config["momentum"]) < 1.0:  # type: ignore[arg-type]
+        raise ConfigError(f"run-config 'momentum' must be in [0, 1), e.g. 0.9, got {config['momentum']}")
     if config["pool"] not in ("max", "avg"):
         raise ConfigError(f"run-config 'pool' must be 'max' or 'avg', got '{config['pool']}'")
-    backend.check_config(config)
+    try:
+        hidden_dims(config)
+    except ModelError as error:
+        raise ConfigError(f"run-config 'hidden-dims': {error}") from error
+    try:
+        backend.check_config(config)
+    except ConfigError:
+        raise
+    except Exception as error:  # a plugin's bug, not the user's input: name the plugin
+        raise ConfigError(
+            f"backend '{backend.name}' failed to check the run config ({type(error).__name__}: {error}); "
+            "report this to the backend's authors"
+        ) from error
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates, e.g. from undecodable bytes in a path
+        return False
+    return True
+
+
+def check_partitioner(config: Config, num_classes: int | None) -> None:
+    """Check ``partitioner.<param>`` values against their real ranges and the data's classes (if given).
+
+    Whether the data has enough examples for the shards or the nodes is the data layer's check.
+    """
+    name = str(config["partitioner"])
+    params = {key.removeprefix("partitioner."): val for key, val in config.items() if key.startswith("partitioner.")}
+    for key, value in params.items():
+        shown = f"run-config 'partitioner.{key}'"
+        if key in PARTITIONER_CHOICES and value not in PARTITIONER_CHOICES[key]:
+            raise ConfigError(f"{shown} must be one of: {', '.join(PARTITIONER_CHOICES[key])}; got {value!r}")
+        if key in ("shuffle", "self-balancing", "keep-incomplete-shard") and not isinstance(value, bool):
+            raise ConfigError(f"{shown} must be true or false, got {value!r}")
+        if key == "alpha" and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
+            raise ConfigError(f"{shown} (Dirichlet concentration) must be a number above 0, e.g. 0.5; got {value!r}")
+        if key in ("min-partition-size", "num-shards-per-partition", "shard-size", "num-classes-per-partition"):
+            low = 0 if key == "min-partition-size" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{shown} must be an integer of at least {low}, got {value!r}")
+    if name == "pathological" and num_classes is not None:
+        classes = params.get("num-classes-per-partition", 2)
+        if isinstance(classes, int) and classes > num_classes:
+            raise ConfigError(
+                f"run-config 'partitioner.num-classes-per-partition' is {classes} but the dataset has only "
+                f"{num_classes} classes; choose at most {num_classes}"
+            )

@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fedplug.plugins import Registry
+from fedplug.plugins import Registry, stdout_to_stderr
 
 console = Console()
 err_console = Console(stderr=True)
@@ -19,6 +19,8 @@ def backends_rows(registry: Registry) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for name, entry in sorted(registry.backends.items()):
         framework = entry.backend.framework
+        with stdout_to_stderr():  # finding a framework may import a package that prints
+            installed = framework.is_installed()
         rows.append(
             {
                 "name": name,
@@ -27,7 +29,7 @@ def backends_rows(registry: Registry) -> list[dict[str, Any]]:
                 "version": entry.version,
                 "framework": framework.import_name,
                 "requirement": framework.requirement,
-                "framework_installed": framework.is_installed(),
+                "framework_installed": installed,
                 "description": entry.backend.description,
             }
         )

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import importlib
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
-from importlib.metadata import entry_points, version
+from importlib.metadata import entry_points
 
 import pluggy
 
+import fedplug
 from fedplug import hookspecs
 from fedplug.backend import Backend, Framework
 
@@ -21,6 +25,19 @@ PLUGINS_ENV = "FEDPLUG_PLUGINS"
 """Comma list of third-party plugin (entry point or distribution) names to load; empty loads none."""
 STRICT_ENV = "FEDPLUG_STRICT"
 """Set to 1 to re-raise plugin errors instead of reporting them (for plugin authors)."""
+KNOWN_BACKENDS = {
+    "numpy": "numpy",
+    "torch": "torch",
+    "pytorch": "torch",
+    "keras": "keras",
+    "tensorflow": "keras",
+    "tf": "keras",
+    "jax": "jax",
+    "flax": "jax",
+    "mlx": "mlx",
+    "mxnet": "mxnet",
+}
+"""Names users type for the backends of the fedplug project, and the backend each means."""
 
 
 class UnknownBackend(LookupError):
@@ -60,9 +77,21 @@ class Registry:
         if name in self.backends:
             return self.backends[name].backend
         installed = ", ".join(sorted(self.backends)) or "none"
-        raise UnknownBackend(
-            f"unknown backend '{name}' (installed: {installed}); to add it: pip install fedplug-{name}"
-        )
+        close = difflib.get_close_matches(name, list(self.backends), n=3)
+        if close:
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}?"
+        else:
+            known = KNOWN_BACKENDS.get(name.lower()) or next(
+                iter(difflib.get_close_matches(name.lower(), list(KNOWN_BACKENDS), n=1)), None
+            )
+            meant = KNOWN_BACKENDS.get(known or "", name)
+            if meant in self.backends:
+                hint = f"did you mean '{meant}'?"
+            elif meant != name:
+                hint = f"did you mean '{meant}'? to add it: pip install fedplug-{meant}"
+            else:
+                hint = f"to add it: pip install fedplug-{name}"
+        raise UnknownBackend(f"unknown backend '{name}' (installed: {installed}); {hint}")
 
 
 def _strict() -> bool:
@@ -100,10 +129,39 @@ def new_plugin_manager() -> pluggy.PluginManager:
     return manager
 
 
-def _fail(registry: Registry, plugin: str, distribution: str, error: Exception) -> None:
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send what plugins print to stderr, so that ``fedplug list --json`` stays pure JSON.
+
+    Both Python's ``sys.stdout`` and file descriptor 1 are redirected: extension modules
+    print to the descriptor directly.
+    """
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no descriptor 1: redirect Python's stream only
+        saved = -1
+    try:
+        if saved >= 0:
+            os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved >= 0:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _fail(registry: Registry, plugin: str, distribution: str, error: BaseException) -> None:
     if _strict():
         raise error
-    reason = str(error) if isinstance(error, PluginProblem) else f"{type(error).__name__}: {error}"
+    if isinstance(error, PluginProblem):
+        reason = str(error)
+    elif isinstance(error, SystemExit):
+        reason = f"SystemExit: the plugin called sys.exit({error.code!r})"
+    else:
+        reason = f"{type(error).__name__}: {error}".rstrip(": ")
     registry.broken.append(Broken(plugin, distribution, reason))
     if not os.environ.get("FEDPLUG_QUIET_PLUGINS"):
         print(f"fedplug: plugin '{plugin}' ({distribution}) is broken: {reason}", file=sys.stderr)
@@ -112,7 +170,7 @@ def _fail(registry: Registry, plugin: str, distribution: str, error: Exception) 
 def load_plugins(manager: pluggy.PluginManager, registry: Registry) -> dict[str, tuple[str, str]]:
     """Register the built-in and installed plugins; return plugin -> (distribution, version)."""
     origins: dict[str, tuple[str, str]] = {}
-    core = ("fedplug-core", version("fedplug-core"))
+    core = ("fedplug-core", fedplug.__version__)  # also right in a source tree, without metadata
     candidates: list[tuple[str, str, str, object]] = [(module, *core, module) for module in DEFAULT_PLUGINS]
     for point in entry_points(group=ENTRY_POINT_GROUP):
         dist = point.dist
@@ -125,7 +183,7 @@ def load_plugins(manager: pluggy.PluginManager, registry: Registry) -> dict[str,
         try:
             module = importlib.import_module(source) if isinstance(source, str) else source.load()  # type: ignore[attr-defined]
             manager.register(module, name=name)
-        except Exception as error:
+        except BaseException as error:  # SystemExit, KeyboardInterrupt: a plugin must not end the command
             _fail(registry, name, dist_name, error)
             continue
         try:
@@ -146,11 +204,14 @@ def collect_backends(manager: pluggy.PluginManager, registry: Registry, origins:
         found: list[object] = []
         try:
             impl.function(register=found.append)
-        except Exception as error:
+        except BaseException as error:  # SystemExit, KeyboardInterrupt: a plugin must not end the command
             _fail(registry, impl.plugin_name, dist_name, error)
             continue
         for backend in found:
-            problem = problem_with(backend)
+            try:
+                problem = problem_with(backend)
+            except Exception as error:  # e.g. a property of the backend that raises
+                problem = f"backend object is unusable: {type(error).__name__}: {error}"
             name = getattr(backend, "name", "?")
             if problem is None and name in registry.backends:
                 first = registry.backends[name]
@@ -169,8 +230,9 @@ def get_registry() -> Registry:
     """All backends of this environment, discovered once per process."""
     registry = Registry()
     manager = new_plugin_manager()
-    origins = load_plugins(manager, registry)
-    collect_backends(manager, registry, origins)
+    with stdout_to_stderr():  # plugins run code at import and in their hook
+        origins = load_plugins(manager, registry)
+        collect_backends(manager, registry, origins)
     return registry
 
 

@@ -15,6 +15,7 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -23,59 +24,57 @@ from pathlib import Path
 from typing import Any
 
 from fedplug.backend import Scalar
+from fedplug.privacy import NO_TELEMETRY_ENV
 
 QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
     "RAY_DEDUP_LOGS": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
     "TF_CPP_MIN_LOG_LEVEL": "3",
     "GRPC_VERBOSITY": "ERROR",
     "PYTHONWARNINGS": "ignore",
 }
 """Set in the simulation process (and so in Ray's workers) unless ``--verbose``."""
-
-
-def _toml_value(value: Scalar) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    return repr(value)
+ALWAYS_ENV = {
+    **NO_TELEMETRY_ENV,
+    # clients with 0 GPUs keep seeing the machine's GPUs, as Ray will do by default: verbose or not
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+"""Set in the simulation process (and so in Ray's workers) always."""
+FLWR_HOME_PREFIX = "fedplug-flwr-"
+"""Flower's state of a run goes to a temporary folder of this prefix, removed when the run ends."""
 
 
 def write_flower_app(out: Path, config: dict[str, Scalar]) -> Path:
     """Write a Flower App whose components are fedplug's apps and whose config is ``config``."""
+    import tomli_w
+
     app_dir = out / "flower-app"
     app_dir.mkdir(parents=True, exist_ok=True)
     from fedplug.plugins import get_registry
 
     backend = str(config["backend"])
     requirement = get_registry().backends[backend].distribution
-    lines = [
-        "# A Flower App running fedplug's apps with this run's config.",
-        "# Deployment Engine: flwr run <this folder> <your-federation>",
-        "[build-system]",
-        'requires = ["hatchling"]',
-        'build-backend = "hatchling.build"',
-        "",
-        "[project]",
-        f'name = "fedplug-{backend.replace("_", "-")}-run"',
-        'version = "1.0.0"',
-        f'dependencies = ["{requirement}"]',
-        "",
-        "[tool.flwr.app]",
-        'publisher = "fedplug"',
-        "",
-        "[tool.flwr.app.components]",
-        'serverapp = "fedplug.apps:server_app"',
-        'clientapp = "fedplug.apps:client_app"',
-        "",
-        "[tool.flwr.app.config]",
-        *(f"{json.dumps(key)} = {_toml_value(value)}" for key, value in config.items()),
-        "",
-    ]
-    (app_dir / "pyproject.toml").write_text("\n".join(lines))
+    project = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {
+            "name": f"fedplug-{backend.replace('_', '-')}-run",
+            "version": "1.0.0",
+            "dependencies": [requirement],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedplug",
+                    "components": {"serverapp": "fedplug.apps:server_app", "clientapp": "fedplug.apps:client_app"},
+                    "config": dict(config),
+                }
+            }
+        },
+    }
+    header = (
+        "# A Flower App running fedplug's apps with this run's config.\n"
+        "# Deployment Engine: flwr run <this folder> <your-federation>\n"
+    )
+    (app_dir / "pyproject.toml").write_text(header + tomli_w.dumps(project), encoding="utf-8")
     return app_dir
 
 
@@ -91,19 +90,23 @@ def quiet_logs(verbose: bool) -> None:
 
 def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float) -> None:
     """Run the federation described by ``out/config.json`` on the Simulation Engine."""
-    config: dict[str, Scalar] = json.loads((out / "config.json").read_text())
+    config: dict[str, Scalar] = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    os.environ.update(ALWAYS_ENV)
     quiet_logs(verbose)
     from fedplug.plugins import get_backend
 
     # before Flower is imported: it imports TensorFlow (and so Keras) when installed
     os.environ.update(get_backend(str(config["backend"])).environment(config))
     # Flower keeps state under FLWR_HOME: point it away from the user's ~/.flwr
-    os.environ["FLWR_HOME"] = tempfile.mkdtemp(prefix="fedplug-flwr-")
+    flwr_home = os.environ["FLWR_HOME"] = tempfile.mkdtemp(prefix=FLWR_HOME_PREFIX)
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 
     from fedplug.apps import client_app, server_app
+    from fedplug.privacy import no_flower_source_id
+
+    no_flower_source_id()
 
     quiet_logs(verbose)  # again: importing Flower resets its logger's level
     app_dir = write_flower_app(out, config)
@@ -134,6 +137,7 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float) -
 
         if ray.is_initialized():
             ray.shutdown()
+        shutil.rmtree(flwr_home, ignore_errors=True)
 
 
 PARENT_ENV = "FEDPLUG_PARENT_PID"
@@ -143,6 +147,9 @@ PR_SET_PDEATHSIG = 1
 
 def _end_group(signum: int, frame: object) -> None:
     """Kill this process group at once: Ray's processes and this one. Results files are written atomically."""
+    home = os.environ.get("FLWR_HOME", "")
+    if Path(home).name.startswith(FLWR_HOME_PREFIX):  # the temporary Flower home of this run
+        shutil.rmtree(home, ignore_errors=True)
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
 

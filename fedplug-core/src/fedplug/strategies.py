@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 from fedplug.backend import Config, Scalar
@@ -33,6 +34,32 @@ INTERNAL = {
     "self",
 }
 """Constructor parameters fedplug sets itself; everything else is ``strategy.<param>``."""
+
+INF = math.inf
+RANGES: dict[str, tuple[float, bool, float, bool]] = {
+    "fraction_train": (0.0, False, 1.0, True),
+    "fraction_evaluate": (0.0, True, 1.0, True),
+    "proximal_mu": (0.0, True, INF, False),
+    "eta": (0.0, False, INF, False),
+    "eta_l": (0.0, False, INF, False),
+    "tau": (0.0, False, INF, False),
+    "beta_1": (0.0, True, 1.0, False),
+    "beta_2": (0.0, True, 1.0, False),
+    "beta": (0.0, True, 0.5, False),
+    "server_learning_rate": (0.0, False, INF, False),
+    "server_momentum": (0.0, True, 1.0, False),
+    "q": (0.0, True, INF, False),
+    "client_learning_rate": (0.0, False, INF, False),
+}
+"""Valid ``(low, low included, high, high included)`` of the strategies' numeric parameters."""
+NODE_COUNTS = {
+    "min_train_nodes": 0,
+    "min_evaluate_nodes": 0,
+    "min_available_nodes": 0,
+    "num_malicious_nodes": 0,
+    "num_nodes_to_select": 1,
+}
+"""Parameters that count nodes, with their smallest valid value; none may exceed the node count."""
 
 
 def strategy_class(name: str) -> type:
@@ -91,6 +118,67 @@ def sampling(config: Config) -> Any:
 
     kwargs = strategy_kwargs(config)
     return Sampling(**{name: kwargs[name] for name in SAMPLING})
+
+
+def _interval(low: float, low_in: bool, high: float, high_in: bool) -> str:
+    return f"{'[' if low_in else '('}{low:g}, {'inf' if high == INF else f'{high:g}'}{']' if high_in else ')'}"
+
+
+def check_strategy(config: Config) -> None:
+    """Check the strategy's parameters against their valid ranges and the node count.
+
+    Flower's classes accept out-of-range values; a run would then wait for nodes that never
+    come (``min-*-nodes`` above the node count, ``fraction-train`` above 1), diverge
+    (``beta-1`` of 1, ``tau`` of 0) or skip every aggregation (Bulyan with too few nodes):
+    all of that is refused here, before Ray starts.
+    """
+    name = str(config["strategy"])
+    kwargs = strategy_kwargs(config)
+    nodes = int(config["num-supernodes"])  # type: ignore[arg-type]
+
+    def shown(param: str) -> str:
+        kebab = param.replace("_", "-")
+        return f"'strategy.{kebab}'" if f"strategy.{kebab}" in config or kebab not in config else f"'{kebab}'"
+
+    for param, value in kwargs.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if not math.isfinite(value):
+            raise ConfigError(f"strategy '{name}': {shown(param)} must be a finite number, got {value}")
+        if param in RANGES:
+            low, low_in, high, high_in = RANGES[param]
+            inside = (value >= low if low_in else value > low) and (value <= high if high_in else value < high)
+            if not inside:
+                raise ConfigError(
+                    f"strategy '{name}': {shown(param)} must be in {_interval(*RANGES[param])}, got {value}"
+                )
+        if param in NODE_COUNTS and not NODE_COUNTS[param] <= value <= nodes:
+            raise ConfigError(
+                f"strategy '{name}': {shown(param)} must be between {NODE_COUNTS[param]} and the number of nodes "
+                f"({nodes}), got {value}; the run would wait for nodes that never come"
+            )
+    sampled = max(int(nodes * float(kwargs["fraction_train"])), int(kwargs["min_train_nodes"]))
+    if sampled < 1:
+        raise ConfigError(
+            f"with {nodes} nodes and fraction-train {kwargs['fraction_train']} no node trains: "
+            "raise fraction-train or set strategy.min-train-nodes=1"
+        )
+    malicious = int(kwargs.get("num_malicious_nodes", 0))
+    if name == "bulyan" and sampled < 4 * malicious + 3:
+        raise ConfigError(
+            f"strategy 'bulyan' needs at least 4 * num-malicious-nodes + 3 = {4 * malicious + 3} training nodes "
+            f"per round, but {sampled} train: use more --nodes or a higher fraction-train"
+        )
+    if name in ("krum", "multikrum") and malicious and sampled <= 2 * malicious + 2:
+        raise ConfigError(
+            f"strategy '{name}' tolerates {malicious} malicious nodes only with more than {2 * malicious + 2} "
+            f"training nodes per round, but {sampled} train: use more --nodes or fewer num-malicious-nodes"
+        )
+    if name == "multikrum" and int(kwargs.get("num_nodes_to_select", 1)) > sampled:
+        raise ConfigError(
+            f"strategy 'multikrum': 'strategy.num-nodes-to-select' is {kwargs['num_nodes_to_select']} but only "
+            f"{sampled} nodes train per round"
+        )
 
 
 def make_strategy(config: Config) -> Any:

@@ -146,6 +146,9 @@ def _from_hub(name: str, path: Path, seed: int, image_column: str, label_column:
     import datasets
     from flwr_datasets import FederatedDataset
 
+    from fedplug.privacy import no_flwr_datasets_source_id
+
+    no_flwr_datasets_source_id()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     federated = FederatedDataset(

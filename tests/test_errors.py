@@ -1,0 +1,218 @@
+"""Every mistake a user can make before a run starts ends in one line on stderr, before Ray starts.
+
+One row per mistake: the command's arguments, extra environment, the exit code and a
+substring of the hint. Each row runs the real ``fedplug`` command and asserts the exit
+code, a single ``fedplug: error:`` line holding the hint, no traceback, nothing written
+(no results folder, nothing under ``~/.flwr``) and no process left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.fast
+
+FEDPLUG = str(Path(sys.executable).with_name("fedplug"))
+
+
+@dataclass(frozen=True)
+class Case:
+    """``fedplug run BACKEND ARGS`` (``{work}`` is the test's working folder) and what it must say."""
+
+    kind: str
+    args: tuple[str, ...]
+    code: int
+    hint: str
+    env: dict[str, str] = field(default_factory=dict)
+    backend: str = "numpy"
+    out: bool = True
+    """Pass ``--out {work}/out`` unless the row gives its own (False: the default folder, ./fedplug-runs/...)."""
+    files: tuple[str, ...] = ()
+    """Files to make in ``{work}`` (the command's working folder) first."""
+
+
+def case(kind: str, args: str | tuple[str, ...], hint: str, code: int = 2, **options: object) -> Case:
+    return Case(kind, tuple(args.split()) if isinstance(args, str) else args, code, hint, **options)  # type: ignore[arg-type]
+
+
+def rc(text: str) -> tuple[str, ...]:
+    """``--run-config TEXT``: one argument, spaces and quotes kept."""
+    return ("--run-config", text)
+
+
+def st(strategy: str, text: str) -> tuple[str, ...]:
+    """``--strategy STRATEGY --run-config TEXT``."""
+    return ("--strategy", strategy, *rc(text))
+
+
+CASES = [
+    # run-config values: types pass, ranges do not
+    case("seed", "--seed -1", "'seed' must be between 0 and 4294967295"),
+    case("seed", "--seed 4294967296", "'seed' must be between 0 and 4294967295"),
+    case("lr", rc("lr=-0.1"), "'lr' must be a positive number"),
+    case("lr", rc("lr=0"), "'lr' must be a positive number"),
+    case("lr", rc("lr=inf"), "'lr' must be a finite number"),
+    case("lr", rc("lr=nan"), "'lr' must be a finite number"),
+    case("momentum", rc("momentum=1.0"), "'momentum' must be in [0, 1)"),
+    case("momentum", rc("momentum=-0.5"), "'momentum' must be in [0, 1)"),
+    case("fractions", "--fraction-train 0", "'fraction-train' must be between 0 and 1 (above 0"),
+    case("fractions", "--fraction-evaluate 1.5", "'fraction-evaluate' must be between 0 and 1"),
+    case("fractions", rc("test-fraction=nan"), "'test-fraction' must be a finite number"),
+    case("counts", rc("batch-size=0"), "'batch-size' must be at least 1"),
+    case("counts", "--nodes 1000000", "'num-supernodes' must be at most 10000"),
+    # the model builds for the data spec, checked without a framework
+    case("model", rc("hidden-dims='0'"), "hidden-dims must list positive integers"),
+    case("model", rc("hidden-dims='64,x'"), "hidden-dims must list positive integers"),
+    case("model", ("--model", "lenet", "--dataset", "{work}/tiny8x8.csv"), "lenet needs images of at least 16x16"),
+    # strategy parameters: real ranges
+    case("strategy range", rc("strategy.fraction-train=1.5"), "'strategy.fraction-train' must be in (0, 1]"),
+    case("strategy range", st("fedadam", "strategy.beta-1=1.0"), "'strategy.beta-1' must be in [0, 1)"),
+    case("strategy range", st("fedyogi", "strategy.beta-2=-0.1"), "'strategy.beta-2' must be in [0, 1)"),
+    case("strategy range", st("fedadam", "strategy.tau=0"), "'strategy.tau' must be in (0, inf)"),
+    case("strategy range", st("fedadagrad", "strategy.eta=-1"), "'strategy.eta' must be in (0, inf)"),
+    case("strategy range", st("fedtrimmedavg", "strategy.beta=0.5"), "'strategy.beta' must be in [0, 0.5)"),
+    case(
+        "strategy range",
+        st("fedavgm", "strategy.server-momentum=1.5"),
+        "'strategy.server-momentum' must be in [0, 1)",
+    ),
+    case("strategy range", st("fedprox", "strategy.proximal-mu=-1"), "'strategy.proximal-mu' must be"),
+    case("strategy range", st("qfedavg", "strategy.q=-1"), "'strategy.q' must be in [0, inf)"),
+    case("strategy range", st("fedadam", "strategy.eta=inf"), "'strategy.eta' must be a finite"),
+    # strategy parameters against the node count: Flower would wait forever
+    case("strategy vs nodes", rc("strategy.min-available-nodes=11"), "the number of nodes (10), got 11"),
+    case("strategy vs nodes", ("--nodes", "3", *rc("strategy.min-train-nodes=5")), "'strategy.min-train-nodes'"),
+    case("strategy vs nodes", rc("strategy.min-evaluate-nodes=-1"), "'strategy.min-evaluate-nodes' must be between"),
+    case(
+        "strategy vs nodes",
+        ("--nodes", "10", "--fraction-train", "0.05", *rc("strategy.min-train-nodes=0")),
+        "no node trains",
+    ),
+    case("strategy vs nodes", "--strategy bulyan --nodes 2", "needs at least 4 * num-malicious-nodes + 3 = 3"),
+    case(
+        "strategy vs nodes",
+        ("--strategy", "krum", "--nodes", "5", *rc("strategy.num-malicious-nodes=2")),
+        "tolerates 2 malicious nodes only with more than 6",
+    ),
+    case(
+        "strategy vs nodes",
+        st("multikrum", "strategy.num-nodes-to-select=20"),
+        "'strategy.num-nodes-to-select' must be between 1 and the number of nodes",
+    ),
+    # partitioner parameters: ranges and the data's classes
+    case(
+        "partitioner",
+        ("--partitioner", "dirichlet", *rc("partitioner.alpha=0")),
+        "'partitioner.alpha' (Dirichlet concentration) must be",
+    ),
+    case(
+        "partitioner",
+        ("--partitioner", "dirichlet", *rc("partitioner.min-partition-size=-1")),
+        "'partitioner.min-partition-size' must be an integer of at least 0",
+    ),
+    case(
+        "partitioner",
+        ("--partitioner", "pathological", *rc("partitioner.num-classes-per-partition=11")),
+        "the dataset has only 10 classes",
+    ),
+    case(
+        "partitioner",
+        ("--partitioner", "pathological", *rc("partitioner.class-assignment-mode='sorted'")),
+        "must be one of: random, deterministic, first-deterministic",
+    ),
+    case(
+        "partitioner",
+        ("--partitioner", "shard", *rc("partitioner.shard-size=0")),
+        "'partitioner.shard-size' must be an integer of at least 1",
+    ),
+    # client resources Ray could never grant
+    case("resources", "--client-cpus 0", "--client-cpus must be a positive number"),
+    case("resources", "--client-cpus -1", "--client-cpus must be a positive number"),
+    case("resources", "--client-cpus nan", "--client-cpus must be a positive number"),
+    case("resources", "--client-cpus 100000", "cores; use at most"),
+    case("resources", "--client-gpus -1", "--client-gpus must be 0 or a positive number"),
+    case("resources", "--client-gpus 1", "this machine has no NVIDIA GPU", env={"PATH": "/nonexistent"}),
+    case("resources", "--client-gpus 100000", "GPU"),  # no GPU here, or fewer GPUs than that anywhere
+    # the output folder
+    case("out folder", "--out {work}/afile", "is a file, not a folder"),
+    case("out folder", "--out {work}/afile/run", "which is a file; choose a folder path"),
+    case("out folder", "--out {work}/oldrun", "already holds a run"),
+    case("out folder", "--out /sys/fedplug-test-out/run", "/sys refuses new folders"),
+    case("out folder", ("--out", "{work}/" + "x" * 300), "File name too long"),
+    case("out folder", ("--out", os.fsdecode(b"{work}/bad-\xff-name")), "is not valid Unicode"),
+    case("out folder", "--seed -1", "'seed' must be between", out=False),  # the default folder is not made either
+    case("out folder", (), "--out fedplug-runs is a file", out=False, files=("fedplug-runs",)),
+    # backends and their plugins
+    case("backend", (), "did you mean 'numpy'?", backend="nunpy"),
+    case("backend", (), "did you mean 'torch'? to add it: pip install fedplug-torch", backend="pytorch"),
+    case(
+        "plugin check",
+        (),
+        "backend 'badcheck' from plugin 'badcheck' (fedplug-testplugins 0.0.1) failed its availability check with "
+        "KeyError: 'CUDA_HOME'",
+        code=1,
+        env={"FEDPLUG_PLUGINS": "badcheck"},
+        backend="badcheck",
+    ),
+]
+
+
+def make_work(work: Path) -> None:
+    """The files some rows point at: a file, an earlier run's folder, a csv of 8x8 images."""
+    work.mkdir()
+    (work / "afile").write_text("not a folder\n")
+    (work / "oldrun").mkdir()
+    (work / "oldrun" / "config.json").write_text("{}\n")
+    header = ",".join([*(f"p{i}" for i in range(64)), "label"])
+    rows = [",".join([*(str((i * 7 + j) % 256) for j in range(64)), str(i % 3)]) for i in range(60)]
+    (work / "tiny8x8.csv").write_text("\n".join([header, *rows]) + "\n")
+
+
+def tree(folder: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(folder)), p.stat().st_size if p.is_file() else -1) for p in folder.rglob("*"))
+
+
+def processes_marked(marker: str) -> list[str]:
+    """Live processes that inherited this row's marker: anything the command left running."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.environ().get("FEDPLUG_TEST_ROW") == marker:
+                found.append(" ".join(proc.info["cmdline"] or [])[:120])
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+@pytest.mark.parametrize("row", CASES, ids=[f"{c.kind}:{c.backend} {' '.join(c.args)}"[:80] for c in CASES])
+def test_mistake_is_one_line_before_anything_starts(row: Case, tmp_path: Path) -> None:
+    work, home = tmp_path / "work", tmp_path / "home"
+    make_work(work)
+    for name in row.files:
+        (work / name).write_text("in the way\n")
+    home.mkdir()
+    before = tree(work)
+    args = [arg.replace("{work}", str(work)) for arg in row.args]
+    if row.out and "--out" not in args:
+        args += ["--out", str(work / "out")]
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "FEDPLUG_PLUGINS": "", "HOME": str(home), "FEDPLUG_TEST_ROW": marker, **row.env}
+    done = subprocess.run(
+        [FEDPLUG, "run", row.backend, *args], capture_output=True, text=True, cwd=work, env=env, timeout=300
+    )
+    lines = done.stderr.splitlines()
+    assert done.returncode == row.code, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("fedplug: error: "), done.stderr
+    assert row.hint in lines[0]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert tree(work) == before, "the command wrote files: no results folder may be made before the run starts"
+    assert not (home / ".flwr").exists(), "fedplug wrote to ~/.flwr"
+    assert processes_marked(marker) == [], "the command left processes behind"
