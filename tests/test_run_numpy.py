@@ -117,3 +117,21 @@ def test_other_strategy_and_partitioner_end_to_end(run_fedplug) -> None:
     assert rounds[2]["evaluate-accuracy"] > rounds[1]["evaluate-accuracy"]
     config = json.loads((out / "config.json").read_text())
     assert config["strategy.proximal-mu"] == 0.1 and config["partitioner"] == "dirichlet"
+
+
+def test_training_that_diverges_stops_in_that_round_and_saves_nothing_non_finite(tmp_path: Path) -> None:
+    from conftest import fedplug
+
+    out = tmp_path / "diverged"
+    done = fedplug(
+        "run", "numpy", "--rounds", "3", "--nodes", "2", "--out", str(out),
+        "--run-config", "lr=1e30 hidden-dims='16'", env={"FEDPLUG_PLUGINS": ""},
+    )  # fmt: skip
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "training diverged in round 1" in lines[0] and "lower lr" in lines[0], done.stderr
+    assert [r["round"] for r in read_rounds(out)] == [0, 1]
+    assert json.loads((out / "status.json").read_text())["status"] == "failed"
+    with np.load(out / "weights.npz") as weights:  # the last good global model, never a non-finite one
+        assert all(np.isfinite(weights[key]).all() for key in weights.files)
+    assert processes_of(out) == []

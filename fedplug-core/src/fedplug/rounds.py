@@ -42,7 +42,8 @@ from fedplug.validation import all_finite, check_metrics, check_weights, clip_up
 log = logging.getLogger("fedplug.rounds")
 NODE_RECORD = "node"
 """Key of the ConfigRecord a node returns to the discovery query."""
-NON_FINITE = "non-finite weights"
+NON_FINITE = "non-finite"
+"""How the reasons of replies with NaN or infinite weights or metrics begin."""
 JOIN_TIMEOUT = 120.0
 """Seconds the loop waits at least for nodes to answer the discovery query (their start-up included)."""
 
@@ -346,9 +347,9 @@ class RoundLoop:
         record["skipped"] = (
             f"{good} good replies, {needed} needed" if record["train-partitions"] else "no node available"
         )
-        if failures and all(f["reason"] == NON_FINITE for f in failures):
+        if failures and all(f["reason"].startswith(NON_FINITE) for f in failures):
             raise RunFailed(
-                f"training diverged in round {server_round}: every node returned non-finite weights "
+                f"training diverged in round {server_round}: every node returned non-finite weights or metrics "
                 f"(lr={self.config['lr']}); lower lr"
             )
         if self.failed_in_a_row >= self.max_failed:
