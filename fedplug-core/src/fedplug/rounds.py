@@ -90,6 +90,22 @@ def _reason(message: Message) -> str:
     return text[:300] or f"error code {message.error.code}"
 
 
+def _note_exchange(
+    record: dict[str, Any], kind: str, drawn: list[NodeInfo], replies: list[Message], failures: list[dict[str, Any]]
+) -> None:
+    """Which partitions took part in the ``kind`` (train or evaluate) step, which failed and why."""
+    record[f"{kind}-partitions"] = [info.partition for info in drawn]
+    record[f"{kind}-nodes"], record[f"{kind}-failed"], record[f"{kind}-failures"] = (
+        len(replies),
+        len(failures),
+        failures,
+    )
+
+
+def _note_metrics(record: dict[str, Any], kind: str, metrics: Any) -> None:
+    record.update({f"{kind}-{k}": float(v) for k, v in metrics.items() if k in ("loss", "accuracy")})
+
+
 def draw(partitions: list[int], fraction: float, minimum: int, seed: int, server_round: int, stream: int) -> list[int]:
     """The partitions that take part in a round: ``max(int(n * fraction), minimum)`` of them, seeded."""
     if fraction <= 0.0 or not partitions:
@@ -308,21 +324,14 @@ class RoundLoop:
             record["train-partitions"] = []
             return self._skip(server_round, arrays, record, [], self.sampling.min_available_nodes)
         replies, failures = self._exchange(server_round, drawn, arrays, train=True)
-        record.update(
-            {
-                "train-partitions": [info.partition for info in drawn],
-                "train-nodes": len(replies),
-                "train-failed": len(failures),
-                "train-failures": failures,
-            }
-        )
+        _note_exchange(record, "train", drawn, replies, failures)
         needed = max(1, min(self.sampling.min_train_nodes, len(drawn)))
         if len(replies) < needed:
             return self._skip(server_round, arrays, record, failures, needed)
         self.failed_in_a_row = 0
         aggregated, metrics = self.strategy.aggregate_train(server_round, replies)
         if metrics is not None:
-            record.update({f"train-{k}": float(v) for k, v in metrics.items() if k in ("loss", "accuracy")})
+            _note_metrics(record, "train", metrics)
         if aggregated is None:
             return arrays
         weights = from_record(aggregated)
@@ -366,18 +375,11 @@ class RoundLoop:
         if not drawn:
             return
         replies, failures = self._exchange(server_round, drawn, arrays, train=False)
-        record.update(
-            {
-                "evaluate-partitions": [info.partition for info in drawn],
-                "evaluate-nodes": len(replies),
-                "evaluate-failed": len(failures),
-                "evaluate-failures": failures,
-            }
-        )
+        _note_exchange(record, "evaluate", drawn, replies, failures)
         if replies:
             metrics = self.strategy.aggregate_evaluate(server_round, replies)
             if metrics is not None:
-                record.update({f"evaluate-{k}": float(v) for k, v in metrics.items() if k in ("loss", "accuracy")})
+                _note_metrics(record, "evaluate", metrics)
 
 
 def resume_state(out: Path, strategy: Any) -> tuple[int, Weights, list[dict[str, Any]], int] | None:
