@@ -1,94 +1,96 @@
-"""The same apps on Flower's Deployment Engine: a SuperLink and two SuperNodes on loopback."""
+"""The demo federation of the README on a trusted network: ``fedplug superlink --insecure`` and two
+``fedplug supernode --data embedded --partition-id I`` nodes, a run submitted with ``--insecure``.
+
+Every wait is on a condition; every process is gone at the end (checked).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
 import time
+import uuid
+from contextlib import suppress
 from pathlib import Path
 
 import psutil
 
-from fedplug.config import resolve
-from fedplug.numpy_backend import NumpyBackend
-from fedplug.simulation import write_flower_app
+FEDPLUG = str(Path(sys.executable).with_name("fedplug"))
+MARK = "FEDPLUG_TEST_PROCESS"
 
 
 def free_port() -> int:
+    import socket
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def stop_processes_of(home: Path) -> None:
-    """Kill every process started with FLWR_HOME=home (SuperLink, SuperExec, SuperNodes, app processes)."""
-    killed = []
+def wait_for_line(path: Path, text: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text(errors="replace"):
+        assert process.poll() is None, f"{process.args} ended:\n{path.read_text(errors='replace')}"
+        assert time.monotonic() < deadline, f"no '{text}' in {path.name} after {timeout} s:\n{path.read_text()}"
+        time.sleep(0.2)
+
+
+def marked(value: str) -> list[psutil.Process]:
+    found = []
     for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("FLWR_HOME") == str(home):
-                proc.kill()
-                killed.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    psutil.wait_procs(killed, timeout=15)
+        with suppress(psutil.Error):
+            if proc.environ().get(MARK) == value:
+                found.append(proc)
+    return found
 
 
-def test_results_flower_app_runs_on_the_deployment_engine(tmp_path: Path) -> None:
-    out, home = tmp_path / "results", tmp_path / "flwr-home"
-    home.mkdir()
-    config = resolve(NumpyBackend(), {"num-supernodes": 2, "num-server-rounds": 2, "out": str(out)})
-    app = write_flower_app(tmp_path, config)
-    link = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
-    )
-    bin_dir = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FEDPLUG_PLUGINS": "",
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-    }
-    logs = tmp_path / "logs"
-    logs.mkdir()
+def test_insecure_demo_federation_with_embedded_partitions(tmp_path: Path) -> None:
+    port, mark = free_port(), uuid.uuid4().hex
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "FEDPLUG_PLUGINS": "", "FLWR_TELEMETRY_ENABLED": "0", MARK: mark}
+    started: list[tuple[subprocess.Popen[bytes], Path]] = []
 
-    def start(name: str, *args: str) -> None:
-        with open(logs / f"{name}.log", "wb") as log:
-            subprocess.Popen(
-                [str(bin_dir / name.split("-node")[0]), *args], stdout=log, stderr=log, env=env, start_new_session=True
-            )
+    def start(name: str, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+        output = tmp_path / f"{name}.out"
+        with open(output, "wb") as file:
+            process = subprocess.Popen([FEDPLUG, *args], stdout=file, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        started.append((process, output))
+        return process, output
 
     try:
-        start("flower-superlink", "--insecure", "--port", str(link), "--disable-runtime-dependency-installation")
-        time.sleep(5)
-        for i in range(2):
-            start(
-                f"flower-supernode-node{i}",
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{link}",
-                "--port",
-                str(free_port()),
-                "--node-config",
-                f"partition-id={i} num-partitions=2",
-            )
+        link, link_out = start("superlink", "superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port))
+        wait_for_line(link_out, "SuperLink ready", link)
+        assert "--insecure: no TLS and no SuperNode authentication" in link_out.read_text()
+        for index in range(2):
+            node, node_out = start(
+                f"node{index}", "supernode", "numpy", "--superlink", address, "--insecure", "--data", "embedded",
+                "--partition-id", str(index), "--num-partitions", "2", "--log", f"node{index}.log",
+            )  # fmt: skip
+            wait_for_line(node_out, "connected to", node)
+        out = tmp_path / "results"
         done = subprocess.run(
-            [str(bin_dir / "flwr"), "run", str(app), "local", "--stream"],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
-        details = done.stdout[-2000:] + "".join(p.read_text()[-1000:] for p in logs.iterdir())
-        assert done.returncode == 0, details
+            [FEDPLUG, "run", "numpy", "--superlink", address, "--insecure", "--rounds", "1", "--dataset", "embedded",
+             "--fraction-evaluate", "0", "--run-config", "hidden-dims='32'", "--out", str(out)],
+            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
         rounds = json.loads((out / "metrics.json").read_text())["rounds"]
-        assert [r["round"] for r in rounds] == [0, 1, 2], details
-        assert rounds[2]["centralized-accuracy"] > rounds[0]["centralized-accuracy"] + 0.5
-        assert rounds[1]["train-nodes"] == 2
-        assert (out / "model.npz").is_file() and (out / "metrics.png").is_file()
+        assert [r["round"] for r in rounds] == [0, 1]
+        assert rounds[1]["train-nodes"] == 2 and rounds[1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"]
+        assert sorted(rounds[1]["train-partitions"]) == [0, 1]
     finally:
-        stop_processes_of(home)
+        for process, _ in started:  # Ctrl-C
+            with suppress(ProcessLookupError):
+                process.send_signal(signal.SIGINT)
+        for process, _ in started:
+            with suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=30)
+        left = marked(mark)
+        for proc in left:
+            with suppress(psutil.Error):
+                proc.kill()
+    assert not left, f"processes outlived their fedplug command: {left}"
+    assert all(process.returncode == 130 for process, _ in started), [p.returncode for p, _ in started]

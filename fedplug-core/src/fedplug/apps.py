@@ -21,7 +21,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedplug.backend import Backend, Config, Scalar, Weights
 from fedplug.config import resolve
-from fedplug.data import data_spec, load_centralized, load_partition
+from fedplug.data import data_spec, load_centralized
+from fedplug.deploy import node_data, node_run_config
 from fedplug.plugins import get_backend
 from fedplug.records import from_record, to_record
 from fedplug.results import Results, default_out, plot_metrics, write_status
@@ -47,6 +48,9 @@ def _session(run_config: tuple[tuple[str, Scalar], ...]) -> tuple[Backend, dict[
 
 
 def _node(context: Context) -> tuple[int, int]:
+    if "partition-id" not in context.node_config:
+        # a deployed node with its own data (fedplug supernode --data FILE): its node id stands for a partition
+        return context.node_id % 2**31, 0
     return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
 
 
@@ -62,9 +66,11 @@ def _failed(msg: Message, step: str, error: Exception) -> Message:
 
 def _client_step(msg: Message, context: Context, step: str) -> Message:
     try:
-        backend, config, model = _session(tuple(sorted(context.run_config.items())))
+        # a deployed node may name its own backend and data in its node config (fedplug supernode)
+        run_config = node_run_config(context.run_config, context.node_config)
+        backend, config, model = _session(tuple(sorted(run_config.items())))
         partition_id, num_partitions = _node(context)
-        part = load_partition(config, partition_id, num_partitions)
+        part = node_data(config, context.node_config)
         content = RecordDict()
         if step == "query":
             content[NODE_RECORD] = ConfigRecord(

@@ -348,8 +348,16 @@ def run(
         typer.Option(help="GPUs per simulated client (default: parallel clients share the GPUs; 0 without GPU)."),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")] = False,
+    superlink: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT of a SuperLink (fedplug superlink): run there instead of simulating."),
+    ] = None,
+    ca_cert: Annotated[
+        Path | None, typer.Option(help="With --superlink: the federation's CA certificate (ca.crt).")
+    ] = None,
+    insecure: Annotated[bool, typer.Option(help="With --superlink: the SuperLink runs without TLS.")] = False,
 ) -> None:
-    """Run a federated training on Flower's Simulation Engine and write a results folder."""
+    """Run a federated training on Flower's Simulation Engine (or on a SuperLink) and write a results folder."""
     from fedplug.data import DataError, share_run_data
     from fedplug.results import Results, default_out
 
@@ -366,6 +374,8 @@ def run(
         "seed": seed,
     }
     flags = _flags_to_overrides(**given)
+    if resume is not None and superlink is not None:
+        fail("--resume continues a simulation; a run on a SuperLink cannot be resumed yet", code=2)
     check_resources(client_cpus, client_gpus)
     if resume is not None:
         changed = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
@@ -387,6 +397,11 @@ def run(
             fail("name a backend (fedplug run numpy), or continue a run with --resume DIR", code=2)
         chosen = backend_or_exit(backend)
         check_backend_available(chosen)
+        if superlink is not None:
+            run_on_superlink(
+                chosen, {**_parse_or_exit(run_config), **flags}, out, superlink, ca_cert, insecure, verbose
+            )
+            return
         check_out_folder(out if out is not None else RUNS_ROOT)  # the default folder is made after the checks
         try:
             overrides = {**parse_overrides(run_config), **flags}
@@ -490,6 +505,239 @@ def _say(message: Any) -> None:
 
     with suppress(OSError):
         console.print(message)
+
+
+def _parse_or_exit(text: str) -> dict[str, Scalar]:
+    try:
+        return parse_overrides(text)
+    except ConfigError as error:
+        fail(str(error), code=2)
+
+
+def run_on_superlink(
+    backend: Backend,
+    overrides: dict[str, Scalar],
+    out: Path | None,
+    superlink: str,
+    ca_cert: Path | None,
+    insecure: bool,
+    verbose: bool,
+) -> None:
+    """``fedplug run --superlink``: submit the run to a SuperLink and show its rounds as they finish."""
+    import tempfile
+
+    from fedplug import deploy
+    from fedplug.display import console, round_line, summary_table
+    from fedplug.results import failure_summary
+    from fedplug.simulation import write_flower_app
+
+    if "centralized-eval" not in overrides and "dataset" not in overrides:
+        # the data is on the nodes: the server has a held-out set only when the coordinator names one
+        overrides["centralized-eval"] = False
+    try:
+        deploy.split_address(superlink)
+        security = deploy.Security.of(ca_cert, insecure)
+        config = prepare_run(backend, overrides)
+    except (ConfigError, ModelError, deploy.DeployError) as error:
+        fail(str(error), code=2)
+    config["out"] = str(out) if out else ""  # a path on the SuperLink's machine, where the ServerApp runs
+    _notice_once(backend)
+    held_out = (
+        f"server held-out set: test split of {config['dataset']}"
+        if config["centralized-eval"]
+        else "no server held-out set"
+    )
+    console.print(
+        f"fedplug: {backend.name} · model {config['model']} · {config['num-server-rounds']} rounds · "
+        f"{config['strategy']} · SuperLink {superlink} · nodes train on their own data · {held_out}"
+    )
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="fedplug-submit-"))
+    # its paths (--out, --dataset) are the SuperLink machine's: keep them as they are
+    app_dir = write_flower_app(work, config, portable=False, serverapp="fedplug.deploy_app:server_app")
+    log_path = work / "flwr-run.log"
+
+    def on_round(record: dict[str, Any]) -> None:
+        console.print(round_line(record), highlight=False, soft_wrap=True)
+
+    def on_results(where: str) -> None:
+        console.print(f"results: {where} on the SuperLink's machine (written by the ServerApp)", highlight=False)
+
+    try:
+        with open(log_path, "w") as log:
+            result = deploy.submit(app_dir, superlink, security, on_round, on_results, log)
+    except KeyboardInterrupt:
+        console.print("fedplug: interrupted; the run was stopped on the SuperLink")
+        raise typer.Exit(130) from None
+    if verbose:
+        typer.echo(log_path.read_text(errors="replace"), err=True)
+    if result.rounds:
+        console.print(summary_table(result.rounds))
+    for line in failure_summary(result.rounds):
+        console.print(f"failed: {line}", highlight=False)
+    finished = sum(1 for record in result.rounds if record["round"] > 0)
+    where = f"{result.out} on the SuperLink's machine" if result.out else "none (the ServerApp did not start)"
+    console.print(f"results: {where}  ({time.monotonic() - started:.1f}s)")
+    if result.run_id is None or finished < int(config["num-server-rounds"]):  # type: ignore[arg-type]
+        reason = result.errors[-1] if result.errors else f"the run stopped after {finished} rounds"
+        fail(f"{reason} (log: {log_path})")
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+
+
+@app.command()
+def certificates(
+    folder: Annotated[Path, typer.Argument(help="Where to write the files.")] = Path("fedplug-certificates"),
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", help="A name or IP address the SuperNodes use to reach the SuperLink (repeat)."),
+    ] = None,
+    supernodes: Annotated[int, typer.Option(help="How many SuperNode key pairs to make.")] = 2,
+) -> None:
+    """Make a test federation's CA, SuperLink certificate and SuperNode key pairs."""
+    from fedplug.certificates import create_federation_files
+
+    if supernodes < 0:
+        fail("--supernodes must be 0 or more", code=2)
+    if (folder / "ca.crt").exists():
+        fail(f"{folder} already holds a federation's certificates; choose another folder", code=2)
+    hosts = host or ["localhost"]
+    files = create_federation_files(folder, hosts, supernodes)
+    typer.echo(f"created {folder}/ for a SuperLink reachable as {', '.join(hosts)} (and localhost, 127.0.0.1):")
+    typer.echo("  ca.crt                        the CA certificate: give it to every data owner and submitter")
+    typer.echo("  superlink.crt, superlink.key  the SuperLink's TLS certificate and key: keep on the coordinator")
+    typer.echo("  ca.key                        the CA's key: keep it offline, nobody needs it to run")
+    for index, (private, public) in enumerate(files.supernode_keys, start=1):
+        typer.echo(f"  {private.name}, {public.name}  data owner {index}'s key pair: the private key goes to them only")
+    address = f"{hosts[0]}:{DEFAULT_SUPERLINK_PORT}"
+    if files.supernode_keys:
+        typer.echo("once `fedplug superlink` runs, register the SuperNodes' public keys (on any machine with ca.crt):")
+        for _, public in files.supernode_keys:
+            typer.echo(f"  fedplug register {public} --superlink {address} --ca-cert {files.ca_cert}")
+        typer.echo(f"  (Flower's own command: flwr supernode register {files.supernode_keys[0][1]} <connection>)")
+
+
+DEFAULT_SUPERLINK_PORT = 9092
+
+
+@app.command()
+def superlink(
+    certificates: Annotated[
+        Path, typer.Option(help="Folder with ca.crt, superlink.crt, superlink.key (fedplug certificates).")
+    ] = Path("fedplug-certificates"),
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="The one TCP port of the SuperLink.")] = DEFAULT_SUPERLINK_PORT,
+    insecure: Annotated[bool, typer.Option(help="No TLS, no SuperNode authentication: trusted networks only.")] = False,
+    node_auth: Annotated[bool, typer.Option(help="Accept only registered SuperNodes.")] = True,
+    database: Annotated[
+        Path | None,
+        typer.Option(help="Flower's state database file, kept across restarts (default: in memory)."),
+    ] = None,
+    log: Annotated[Path, typer.Option(help="Where Flower's SuperLink log goes.")] = Path("fedplug-superlink.log"),
+) -> None:
+    """Start Flower's SuperLink (TLS, SuperNode authentication) in the foreground; Ctrl-C stops it."""
+    from fedplug import deploy
+
+    try:
+        code = deploy.serve_superlink(
+            host, port, certificates, insecure, node_auth, database, log.resolve(), typer.echo, _warn
+        )
+    except deploy.DeployError as error:
+        fail(str(error), code=2)
+    except KeyboardInterrupt:  # before the SuperLink was ready
+        code = 130
+    raise typer.Exit(code)
+
+
+def _warn(message: str) -> None:
+    typer.secho(message, err=True, fg=typer.colors.YELLOW if "WARNING" in message else None)
+
+
+@app.command()
+def supernode(
+    backend: Annotated[str, typer.Argument(help="The backend this machine trains with, e.g. torch.")],
+    superlink: Annotated[str, typer.Option(help="HOST:PORT of the SuperLink.")],
+    data: Annotated[
+        str, typer.Option(help="This node's data: a .parquet/.csv file or dataset folder, or 'embedded' (demo).")
+    ],
+    ca_cert: Annotated[Path | None, typer.Option(help="The federation's CA certificate (ca.crt).")] = None,
+    key: Annotated[Path | None, typer.Option(help="This node's private key (supernode-I.key).")] = None,
+    insecure: Annotated[bool, typer.Option(help="The SuperLink runs with --insecure.")] = False,
+    partition_id: Annotated[int | None, typer.Option(help="With --data embedded: this node's partition.")] = None,
+    num_partitions: Annotated[int | None, typer.Option(help="With --data embedded: number of partitions.")] = None,
+    image_column: Annotated[str, typer.Option(help="Image column of this node's data (default: guessed).")] = "",
+    label_column: Annotated[str, typer.Option(help="Label column of this node's data (default: guessed).")] = "",
+    runtime_port: Annotated[
+        int, typer.Option(help="Local port of Flower's SuperNode runtime API (default: a free one).")
+    ] = 0,
+    log: Annotated[Path, typer.Option(help="Where Flower's SuperNode log goes.")] = Path("fedplug-supernode.log"),
+) -> None:
+    """Join a SuperLink with this machine's backend and data; the data never leaves this machine."""
+    from fedplug import deploy
+    from fedplug.data import EMBEDDED, DataError
+
+    chosen = backend_or_exit(backend)
+    try:
+        chosen.check_available()
+    except BackendUnavailable as error:
+        fail(str(error))
+    node_config: dict[str, Scalar] = {"backend": chosen.name}
+    if data == EMBEDDED:
+        if partition_id is None or num_partitions is None or not 0 <= partition_id < num_partitions:
+            fail("--data embedded needs --partition-id I --num-partitions N with 0 <= I < N", code=2)
+        node_config.update({"data": EMBEDDED, "partition-id": partition_id, "num-partitions": num_partitions})
+    else:
+        if not Path(data).expanduser().exists():
+            fail(f"data {data} does not exist: give this node's .parquet/.csv file or dataset folder", code=2)
+        node_config["data"] = str(Path(data).expanduser().resolve())
+    node_config.update({k: v for k, v in (("image-column", image_column), ("label-column", label_column)) if v})
+    try:
+        deploy.split_address(superlink)
+        security = deploy.Security.of(ca_cert, insecure)
+        if not insecure:
+            if key is None:
+                raise deploy.DeployError("pass --key supernode-I.key (this node's private key), or --insecure")
+            from fedplug.certificates import check_private_key
+
+            check_private_key(key)
+        described = deploy.check_node(chosen.name, node_config)
+    except (deploy.DeployError, ValueError, DataError, ConfigError) as error:
+        fail(str(error), code=2)
+    typer.echo(f"fedplug: {chosen.name} backend ready; this node's data ({data}): {described}")
+    try:
+        code = deploy.serve_supernode(
+            chosen.name,
+            superlink,
+            node_config,
+            security,
+            key.expanduser().resolve() if key and not insecure else None,
+            runtime_port or deploy.free_port(),
+            log.resolve(),
+            typer.echo,
+            _warn,
+        )
+    except KeyboardInterrupt:  # before it connected
+        code = 130
+    raise typer.Exit(code)
+
+
+@app.command()
+def register(
+    keys: Annotated[list[Path], typer.Argument(help="SuperNode public keys (supernode-I.pub).")],
+    superlink: Annotated[str, typer.Option(help="HOST:PORT of the SuperLink.")],
+    ca_cert: Annotated[Path | None, typer.Option(help="The federation's CA certificate (ca.crt).")] = None,
+) -> None:
+    """Register SuperNode public keys on a running SuperLink (Flower's `flwr supernode register`)."""
+    from fedplug import deploy
+
+    try:
+        deploy.split_address(superlink)
+        security = deploy.Security.of(ca_cert, insecure=False)
+        code = deploy.register(keys, superlink, security, typer.echo)
+    except deploy.DeployError as error:
+        fail(str(error), code=2)
+    raise typer.Exit(code)
 
 
 @app.command("new-backend")

@@ -20,6 +20,7 @@ import signal
 import sys
 import tempfile
 import warnings
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -43,28 +44,72 @@ FLWR_HOME_PREFIX = "fedplug-flwr-"
 """Flower's state of a run goes to a temporary folder of this prefix, removed when the run ends."""
 
 
-def write_flower_app(out: Path, config: dict[str, Scalar]) -> Path:
-    """Write a Flower App whose components are fedplug's apps and whose config is ``config``."""
+def pinned_requirements(backend: str) -> list[str]:
+    """The distributions a run needs, pinned to the versions running now."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    from fedplug.plugins import get_registry
+
+    entry = get_registry().backends[backend]
+    names = ["flwr", "fedplug-core", entry.distribution]
+    with suppress(Exception):  # the framework, when it is an installed distribution
+        names.append(Requirement(entry.backend.framework.requirement).name)
+    pinned: dict[str, str] = {}
+    for name in names:
+        with suppress(metadata.PackageNotFoundError):
+            pinned.setdefault(metadata.distribution(name).metadata["Name"].lower(), metadata.version(name))
+    return [f"{name}=={version}" for name, version in pinned.items()]
+
+
+def portable_config(config: dict[str, Scalar]) -> dict[str, Scalar]:
+    """``config`` without the writing machine's absolute paths.
+
+    ``out`` becomes empty (the ServerApp writes ``./fedplug-runs/<time>-<backend>`` where it
+    runs) and a local dataset path becomes relative to the current directory.
+    """
+    portable = dict(config)
+    portable["out"] = ""
+    dataset = str(config.get("dataset", ""))
+    if dataset and Path(dataset).is_absolute():
+        portable["dataset"] = os.path.relpath(dataset)
+    return portable
+
+
+def write_flower_app(
+    out: Path,
+    config: dict[str, Scalar],
+    portable: bool = True,
+    serverapp: str = "fedplug.apps:server_app",
+) -> Path:
+    """Write a Flower App whose components are fedplug's apps and whose config is ``config``.
+
+    ``portable``: without absolute paths of this machine (:func:`portable_config`), so
+    that it runs with plain ``flwr run`` on any SuperLink; its dependencies are pinned to
+    the versions that run here.
+    """
     import tomli_w
 
     app_dir = out / "flower-app"
     app_dir.mkdir(parents=True, exist_ok=True)
-    from fedplug.plugins import get_registry
-
     backend = str(config["backend"])
-    requirement = get_registry().backends[backend].distribution
+    if portable:
+        config = portable_config(config)
     project = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
         "project": {
             "name": f"fedplug-{backend.replace('_', '-')}-run",
             "version": "1.0.0",
-            "dependencies": [requirement],
+            "description": f"fedplug {backend} run: fedplug.apps with this run's config",
+            "license": "Apache-2.0",
+            "dependencies": pinned_requirements(backend),
         },
         "tool": {
             "flwr": {
                 "app": {
                     "publisher": "fedplug",
-                    "components": {"serverapp": "fedplug.apps:server_app", "clientapp": "fedplug.apps:client_app"},
+                    "components": {"serverapp": serverapp, "clientapp": "fedplug.apps:client_app"},
                     "config": dict(config),
                 }
             }
@@ -72,7 +117,7 @@ def write_flower_app(out: Path, config: dict[str, Scalar]) -> Path:
     }
     header = (
         "# A Flower App running fedplug's apps with this run's config.\n"
-        "# Deployment Engine: flwr run <this folder> <your-federation>\n"
+        "# Deployment Engine: flwr run <this folder> <your-superlink-connection>\n"
     )
     (app_dir / "pyproject.toml").write_text(header + tomli_w.dumps(project), encoding="utf-8")
     return app_dir
@@ -109,7 +154,9 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float) -
     no_flower_source_id()
 
     quiet_logs(verbose)  # again: importing Flower resets its logger's level
-    app_dir = write_flower_app(out, config)
+    write_flower_app(out, config)  # the results' portable copy
+    # the simulated nodes read the run config from the app folder: this one keeps absolute paths
+    app_dir = write_flower_app(Path(os.environ["FLWR_HOME"]), config, portable=False)
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
         "init_args": {
