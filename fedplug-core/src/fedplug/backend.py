@@ -86,6 +86,13 @@ class Backend(abc.ABC):
     """Suffix of the framework's native model file, e.g. ``.pt``."""
     notice: ClassVar[str] = ""
     """Said once to users (``fedplug info`` and the first ``fedplug run``), if set."""
+    unsupported: ClassVar[frozenset[str]] = frozenset()
+    """Run-config keys or features this backend cannot honour, e.g. ``{"proximal-mu"}``.
+
+    The core refuses a run that needs one of them, in one line, before anything starts:
+    ``"proximal-mu"`` refuses ``--strategy fedprox``; any other key refuses a run config that
+    sets it to a non-zero value. Never ignore a key silently: declare it here instead.
+    """
 
     def check_available(self) -> None:
         """Raise ``BackendUnavailable`` with an install hint if the framework cannot run here."""

@@ -36,6 +36,7 @@ class KerasBackend(Backend):
     }
     quickstart_dataset = "uoft-cs/cifar10"
     file_suffix = ".keras"
+    unsupported = frozenset({"proximal-mu"})  # fit() has no FedProx term: fedplug refuses --strategy fedprox
 
     def check_available(self) -> None:
         check_installed()
