@@ -17,8 +17,11 @@ echo "== test environment .venv"
 .venv/bin/pip install "${PIP_FLAGS[@]}" \
   ./fedplug-core ./fedplug-torch "./fedplug-keras[tensorflow-cpu]" ./fedplug-jax ./fedplug-mlx \
   ./tests/plugins/fedplug-testplugins ./tests/plugins/fedplug-broken-example ./tests/plugins/fedplug-faulty \
+  ./tests/plugins/fedplug-legacy-example \
   pytest psutil ruff
 .venv/bin/ruff check . && .venv/bin/ruff format --check .
+.venv/bin/pip install "${PIP_FLAGS[@]}" mypy
+.venv/bin/mypy  # strict, configured in pyproject.toml
 .venv/bin/python -m pytest tests --ignore=tests/mxnet "$@"
 
 echo "== test environment .venv-mxnet"

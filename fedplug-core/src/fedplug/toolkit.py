@@ -24,6 +24,19 @@ import numpy as np
 
 from fedplug.backend import Config
 
+__all__ = [
+    "EVAL_BATCH",
+    "TrainSettings",
+    "conv_from_canonical",
+    "conv_to_canonical",
+    "dense_from_canonical",
+    "dense_to_canonical",
+    "example_order",
+    "flat_dense_from_canonical",
+    "flat_dense_to_canonical",
+    "metrics",
+]
+
 EVAL_BATCH = 1024
 """Examples per forward pass in ``evaluate`` and ``predict`` (no gradients, so larger than training's)."""
 
@@ -69,8 +82,11 @@ class TrainSettings:
 
     @property
     def round_seed(self) -> int:
-        """A seed for this call's other randomness (dropout, framework RNGs): from seed, round and node."""
-        return int(np.random.SeedSequence([self.seed, self.server_round, self.partition_id]).generate_state(1)[0])
+        """A seed in ``[0, 2**31)`` for this call's other randomness (dropout, framework RNGs).
+
+        It depends on ``seed``, ``server-round`` and ``partition-id``, like the example order."""
+        state = np.random.SeedSequence([self.seed, self.server_round, self.partition_id]).generate_state(1)
+        return int(state[0]) % 2**31
 
     def order(self, n: int, epoch: int) -> np.ndarray:
         """``example_order`` of this call's node and round, for ``epoch``."""

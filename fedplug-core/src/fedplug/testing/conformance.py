@@ -518,7 +518,10 @@ class BackendConformance:
                 message_type=kind,
             )
             try:
-                replies[kind] = client_app(Message(content=content, metadata=metadata), context)
+                # Message(content, metadata=...) is how Flower's runtimes deliver a message to a
+                # ClientApp; Message(content, dst_node_id, message_type) needs a running ServerApp
+                message = Message(content=content, metadata=metadata)  # type: ignore[call-overload]
+                replies[kind] = client_app(message, context)
             except Exception as error:
                 pytest.fail(
                     f"the ClientApp failed on a {kind} message: {type(error).__name__}: {error}; "
@@ -526,11 +529,12 @@ class BackendConformance:
                 )
         for kind, reply in replies.items():
             assert not reply.has_error(), f"the ClientApp failed on a {kind} message: {reply.error}"
-            metrics = reply.content["metrics"]
-            assert int(metrics["num-examples"]) > 0, f"{kind} reply lacks a positive num-examples"
-        trained = from_record(replies[MessageType.TRAIN].content["arrays"])
+            metrics = reply.content.metric_records["metrics"]
+            count = metrics.get("num-examples")
+            assert isinstance(count, int | float) and count > 0, f"{kind} reply lacks a positive num-examples"
+        trained = from_record(replies[MessageType.TRAIN].content.array_records["arrays"])
         assert list(trained) == list(sent), "the train reply must carry the canonical weights, same names and order"
         assert any(not np.array_equal(trained[k], sent[k]) for k in sent), "training did not change the weights"
-        assert {"loss", "accuracy"} <= set(replies[MessageType.EVALUATE].content["metrics"]), (
+        assert {"loss", "accuracy"} <= set(replies[MessageType.EVALUATE].content.metric_records["metrics"]), (
             "the evaluate reply must carry 'loss' and 'accuracy'"
         )

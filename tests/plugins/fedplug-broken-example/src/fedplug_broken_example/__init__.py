@@ -35,16 +35,19 @@ import numpy as np
 
 import fedplug
 from fedplug.backend import Scalar
-from fedplug.numpy_backend import NumpyBackend, NumpyModel, softmax_cross_entropy
+from fedplug.numpy_backend import NumpyBackend, NumpyImplementation, NumpyModel, softmax_cross_entropy
 
 
 class BrokenExampleBackend(NumpyBackend):
     name = "broken_example"
     description = "Fails every conformance check on purpose (fedplug's own tests)"
     framework = fedplug.Framework("sqlite3", "pysqlite3")
+    implementation = "fedplug_broken_example:BrokenImplementation"
     defaults: ClassVar[Mapping[str, Scalar]] = {"model": "mlp", "lr": "0.1", "batch-size": 32.0}
     file_suffix = ".pkl"
 
+
+class BrokenImplementation(NumpyImplementation):
     def build_model(self, model: str, spec: fedplug.DataSpec, config: fedplug.Config) -> NumpyModel:
         unseeded = int(np.random.SeedSequence().entropy % 2**32)  # type: ignore[operator]
         return super().build_model(model, spec, {**config, "seed": unseeded})
