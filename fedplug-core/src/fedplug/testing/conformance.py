@@ -488,8 +488,9 @@ class BackendConformance:
         """
         from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
-        from fedplug.apps import client_app, from_record, to_record
+        from fedplug.apps import client_app
         from fedplug.data import data_spec
+        from fedplug.records import from_record, to_record
 
         config = self._config(backend, **{"num-supernodes": 20, "local-epochs": 1})
         model = backend.build_model(str(config["model"]), data_spec(config), config)
