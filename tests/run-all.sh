@@ -20,11 +20,13 @@ echo "== test environment .venv"
   ./tests/plugins/fedplug-legacy-example \
   pytest psutil ruff
 .venv/bin/ruff check . && .venv/bin/ruff format --check .
-.venv/bin/pip install "${PIP_FLAGS[@]}" mypy
-.venv/bin/mypy  # strict, configured in pyproject.toml
 .venv/bin/python -m pytest tests --ignore=tests/mxnet "$@"
 
 echo "== test environment .venv-mxnet"
 "$PYTHON" -m venv --clear .venv-mxnet
 .venv-mxnet/bin/pip install "${PIP_FLAGS[@]}" ./fedplug-core ./fedplug-mxnet pytest psutil
 .venv-mxnet/bin/python -m pytest tests/mxnet "$@"
+
+echo "== strict mypy (configured in pyproject.toml)"
+.venv/bin/pip install "${PIP_FLAGS[@]}" mypy
+.venv/bin/mypy
