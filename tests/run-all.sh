@@ -17,6 +17,7 @@ echo "== test environment .venv"
 .venv/bin/pip install "${PIP_FLAGS[@]}" \
   ./fedplug-core ./fedplug-torch "./fedplug-keras[tensorflow-cpu]" ./fedplug-jax ./fedplug-mlx \
   ./tests/plugins/fedplug-testplugins ./tests/plugins/fedplug-broken-example ./tests/plugins/fedplug-faulty \
+  ./tests/plugins/fedplug-legacy-example \
   pytest psutil ruff
 .venv/bin/ruff check . && .venv/bin/ruff format --check .
 .venv/bin/python -m pytest tests --ignore=tests/mxnet "$@"
@@ -25,3 +26,7 @@ echo "== test environment .venv-mxnet"
 "$PYTHON" -m venv --clear .venv-mxnet
 .venv-mxnet/bin/pip install "${PIP_FLAGS[@]}" ./fedplug-core ./fedplug-mxnet pytest psutil
 .venv-mxnet/bin/python -m pytest tests/mxnet "$@"
+
+echo "== strict mypy (configured in pyproject.toml)"
+.venv/bin/pip install "${PIP_FLAGS[@]}" mypy
+.venv/bin/mypy

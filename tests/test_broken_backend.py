@@ -35,10 +35,21 @@ SAYS = {
         "'mlp' (pool max) with the reference weights predicts differently",
         "flattening follows channels-first (C, H, W) order",
     ],
-    "test_training_lowers_loss": ["5 local epochs on a fixed batch did not lower the loss"],
+    "test_odd_image_sizes_match_reference": [
+        "'mlp' on DataSpec(input_shape=(3, 29, 31), num_classes=3) must have the canonical shapes",
+        "'lenet' (pool max) with the reference weights predicts differently for DataSpec(input_shape=(3, 29, 31)",
+    ],
+    "test_training_lowers_loss": ["'mlp': 5 local epochs on a fixed batch did not lower the loss"],
+    "test_rounds_differ": ["'mlp': training in round 1 and round 2 gave the same weights"],
+    "test_train_keeps_no_state": ["'lenet': training A then B on one model differs from B on a fresh model"],
+    "test_optimizer_keys_read_every_call": [
+        "'mlp': changing 'lr' from 0.1 to",
+        "'lenet': 'lr' = 0.1 gave other weights after a call with",
+    ],
+    "test_proximal_term_applied": ["did not keep the weights nearer the round's start", "declare unsupported"],
     "test_evaluate_returns_standard_metrics": ["evaluate must return 'loss' as a Python float"],
     "test_same_seed_same_weights": ["differs between two runs with seed 42: seed the model init"],
-    "test_save_load_gives_identical_predictions": ["load() used pickle: read the native format"],
+    "test_save_load_gives_identical_predictions": ["load() used pickle: read the native format", "safetensors"],
     "test_client_app_handles_train_and_evaluate_messages": ["the evaluate reply must carry 'loss' and 'accuracy'"],
 }
 """Per check, what its failure messages must say (each string in at least one failing instance)."""

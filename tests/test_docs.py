@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fedplug import hookspecs
-from fedplug.backend import Backend
+from fedplug import hookspecs, toolkit
+from fedplug.backend import OPERATIONS, Backend, Implementation
 from fedplug.plugins import ENTRY_POINT_GROUP, PLUGINS_ENV, STRICT_ENV
 from fedplug.testing import BackendConformance
 
@@ -26,6 +26,7 @@ HOOKS = [
 ]
 BACKEND_MEMBERS = sorted(name for name in {*vars(Backend), *Backend.__annotations__} if not name.startswith("_"))
 CHECKS = sorted(name for name in dir(BackendConformance) if name.startswith("test_"))
+TOOLKIT = sorted(name for name in toolkit.__all__)
 
 
 def test_the_hookspec_module_has_hooks() -> None:
@@ -73,3 +74,39 @@ def test_python_examples_are_valid_python() -> None:
     assert blocks
     for block in blocks:
         ast.parse(block)
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_every_conformance_check_says_what_it_guards_and_how_to_fix_it(check: str) -> None:
+    doc = getattr(BackendConformance, check).__doc__ or ""
+    assert "Fix" in doc and len(doc.split()) > 15, f"{check} needs a docstring: what it guards and how to fix a failure"
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_every_operation_is_an_abstract_method_of_the_implementation(operation: str) -> None:
+    assert operation in Implementation.__abstractmethods__
+    assert f"`{operation}(" in TEXT
+
+
+@pytest.mark.parametrize("name", TOOLKIT)
+def test_every_toolkit_helper_is_documented(name: str) -> None:
+    assert f"`{name}" in TEXT, f"docs/plugins.md does not document fedplug.toolkit.{name}"
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "fedplug.Implementation",
+        'implementation = "module:Class"',
+        "fedplug: deprecated:",
+        "drops an odd last row or column",
+        "safetensors, Flax msgpack or `.npz`",
+        "Keep no state from one call to the next",
+        "refuses `--strategy fedprox`",
+        "A walk through a real backend",
+        "fedplug-core[testing]",
+        "SpecifierSet",
+    ],
+)
+def test_the_contract_v2_topics_are_explained(topic: str) -> None:
+    assert topic in TEXT

@@ -184,7 +184,7 @@ def test_training_learns_separable_digits(backend: JaxBackend, config: dict) -> 
     x, y = digits(GREY, 256)
     model = backend.build_model("cnn", GREY, config)
     before = backend.evaluate(model, x, y, config)
-    for server_round in range(1, 4):
+    for server_round in range(1, 7):  # 24 steps: 3 rounds (12 steps) reach 0.6-0.9 depending on the seed
         metrics = backend.train(model, x, y, {**config, "server-round": server_round})
     after = backend.evaluate(model, x, y, config)
     assert after["loss"] < before["loss"] and after["accuracy"] > 0.9, (before, after)

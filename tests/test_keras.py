@@ -104,7 +104,7 @@ def test_quickstart_model_and_optimizer(backend: KerasBackend, config: dict, ker
     conv1, conv2, dense = net.layers[0], net.layers[2], net.layers[6]
     assert (conv1.filters, conv1.kernel_size, conv2.filters, conv2.kernel_size) == (32, (3, 3), 64, (3, 3))
     assert net.layers[5].rate == 0.5
-    assert dense.units == COLOUR.num_classes and dense.activation is keras.activations.softmax
+    assert dense.units == COLOUR.num_classes and dense.activation is keras.activations.linear  # logits
     assert isinstance(net.optimizer, keras.optimizers.Adam)
     assert float(net.optimizer.learning_rate) == pytest.approx(0.001)
     assert isinstance(net.loss, keras.losses.SparseCategoricalCrossentropy)
@@ -150,8 +150,7 @@ def reference_cnn(weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     ]
     for layer in layers:
         x = layer.forward(x)
-    exp = np.exp(x - x.max(axis=1, keepdims=True))
-    return exp / exp.sum(axis=1, keepdims=True)
+    return x  # logits
 
 
 @pytest.mark.parametrize("spec", [GREY, COLOUR, ODD], ids=str)
@@ -184,7 +183,8 @@ def test_cnn_canonical_layout_and_conversion(backend: KerasBackend, config: dict
         np.testing.assert_array_equal(value, sent[key])
     x = images(spec, 6)
     expected_scores = reference_cnn(sent, x)
-    assert expected_scores.max() < 0.9, "saturated scores would hide a wrong feature order"
+    probabilities = np.exp(expected_scores) / np.exp(expected_scores).sum(axis=1, keepdims=True)
+    assert probabilities.max() < 0.9, "saturated scores would hide a wrong feature order"
     np.testing.assert_allclose(backend.predict(net, x), expected_scores, rtol=1e-4, atol=1e-6)
 
 
@@ -330,6 +330,20 @@ def test_unknown_keras_backend_is_refused_before_the_run(backend: KerasBackend) 
     with pytest.raises(ConfigError, match="run-config 'keras-backend' must be one of tensorflow, jax, torch"):
         resolve(backend, {"keras-backend": "mxnet"})
     assert backend.environment(resolve(backend, {"keras-backend": "torch"})) == {"KERAS_BACKEND": "torch"}
+
+
+def test_fedprox_is_refused_in_one_line_because_keras_declares_it_unsupported(tmp_path: Path) -> None:
+    from conftest import fedplug
+
+    out = tmp_path / "never"
+    done = fedplug("run", "keras", "--strategy", "fedprox", "--out", str(out), env={"FEDPLUG_PLUGINS": "keras"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line == (
+        "fedplug: error: backend 'keras' does not apply FedProx's proximal term (proximal-mu): "
+        "use another strategy (e.g. --strategy fedavg) or a backend that supports fedprox"
+    )
+    assert not out.exists(), "nothing may start"
 
 
 class TestConformance(BackendConformance):

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import fedplug
+from fedplug.backend import OPERATIONS, Backend
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.scaffold import ScaffoldError, scaffold
 
@@ -114,6 +115,7 @@ def test_generated_files_hold_the_entry_point_and_a_registered_backend(tmp_path:
         "README.md",
         "pyproject.toml",
         f"src/fedplug_{NAME}/__init__.py",
+        f"src/fedplug_{NAME}/impl.py",
         "tests/test_conformance.py",
     ]
     project = tomllib.loads((target / "pyproject.toml").read_text())["project"]
@@ -131,7 +133,11 @@ def test_generated_files_hold_the_entry_point_and_a_registered_backend(tmp_path:
     found: list[object] = []
     module.fedplug_register_backends(found.append)
     (backend,) = found
-    assert isinstance(backend, NumpyBackend) and backend.name == NAME
+    assert isinstance(backend, Backend) and not isinstance(backend, NumpyBackend) and backend.name == NAME
+    assert backend.implementation == f"fedplug_{NAME}.impl:MyThingImplementation"
+    assert not any(name in vars(type(backend)) for name in OPERATIONS), "the descriptor forwards nothing itself"
+    impl = (target / "src" / f"fedplug_{NAME}" / "impl.py").read_text()
+    assert "class MyThingImplementation(NumpyImplementation)" in impl and "replace this with your framework" in impl
     assert "replace this with your framework" in (target / "src" / f"fedplug_{NAME}" / "__init__.py").read_text()
 
 

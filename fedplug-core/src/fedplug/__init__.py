@@ -12,6 +12,7 @@ from fedplug.backend import (  # noqa: E402
     Config,
     DataSpec,
     Framework,
+    Implementation,
     ModelError,
     Weights,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "Config",
     "DataSpec",
     "Framework",
+    "Implementation",
     "ModelError",
     "Weights",
     "__version__",

@@ -1,19 +1,27 @@
-"""What a backend is: a light object that names a framework and the operations the core calls.
+"""What a backend is: a light descriptor, and an implementation imported on first use.
 
-A backend module must import no ML framework at import time: everything heavy is
-imported inside the operations, the first time the backend is used.
+The descriptor (a ``Backend`` subclass) names the framework, the models and the
+defaults: all that ``fedplug list`` and the run checks need. Its ``implementation``
+names, as ``"module:Class"``, the ``Implementation`` holding the eight operations; that
+module may import the framework at its top, because fedplug imports it only when an
+operation first runs. The core calls the operations on the descriptor, which forwards them.
 """
 
 from __future__ import annotations
 
 import abc
+import functools
+import importlib
 import importlib.util
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+from packaging.requirements import InvalidRequirement, Requirement
 
 Scalar = bool | int | float | str
 Config = Mapping[str, Scalar]
@@ -54,7 +62,11 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class Framework:
-    """The framework a backend needs: its import name and a pip requirement."""
+    """The framework a backend needs: its import name and a pip requirement with version specifiers.
+
+    ``requirement`` is a PEP 508 requirement such as ``"torch>=2.2"`` or ``"mlx[cpu]"``;
+    ``check`` compares its specifiers with the installed distribution's version.
+    """
 
     import_name: str
     requirement: str
@@ -66,33 +78,122 @@ class Framework:
         except (ImportError, ValueError):
             return False
 
+    def problem(self) -> str | None:
+        """Why the framework cannot be used (not installed, wrong version) and the pip command that fixes it."""
+        if not self.is_installed():
+            return f"needs {self.import_name}: pip install '{self.requirement}'"
+        try:
+            wanted = Requirement(self.requirement)
+            found = version(wanted.name)
+        except (InvalidRequirement, PackageNotFoundError):
+            return None  # no requirement to compare, or a source build without metadata: trust it
+        if wanted.specifier and not wanted.specifier.contains(found, prereleases=True):
+            return f"needs {self.requirement}, found {wanted.name} {found}: pip install -U '{self.requirement}'"
+        return None
 
-class Backend(abc.ABC):
-    """Base class of every backend; subclasses fill in the class attributes and operations.
+
+OPERATIONS = ("build_model", "get_weights", "set_weights", "train", "evaluate", "predict", "save", "load")
+"""The operations the core calls, on the descriptor, which forwards them to the implementation."""
+_LEGACY_SAID: set[str] = set()
+
+
+class Implementation(abc.ABC):
+    """The operations of a backend; its module may import the framework at module level.
 
     Data reaches ``train``, ``evaluate`` and ``predict`` as ``x``: float32 images
-    ``(N, C, H, W)`` scaled to ``[0, 1]``, and ``y``: int64 labels ``(N,)``.
+    ``(N, C, H, W)`` scaled to ``[0, 1]``, and ``y``: int64 labels ``(N,)``. ``self.backend``
+    is the descriptor (name, models, defaults). ``fedplug.toolkit`` holds the shared policies.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    @abc.abstractmethod
+    def build_model(self, model: str, spec: DataSpec, config: Config) -> Any:
+        """Build model ``model`` (one of the backend's ``models``) for ``spec``, seeded by ``config['seed']``."""
+
+    @abc.abstractmethod
+    def get_weights(self, model: Any) -> Weights:
+        """Return the model's weights in the canonical layout (fresh numpy arrays)."""
+
+    @abc.abstractmethod
+    def set_weights(self, model: Any, weights: Weights) -> None:
+        """Load canonical weights into the model."""
+
+    @abc.abstractmethod
+    def train(self, model: Any, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
+        """Train locally for ``config['local-epochs']``; return at least ``loss`` and ``num-examples``.
+
+        Keep no state from one call to the next, and read every setting from this call's config.
+        """
+
+    @abc.abstractmethod
+    def evaluate(self, model: Any, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
+        """Return ``loss``, ``accuracy`` and ``num-examples`` on ``(x, y)``."""
+
+    @abc.abstractmethod
+    def predict(self, model: Any, x: np.ndarray) -> np.ndarray:
+        """Return class scores (logits) ``(N, num_classes)`` as a numpy array."""
+
+    @abc.abstractmethod
+    def save(self, model: Any, path: Path) -> None:
+        """Save the model in the framework's native format at ``path`` (ends in ``file_suffix``)."""
+
+    @abc.abstractmethod
+    def load(self, model: Any, path: Path) -> Any:
+        """Load a file written by ``save`` into a model built like ``model``; return it. No pickle."""
+
+
+class Backend(abc.ABC):
+    """Base class of every backend descriptor: class attributes, and the operations forwarded once, here.
+
+    A subclass sets the class attributes and ``implementation``. Backends written against
+    fedplug 0.1's contract (the operations defined on the ``Backend`` subclass itself) still
+    work, with one deprecation line, until fedplug 0.3.
     """
 
     name: ClassVar[str]
     description: ClassVar[str]
     framework: ClassVar[Framework]
+    implementation: ClassVar[str] = ""
+    """``"module:Class"`` of the backend's ``Implementation``, imported when an operation first runs."""
     models: ClassVar[tuple[str, ...]] = ("mlp", "lenet")
     defaults: ClassVar[Mapping[str, Scalar]] = {}
     """Run-config defaults of this backend, over the core's (see ``fedplug.config``)."""
     quickstart_dataset: ClassVar[str | None] = None
-    """Hugging Face id of the dataset of the Flower quickstart this backend reproduces."""
+    """Hugging Face id of the dataset of the Flower quickstart this backend reproduces, if there is one."""
     file_suffix: ClassVar[str]
     """Suffix of the framework's native model file, e.g. ``.pt``."""
     notice: ClassVar[str] = ""
     """Said once to users (``fedplug info`` and the first ``fedplug run``), if set."""
+    unsupported: ClassVar[frozenset[str]] = frozenset()
+    """Run-config keys or features this backend cannot honour, e.g. ``{"proximal-mu"}``.
+
+    The core refuses a run that needs one of them, in one line, before anything starts:
+    ``"proximal-mu"`` refuses ``--strategy fedprox``; any other key refuses a run config that
+    sets it to a non-zero value. Never ignore a key silently: declare it here instead.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Say once, in one line, that a class defining all eight operations itself follows the 0.1 contract.
+
+        Overriding a few operations of a backend to wrap its implementation (a test double) is fine.
+        """
+        super().__init_subclass__(**kwargs)
+        where = f"{cls.__module__}.{cls.__qualname__}"
+        if all(name in vars(cls) for name in OPERATIONS) and where not in _LEGACY_SAID:
+            _LEGACY_SAID.add(where)
+            print(
+                f"fedplug: deprecated: {where} defines the operations itself (the fedplug 0.1 backend contract, "
+                "supported until 0.3): move them to a fedplug.Implementation subclass in a module of their own "
+                "and set implementation = 'module:Class' (see 'The backend' in fedplug's docs/plugins.md)",
+                file=sys.stderr,
+            )
 
     def check_available(self) -> None:
         """Raise ``BackendUnavailable`` with an install hint if the framework cannot run here."""
-        if not self.framework.is_installed():
-            raise BackendUnavailable(
-                f"backend '{self.name}' needs {self.framework.import_name}: pip install '{self.framework.requirement}'"
-            )
+        if problem := self.framework.problem():
+            raise BackendUnavailable(f"backend '{self.name}' {problem}")
 
     def check_config(self, config: Config) -> None:
         """Check the backend's own run-config keys; raise ``fedplug.config.ConfigError``. Default: no check."""
@@ -106,40 +207,65 @@ class Backend(abc.ABC):
         """
         return {}
 
-    @abc.abstractmethod
+    @functools.cached_property
+    def impl(self) -> Implementation:
+        """The ``Implementation`` named by ``implementation``, imported and built on first use.
+
+        A framework that is installed but fails to import (a missing native library, a
+        broken install) raises ``BackendUnavailable`` saying how to reinstall it.
+        """
+        module_name, _, class_name = self.implementation.partition(":")
+        if not module_name or not class_name:
+            raise TypeError(
+                f"backend '{self.name}' must set implementation = 'module:Class', got {self.implementation!r}"
+            )
+        try:
+            module = importlib.import_module(module_name)
+        except (ImportError, OSError) as error:
+            if problem := self.framework.problem():
+                raise BackendUnavailable(f"backend '{self.name}' {problem}") from error
+            try:
+                importlib.import_module(self.framework.import_name)
+            except (ImportError, OSError) as broken:
+                raise BackendUnavailable(
+                    f"backend '{self.name}': {self.framework.import_name} is installed but fails to import "
+                    f"({type(broken).__name__}: {broken}): pip install --force-reinstall '{self.framework.requirement}'"
+                ) from error
+            raise  # the framework imports: the fault is the backend's own
+        implementation: Implementation = getattr(module, class_name)(self)
+        return implementation
+
     def build_model(self, model: str, spec: DataSpec, config: Config) -> Any:
         """Build model ``model`` (one of ``self.models``) for ``spec``, seeded by ``config['seed']``."""
+        return self.impl.build_model(model, spec, config)
 
-    @abc.abstractmethod
     def get_weights(self, model: Any) -> Weights:
-        """Return the model's weights in the canonical layout (fresh numpy arrays)."""
+        """The model's weights in the canonical layout."""
+        return self.impl.get_weights(model)
 
-    @abc.abstractmethod
     def set_weights(self, model: Any, weights: Weights) -> None:
         """Load canonical weights into the model."""
+        self.impl.set_weights(model, weights)
 
-    @abc.abstractmethod
     def train(self, model: Any, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        """Train locally for ``config['local-epochs']``; return at least ``loss`` and ``num-examples``."""
+        """Train locally; return at least ``loss`` and ``num-examples``."""
+        return self.impl.train(model, x, y, config)
 
-    @abc.abstractmethod
     def evaluate(self, model: Any, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
         """Return ``loss``, ``accuracy`` and ``num-examples`` on ``(x, y)``."""
+        return self.impl.evaluate(model, x, y, config)
 
-    @abc.abstractmethod
     def predict(self, model: Any, x: np.ndarray) -> np.ndarray:
-        """Return class scores ``(N, num_classes)`` as a numpy array."""
+        """Class scores (logits) ``(N, num_classes)``."""
+        return self.impl.predict(model, x)
 
-    @abc.abstractmethod
     def save(self, model: Any, path: Path) -> None:
-        """Save the model in the framework's native format at ``path`` (ends in ``file_suffix``)."""
+        """Save the model in the framework's native format."""
+        self.impl.save(model, path)
 
-    @abc.abstractmethod
     def load(self, model: Any, path: Path) -> Any:
-        """Load a file written by ``save`` into a model built like ``model``; return it.
-
-        Must not use unsafe deserialization (pickle).
-        """
+        """Load a file written by ``save`` into a model built like ``model``."""
+        return self.impl.load(model, path)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

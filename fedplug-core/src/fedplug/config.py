@@ -189,6 +189,7 @@ def check_values(backend: Backend, config: Config) -> None:
         hidden_dims(config)
     except ModelError as error:
         raise ConfigError(f"run-config 'hidden-dims': {error}") from error
+    check_supported(backend, config)
     try:
         backend.check_config(config)
     except ConfigError:
@@ -234,3 +235,15 @@ def check_partitioner(config: Config, num_classes: int | None) -> None:
                 f"run-config 'partitioner.num-classes-per-partition' is {classes} but the dataset has only "
                 f"{num_classes} classes; choose at most {num_classes}"
             )
+
+
+def check_supported(backend: Backend, config: Config) -> None:
+    """Refuse a run that needs something the backend declares in ``unsupported``."""
+    for key in sorted(backend.unsupported):
+        if key == "proximal-mu" and config.get("strategy") == "fedprox":
+            raise ConfigError(
+                f"backend '{backend.name}' does not apply FedProx's proximal term (proximal-mu): "
+                "use another strategy (e.g. --strategy fedavg) or a backend that supports fedprox"
+            )
+        if config.get(key) not in (None, 0, 0.0, False, ""):
+            raise ConfigError(f"backend '{backend.name}' does not support run-config '{key}': leave it unset")

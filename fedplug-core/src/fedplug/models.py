@@ -9,7 +9,6 @@ from fedplug.backend import Config, DataSpec, ModelError
 LENET_CONV = ((6, 5), (16, 5))
 """LeNet's conv layers as ``(out_channels, kernel)``; each is followed by a 2x2 pool."""
 LENET_DENSE = (120, 84)
-POOLS = ("max", "avg")
 
 
 def hidden_dims(config: Config) -> tuple[int, ...]:

@@ -13,9 +13,10 @@ from typing import Any, ClassVar
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from fedplug.backend import Backend, Config, DataSpec, Framework, Scalar, Weights
+from fedplug.backend import Backend, Config, DataSpec, Framework, Implementation, Scalar, Weights
 from fedplug.hookspecs import hookimpl
 from fedplug.models import LENET_CONV, canonical_shapes
+from fedplug.toolkit import EVAL_BATCH, TrainSettings, metrics
 
 
 class Dense:
@@ -24,7 +25,8 @@ class Dense:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self.x = x
-        return x @ self.params[0].T + self.params[1]
+        out: np.ndarray = x @ self.params[0].T + self.params[1]
+        return out
 
     def backward(self, grad: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         weight = self.params[0]
@@ -40,8 +42,9 @@ class Conv:
     def forward(self, x: np.ndarray) -> np.ndarray:
         k = self.params[0].shape[-1]
         self.windows = sliding_window_view(x, (k, k), axis=(2, 3))
-        out = np.einsum("nchwij,ocij->nohw", self.windows, self.params[0], optimize=True)
-        return out + self.params[1][None, :, None, None]
+        out: np.ndarray = np.einsum("nchwij,ocij->nohw", self.windows, self.params[0], optimize=True)
+        out += self.params[1][None, :, None, None]
+        return out
 
     def backward(self, grad: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         weight = self.params[0]
@@ -67,8 +70,9 @@ class Pool:
         self.shape = x.shape
         blocks = x[:, :, : h // 2 * 2, : w // 2 * 2].reshape(n, c, h // 2, 2, w // 2, 2)
         if self.kind == "avg":
-            return blocks.mean(axis=(3, 5))
-        out = blocks.max(axis=(3, 5))
+            mean: np.ndarray = blocks.mean(axis=(3, 5))
+            return mean
+        out: np.ndarray = blocks.max(axis=(3, 5))
         self.mask = blocks == out[:, :, :, None, :, None]
         return out
 
@@ -153,6 +157,7 @@ class NumpyBackend(Backend):
     name = "numpy"
     description = "Built-in pure-NumPy MLP and LeNet with SGD: no framework needed"
     framework = Framework("numpy", "numpy")
+    implementation = "fedplug.numpy_backend:NumpyImplementation"
     models = ("mlp", "lenet")
     defaults: ClassVar[Mapping[str, Scalar]] = {
         "model": "mlp",
@@ -166,6 +171,10 @@ class NumpyBackend(Backend):
     }
     quickstart_dataset = "ylecun/mnist"
     file_suffix = ".npz"
+
+
+class NumpyImplementation(Implementation):
+    """The reference: SGD with momentum and FedProx's term, in the core's example order."""
 
     def build_model(self, model: str, spec: DataSpec, config: Config) -> NumpyModel:
         rng = np.random.default_rng(int(config.get("seed", 0)))
@@ -187,45 +196,37 @@ class NumpyBackend(Backend):
             value[...] = weights[key]
 
     def train(self, model: NumpyModel, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        lr, momentum = float(config["lr"]), float(config.get("momentum", 0.0))
-        mu = float(config.get("proximal-mu", 0.0))
-        anchor = [p.copy() for p in model.weights.values()] if mu > 0 else []
-        velocity = [np.zeros_like(p) for p in model.weights.values()]
-        batch_size = int(config["batch-size"])
-        seed = int(config.get("seed", 0)) + int(config.get("server-round", 0))
-        rng = np.random.default_rng(seed)
+        settings = TrainSettings.from_config(config)
+        params = list(model.weights.values())
+        anchor = [p.copy() for p in params]
+        velocity = [np.zeros_like(p) for p in params]
         x = x.reshape(len(x), -1) if model.name == "mlp" else x
-        losses, correct = [], 0
-        for _ in range(int(config["local-epochs"])):
-            order = rng.permutation(len(y))
-            for start in range(0, len(y), batch_size):
-                idx = order[start : start + batch_size]
-                logits = model.forward(x[idx])
-                loss, grad = softmax_cross_entropy(logits, y[idx])
-                losses.append(loss * len(idx))
-                correct += int((logits.argmax(axis=1) == y[idx]).sum())
-                params = list(model.weights.values())
-                for i, (param, g) in enumerate(zip(params, model.backward(grad))):
-                    if mu > 0:
-                        g = g + mu * (param - anchor[i])
-                    velocity[i] = momentum * velocity[i] + g
-                    param -= (lr * velocity[i]).astype(param.dtype)
-        seen = len(y) * int(config["local-epochs"])
-        return {"loss": float(sum(losses) / seen), "accuracy": correct / seen, "num-examples": len(y)}
+        loss_sum, correct = 0.0, 0
+        for idx in settings.batches(len(y)):
+            logits = model.forward(x[idx])
+            loss, grad = softmax_cross_entropy(logits, y[idx])
+            loss_sum += loss * len(idx)
+            correct += int((logits.argmax(axis=1) == y[idx]).sum())
+            for i, (param, g) in enumerate(zip(params, model.backward(grad))):
+                if settings.proximal_mu > 0:
+                    g = g + settings.proximal_mu * (param - anchor[i])
+                velocity[i] = settings.momentum * velocity[i] + g
+                param -= (settings.lr * velocity[i]).astype(param.dtype)
+        return metrics(loss_sum, correct, len(y) * settings.epochs, len(y))
 
     def evaluate(self, model: NumpyModel, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
         logits = self.predict(model, x)
         loss, _ = softmax_cross_entropy(logits, y)
-        accuracy = float((logits.argmax(axis=1) == y).mean())
-        return {"loss": loss, "accuracy": accuracy, "num-examples": len(y)}
+        return metrics(loss * len(y), (logits.argmax(axis=1) == y).sum(), len(y))
 
     def predict(self, model: NumpyModel, x: np.ndarray) -> np.ndarray:
         x = x.reshape(len(x), -1) if model.name == "mlp" else x
-        return np.concatenate([model.forward(x[i : i + 512]) for i in range(0, len(x), 512)])
+        return np.concatenate([model.forward(x[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)])
 
     def save(self, model: NumpyModel, path: Path) -> None:
         with open(path, "wb") as file:
-            np.savez(file, **model.weights)
+            arrays: dict[str, Any] = dict(model.weights)
+            np.savez(file, **arrays)
 
     def load(self, model: NumpyModel, path: Path) -> NumpyModel:
         with np.load(path, allow_pickle=False) as saved:

@@ -2,8 +2,9 @@
 
 The project is filled in from the template files in ``fedplug/templates/backend/``
 (``string.Template``: ``$name`` is the backend name, ``$$`` a literal dollar sign).
-Its backend delegates to the built-in NumPy backend, so it installs, passes the
-conformance suite and runs with no framework; the author then replaces it piece by piece.
+Its descriptor (``__init__.py``) names an implementation (``impl.py``) that delegates to
+the built-in NumPy backend, so it installs, passes the conformance suite and runs with no
+framework; the author then replaces it piece by piece.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ FILES = {
     "pyproject.toml": "pyproject.toml.tmpl",
     "README.md": "README.md.tmpl",
     "src/fedplug_{name}/__init__.py": "plugin.py.tmpl",
+    "src/fedplug_{name}/impl.py": "impl.py.tmpl",
     "tests/test_conformance.py": "test_conformance.py.tmpl",
 }
 """Generated file (relative to the project folder) -> its template."""
@@ -57,11 +59,13 @@ def render(template: str, name: str) -> str:
     """Fill in one template for the backend ``name``."""
     text = (TEMPLATES / template).read_text(encoding="utf-8")
     major, minor = __version__.split(".")[:2]
+    title = "".join(part.capitalize() for part in name.split("_"))
     return Template(text).substitute(
         name=name,
         distribution=f"fedplug-{name.replace('_', '-')}",
         package=f"fedplug_{name}",
-        cls="".join(part.capitalize() for part in name.split("_")) + "Backend",
+        cls=f"{title}Backend",
+        impl_cls=f"{title}Implementation",
         core_requirement=f"fedplug-core>={major}.{minor}",
     )
 

@@ -1,32 +1,26 @@
 """fedplug backend for JAX with Flax NNX and Optax: the Flower JAX quickstart's CNN.
 
-This module imports no framework: the operations import the JAX side (``nets``,
-``state``, ``training``), which imports JAX through ``framework`` once its environment is set.
+This module is the light descriptor; the implementation (``fedplug_jax.training``)
+imports JAX through ``framework``, once its environment is set, on first use.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
-
-import numpy as np
+from typing import Any, ClassVar
 
 import fedplug
-from fedplug.backend import Backend, BackendUnavailable, Config, DataSpec, Framework, Scalar, Weights
-
-if TYPE_CHECKING:
-    from fedplug_jax.nets import Network
+from fedplug.backend import BackendUnavailable, Scalar
 
 REQUIREMENTS = {"jax": "jax>=0.7.1", "jaxlib": "jaxlib>=0.7.1", "flax": "flax>=0.12", "optax": "optax>=0.2"}
 """Import name -> pip requirement of each package the backend needs (pyproject.toml's bounds; jax brings jaxlib)."""
 
 
-class JaxBackend(Backend):
+class JaxBackend(fedplug.Backend):
     name = "jax"
     description = "JAX + Flax NNX + Optax: the Flower JAX quickstart's CNN, MLP and LeNet"
-    framework = Framework("jax", REQUIREMENTS["jax"])
+    framework = fedplug.Framework("jax", REQUIREMENTS["jax"])
+    implementation = "fedplug_jax.training:JaxImplementation"
     models = ("cnn", "mlp", "lenet")
     defaults: ClassVar[Mapping[str, Scalar]] = {
         "model": "cnn",
@@ -44,48 +38,8 @@ class JaxBackend(Backend):
 
     def check_available(self) -> None:
         for module, requirement in REQUIREMENTS.items():
-            if importlib.util.find_spec(module) is None:
-                raise BackendUnavailable(f"backend 'jax' needs {module}: pip install '{requirement}'")
-
-    def build_model(self, model: str, spec: DataSpec, config: Config) -> Network:
-        from fedplug_jax import nets
-
-        return nets.build(model, spec, config)
-
-    def get_weights(self, model: Network) -> Weights:
-        from fedplug_jax import state
-
-        return state.get_weights(model)
-
-    def set_weights(self, model: Network, weights: Weights) -> None:
-        from fedplug_jax import state
-
-        state.set_weights(model, weights)
-
-    def train(self, model: Network, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        from fedplug_jax import training
-
-        return training.train(model, x, y, config)
-
-    def evaluate(self, model: Network, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        from fedplug_jax import training
-
-        return training.evaluate(model, x, y)
-
-    def predict(self, model: Network, x: np.ndarray) -> np.ndarray:
-        from fedplug_jax import training
-
-        return training.predict(model, x)
-
-    def save(self, model: Network, path: Path) -> None:
-        from fedplug_jax import state
-
-        state.save(model, path)
-
-    def load(self, model: Network, path: Path) -> Network:
-        from fedplug_jax import state
-
-        return state.load(model, path)
+            if problem := fedplug.Framework(module, requirement).problem():
+                raise BackendUnavailable(f"backend 'jax' {problem}")
 
 
 @fedplug.hookimpl

@@ -1,4 +1,4 @@
-"""Training, evaluation and prediction with steps compiled once per process.
+"""The JAX implementation: steps compiled once per process, weights and Flax msgpack files.
 
 The steps are module-level ``nnx.jit`` functions: JAX caches one executable per model
 structure and batch shape, so every round and every partition reuses it. Batches
@@ -7,16 +7,22 @@ is dropped and no partition size triggers a compile. Learning rate, momentum and
 FedProx ``proximal-mu`` are arrays (optimizer state or step arguments), never
 compile-time constants. Each call moves its data to the device once per epoch and
 reads the accumulated metrics back once.
+
+Flax stores dense kernels ``(in, out)`` and conv kernels ``(kh, kw, in, out)``; weights
+are converted to and from the canonical layout with ``fedplug.toolkit``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedplug.backend import Config
-from fedplug_jax.framework import jax, jnp, nnx, optax
+from fedplug.backend import Config, DataSpec, Implementation, Weights
+from fedplug.toolkit import TrainSettings, conv_from_canonical, conv_to_canonical, metrics
+from fedplug_jax import nets
+from fedplug_jax.framework import jax, jnp, nnx, optax, serialization
 from fedplug_jax.nets import Network
 
 EVAL_BATCH = 256
@@ -85,33 +91,88 @@ def batches(order: np.ndarray, size: int, *arrays: np.ndarray) -> list[tuple[jax
     return list(zip(*jax.device_put(split)))
 
 
-def train(model: Network, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-    """SGD with momentum for ``local-epochs`` epochs, shuffled by ``seed + server-round``."""
-    optimizer = nnx.Optimizer(model, SGD, wrt=nnx.Param)
-    hyperparams = optimizer.opt_state.hyperparams
-    hyperparams["learning_rate"][...] = jnp.float32(config["lr"])
-    hyperparams["momentum"][...] = jnp.float32(config["momentum"])
-    mu = jnp.float32(config.get("proximal-mu", 0.0))
-    anchor = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    rng = np.random.default_rng(int(config.get("seed", 0)) + int(config.get("server-round", 0)))
-    labels, epochs = y.astype(np.int32), int(config["local-epochs"])
-    totals = jnp.zeros(2)
-    for _ in range(epochs):
-        for xb, yb, mb in batches(rng.permutation(len(y)), int(config["batch-size"]), x, labels):
-            totals = train_step(model, optimizer, totals, anchor, mu, xb, yb, mb)
-    loss, accuracy = jax.device_get(totals) / max(len(y) * epochs, 1)
-    return {"loss": float(loss), "accuracy": float(accuracy), "num-examples": len(y)}
+def to_canonical(array: np.ndarray) -> np.ndarray:
+    return conv_to_canonical(array, "hwio") if array.ndim == 4 else np.ascontiguousarray(array.T)
 
 
-def evaluate(model: Network, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    totals = jnp.zeros(2)
-    for xb, yb, mb in batches(np.arange(len(y)), EVAL_BATCH, x, y.astype(np.int32)):
-        totals = eval_step(model, totals, xb, yb, mb)
-    loss, accuracy = jax.device_get(totals) / max(len(y), 1)
-    return {"loss": float(loss), "accuracy": float(accuracy), "num-examples": len(y)}
+def from_canonical(array: np.ndarray) -> np.ndarray:
+    return conv_from_canonical(array, "hwio") if array.ndim == 4 else np.ascontiguousarray(array.T)
 
 
-def predict(model: Network, x: np.ndarray) -> np.ndarray:
-    """Logits ``(N, classes)``, computed in padded batches and fetched in one transfer."""
-    logits = [logits_step(model, xb) for xb, _ in batches(np.arange(len(x)), EVAL_BATCH, x)]
-    return np.concatenate(jax.device_get(logits))[: len(x)]
+def parameters(model: Network) -> list[tuple[str, nnx.Param[jax.Array]]]:
+    """``(canonical name, Flax parameter)`` pairs in canonical order."""
+    return [
+        (f"layers.{i}.{part}", variable)
+        for i, layer in enumerate(model.layers)
+        for part, variable in (("weight", layer.kernel), ("bias", layer.bias))
+    ]
+
+
+class JaxImplementation(Implementation):
+    """Flax NNX networks trained with Optax SGD (momentum, FedProx) in the core's example order."""
+
+    def build_model(self, model: str, spec: DataSpec, config: Config) -> Network:
+        return nets.build(model, spec, config)
+
+    def get_weights(self, model: Network) -> Weights:
+        """Canonical weights as fresh numpy arrays, fetched in one device transfer."""
+        named = parameters(model)
+        arrays = jax.device_get([variable[...] for _, variable in named])
+        return {name: to_canonical(np.asarray(array)) for (name, _), array in zip(named, arrays)}
+
+    def set_weights(self, model: Network, weights: Weights) -> None:
+        """Load canonical weights into ``model``, sent to the device in one transfer."""
+        named = parameters(model)
+        arrays = []
+        for name, variable in named:
+            array = from_canonical(np.asarray(weights[name], dtype=np.float32))
+            if array.shape != variable.shape:
+                expected = to_canonical(np.zeros(variable.shape)).shape
+                raise ValueError(f"{name} must have shape {expected}, got {np.shape(weights[name])}")
+            arrays.append(array)
+        for (_, variable), value in zip(named, jax.device_put(arrays)):
+            variable[...] = value
+
+    def train(self, model: Network, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
+        """SGD with momentum for ``local-epochs`` epochs, in the core's example order."""
+        settings = TrainSettings.from_config(config)
+        optimizer = nnx.Optimizer(model, SGD, wrt=nnx.Param)
+        hyperparams = optimizer.opt_state.hyperparams
+        hyperparams["learning_rate"][...] = jnp.float32(settings.lr)
+        hyperparams["momentum"][...] = jnp.float32(settings.momentum)
+        mu = jnp.float32(settings.proximal_mu)
+        anchor = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        labels = y.astype(np.int32)
+        totals = jnp.zeros(2)
+        for epoch in range(settings.epochs):
+            for xb, yb, mb in batches(settings.order(len(y), epoch), settings.batch_size, x, labels):
+                totals = train_step(model, optimizer, totals, anchor, mu, xb, yb, mb)
+        loss_sum, correct = jax.device_get(totals)
+        return metrics(loss_sum, correct, len(y) * settings.epochs, len(y))
+
+    def evaluate(self, model: Network, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
+        totals = jnp.zeros(2)
+        for xb, yb, mb in batches(np.arange(len(y)), EVAL_BATCH, x, y.astype(np.int32)):
+            totals = eval_step(model, totals, xb, yb, mb)
+        loss_sum, correct = jax.device_get(totals)
+        return metrics(loss_sum, correct, len(y))
+
+    def predict(self, model: Network, x: np.ndarray) -> np.ndarray:
+        """Logits ``(N, classes)``, computed in padded batches and fetched in one transfer."""
+        logits = [logits_step(model, xb) for xb, _ in batches(np.arange(len(x)), EVAL_BATCH, x)]
+        return np.concatenate(jax.device_get(logits))[: len(x)]
+
+    def save(self, model: Network, path: Path) -> None:
+        """Write the model's state, in Flax's own layout, as Flax msgpack."""
+        path.write_bytes(serialization.to_bytes(nnx.to_pure_dict(nnx.state(model))))
+
+    def load(self, model: Network, path: Path) -> Network:
+        """Read a file written by ``save`` into ``model`` (msgpack, no pickle); return it."""
+        target = nnx.to_pure_dict(nnx.state(model))
+        restored = serialization.from_bytes(target, path.read_bytes())
+        if jax.tree.map(np.shape, restored) != jax.tree.map(np.shape, target):
+            raise ValueError(f"{path} holds a model of another architecture or data shape")
+        state = nnx.state(model)
+        nnx.replace_by_pure_dict(state, jax.device_put(restored))
+        nnx.update(model, state)
+        return model

@@ -1,21 +1,58 @@
-"""Train, evaluate and predict with ``fit``/``evaluate``/``predict`` on a model compiled once.
+"""The Keras implementation: ``fit``/``evaluate``/``predict`` on a model compiled once.
 
 Keras caches its compiled step functions on the model (``train_function`` and co.),
 so reusing one model object across rounds reuses one graph. Nothing here
 recompiles, rebuilds or calls ``keras.backend.clear_session``.
+
+Keras keeps dense kernels ``(in, out)`` and conv kernels ``(kh, kw, in, out)``, and its
+channels-last ``Flatten`` orders features ``(H, W, C)``: the first dense layer after a
+feature map gets its input rows permuted at the weights boundary (``fedplug.toolkit``),
+so the Keras model itself stays the plain quickstart architecture.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedplug.backend import Config
+from fedplug import toolkit
+from fedplug.backend import Config, DataSpec, Implementation, Weights
+from fedplug_keras import nets
 from fedplug_keras.framework import import_keras, set_seed
 
-PREDICT_BATCH = 512
+FeatureMap = tuple[int, int, int] | None
+"""``(H, W, C)`` of the feature map a dense layer's input was flattened from, or None."""
+
+
+def parametrised_layers(net: Any) -> Iterator[tuple[Any, FeatureMap]]:
+    """The layers holding weights, in order, each with the feature map it flattens (if any)."""
+    feature_map: FeatureMap = None
+    for layer in net.layers:
+        if layer.weights:
+            yield layer, feature_map
+            feature_map = None
+        shape = tuple(layer.output.shape[1:])
+        if len(shape) == 3:
+            feature_map = shape  # type: ignore[assignment]
+
+
+def to_canonical(kernel: np.ndarray, feature_map: FeatureMap) -> np.ndarray:
+    if kernel.ndim == 4:
+        return toolkit.conv_to_canonical(kernel, "hwio")
+    if feature_map is not None:
+        return toolkit.flat_dense_to_canonical(kernel, feature_map)
+    return toolkit.dense_to_canonical(kernel)
+
+
+def from_canonical(weight: np.ndarray, feature_map: FeatureMap) -> np.ndarray:
+    if weight.ndim == 4:
+        return toolkit.conv_from_canonical(weight, "hwio")
+    if feature_map is not None:
+        return toolkit.flat_dense_from_canonical(weight, feature_map)
+    return toolkit.dense_from_canonical(weight)
 
 
 def model_inputs(net: Any, x: np.ndarray) -> np.ndarray:
@@ -45,51 +82,63 @@ def reseed(net: Any, seed: int) -> None:
             generator.state.assign(np.array([seed, 0], dtype=generator.state.dtype))
 
 
-def train(net: Any, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-    """``local-epochs`` epochs of ``fit`` at the config's ``lr``, shuffled by seed and round."""
-    seed = int(config.get("seed", 0)) + int(config.get("server-round", 0))
-    set_seed(import_keras(config), seed)
-    reseed(net, seed)
-    restart_optimizer(net, float(config["lr"]))
-    history = net.fit(
-        model_inputs(net, x),
-        y,
-        batch_size=int(config["batch-size"]),
-        epochs=int(config["local-epochs"]),
-        shuffle=True,
-        verbose=0,
-    ).history
-    return {
-        "loss": float(np.mean(history["loss"])),
-        "accuracy": float(np.mean(history["accuracy"])),
-        "num-examples": len(y),
-    }
+class KerasImplementation(Implementation):
+    """Keras ``Sequential`` models compiled once, trained with Adam restarted every call."""
 
+    def build_model(self, model: str, spec: DataSpec, config: Config) -> Any:
+        return nets.build(model, spec, config)
 
-def evaluate(net: Any, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-    """Loss and accuracy over ``(x, y)``."""
-    metrics = net.evaluate(model_inputs(net, x), y, batch_size=int(config["batch-size"]), verbose=0, return_dict=True)
-    return {"loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]), "num-examples": len(y)}
+    def get_weights(self, model: Any) -> Weights:
+        """The model's weights in the canonical layout, as fresh float32 arrays."""
+        weights: Weights = {}
+        for i, (layer, feature_map) in enumerate(parametrised_layers(model)):
+            kernel, bias = layer.get_weights()
+            weights[f"layers.{i}.weight"] = to_canonical(np.asarray(kernel, np.float32), feature_map)
+            weights[f"layers.{i}.bias"] = np.array(bias, dtype=np.float32)
+        return weights
 
+    def set_weights(self, model: Any, weights: Weights) -> None:
+        """Load canonical weights; Keras checks every shape."""
+        for i, (layer, feature_map) in enumerate(parametrised_layers(model)):
+            kernel = from_canonical(np.asarray(weights[f"layers.{i}.weight"]), feature_map)
+            layer.set_weights([kernel, np.asarray(weights[f"layers.{i}.bias"])])
 
-def predict(net: Any, x: np.ndarray) -> np.ndarray:
-    """Class scores: logits for ``mlp`` and ``lenet``, probabilities for the quickstart's ``cnn``."""
-    return np.asarray(net.predict(model_inputs(net, x), batch_size=PREDICT_BATCH, verbose=0))
+    def train(self, model: Any, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
+        """``local-epochs`` epochs of ``fit`` at the config's ``lr``, in the core's example order."""
+        settings = toolkit.TrainSettings.from_config(config)
+        set_seed(import_keras(config), settings.round_seed)
+        reseed(model, settings.round_seed)
+        restart_optimizer(model, settings.lr)
+        inputs, losses, accuracies = model_inputs(model, x), [], []
+        for epoch in range(settings.epochs):
+            order = settings.order(len(y), epoch)
+            history = model.fit(
+                inputs[order], y[order], batch_size=settings.batch_size, epochs=1, shuffle=False, verbose=0
+            ).history
+            losses += history["loss"]
+            accuracies += history["accuracy"]
+        return {"loss": float(np.mean(losses)), "accuracy": float(np.mean(accuracies)), "num-examples": len(y)}
 
+    def evaluate(self, model: Any, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
+        metrics = model.evaluate(model_inputs(model, x), y, batch_size=toolkit.EVAL_BATCH, verbose=0, return_dict=True)
+        return {"loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]), "num-examples": len(y)}
 
-def save(net: Any, path: Path) -> None:
-    """The native ``.keras`` archive: architecture, weights and optimizer state, no pickle."""
-    net.save(path)
+    def predict(self, model: Any, x: np.ndarray) -> np.ndarray:
+        """Logits ``(N, classes)``."""
+        return np.asarray(model.predict(model_inputs(model, x), batch_size=toolkit.EVAL_BATCH, verbose=0))
 
+    def save(self, model: Any, path: Path) -> None:
+        """The native ``.keras`` archive: architecture, weights and optimizer state, no pickle."""
+        model.save(path)
 
-def load(net: Any, path: Path) -> Any:
-    """Copy the weights of a ``.keras`` archive into ``net``, built like the saved model.
+    def load(self, model: Any, path: Path) -> Any:
+        """Copy the weights of a ``.keras`` archive into ``model``, built like the saved model.
 
-    The archive is read by Keras's own loader in safe mode; ``net`` keeps its
-    compiled functions. The saved optimizer state is not restored: each round
-    restarts the optimizer anyway.
-    """
-    from keras.saving import load_model  # Keras is imported: ``net`` exists
+        The archive is read by Keras's own loader in safe mode; ``model`` keeps its
+        compiled functions. The saved optimizer state is not restored: each round
+        restarts the optimizer anyway.
+        """
+        from keras.saving import load_model  # Keras is imported: ``model`` exists
 
-    net.set_weights(load_model(path, compile=False, safe_mode=True).get_weights())
-    return net
+        model.set_weights(load_model(path, compile=False, safe_mode=True).get_weights())
+        return model

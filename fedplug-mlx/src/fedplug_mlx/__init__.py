@@ -1,30 +1,25 @@
 """fedplug's MLX backend: Flower's quickstart-mlx (an MLP on MNIST with SGD) as a plugin.
 
-This module must not import MLX: the framework is imported by ``nets`` and
-``training`` the first time the backend is used.
+This module is the light descriptor: it must not import MLX. The implementation,
+``fedplug_mlx.training``, imports MLX the first time the backend is used.
 """
 
 from __future__ import annotations
 
 import platform
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
-
-import numpy as np
+from typing import Any, ClassVar
 
 import fedplug
-from fedplug import BackendUnavailable, Config, DataSpec, Framework, Weights
+from fedplug import BackendUnavailable
 from fedplug.backend import Scalar
 from fedplug_mlx import availability
-
-if TYPE_CHECKING:
-    from fedplug_mlx.nets import Net
 
 
 class MlxBackend(fedplug.Backend):
     name = "mlx"
     description = "Apple MLX (Metal on Apple silicon, CPU on Linux): MLP and LeNet with SGD"
-    framework = Framework("mlx", "mlx" if platform.system() == "Darwin" else "mlx[cpu]")
+    framework = fedplug.Framework("mlx", "mlx" if platform.system() == "Darwin" else "mlx[cpu]")
+    implementation = "fedplug_mlx.training:MlxImplementation"
     models = ("mlp", "lenet")
     defaults: ClassVar[dict[str, Scalar]] = {
         "model": "mlp",
@@ -43,43 +38,6 @@ class MlxBackend(fedplug.Backend):
     def check_available(self) -> None:
         if problem := availability.problem():
             raise BackendUnavailable(f"backend 'mlx' cannot run here: {problem}")
-
-    def build_model(self, model: str, spec: DataSpec, config: Config) -> Net:
-        from fedplug_mlx import nets
-
-        return nets.build(model, spec, config)
-
-    def get_weights(self, model: Net) -> Weights:
-        from fedplug_mlx import nets
-
-        return nets.get_weights(model)
-
-    def set_weights(self, model: Net, weights: Weights) -> None:
-        from fedplug_mlx import nets
-
-        nets.set_weights(model, weights)
-
-    def train(self, model: Net, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        from fedplug_mlx import training
-
-        return training.train(model, x, y, config)
-
-    def evaluate(self, model: Net, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        from fedplug_mlx import training
-
-        return training.evaluate(model, x, y)
-
-    def predict(self, model: Net, x: np.ndarray) -> np.ndarray:
-        from fedplug_mlx import training
-
-        return training.predict(model, x)
-
-    def save(self, model: Net, path: Path) -> None:
-        model.save_weights(str(path))
-
-    def load(self, model: Net, path: Path) -> Net:
-        model.load_weights(str(path), strict=True)
-        return model
 
 
 @fedplug.hookimpl

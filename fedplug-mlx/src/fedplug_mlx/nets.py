@@ -14,16 +14,9 @@ from itertools import pairwise
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
-from fedplug.backend import Config, DataSpec, ModelError, Weights
+from fedplug.backend import Config, DataSpec
 from fedplug.models import LENET_CONV, LENET_DENSE, hidden_dims, lenet_flat_features
-
-POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
-CANONICAL_CONV = (0, 3, 1, 2)
-"""Axis order taking an MLX conv weight ``(out, kh, kw, in)`` to ``(out, in, kh, kw)``."""
-MLX_CONV = (0, 2, 3, 1)
-"""The inverse: canonical ``(out, in, kh, kw)`` to MLX ``(out, kh, kw, in)``."""
 
 
 def dense_stack(widths: tuple[int, ...]) -> list[nn.Linear]:
@@ -64,7 +57,7 @@ class LeNet(nn.Module):
         widths = (lenet_flat_features(spec), *LENET_DENSE, spec.num_classes)
         self.layers = [*convs, *dense_stack(widths)]
         self.num_convs = len(convs)
-        self.pool = POOLS[pool](kernel_size=2, stride=2)
+        self.pool = (nn.AvgPool2d if pool == "avg" else nn.MaxPool2d)(kernel_size=2, stride=2)
 
     @staticmethod
     def native_input(x: np.ndarray) -> mx.array:
@@ -85,34 +78,7 @@ def build(model: str, spec: DataSpec, config: Config) -> Net:
     mx.random.seed(int(config.get("seed", 0)))
     if model == "mlp":
         net: Net = MLP((spec.num_features, *hidden_dims(config), spec.num_classes))
-    elif model == "lenet":
-        pool = str(config.get("pool", "max"))
-        if pool not in POOLS:
-            raise ModelError(f"pool must be 'max' or 'avg', got '{pool}'")
-        net = LeNet(spec, pool)
     else:
-        raise ModelError(f"the mlx backend has no model '{model}': use 'mlp' or 'lenet'")
+        net = LeNet(spec, str(config.get("pool", "max")))
     mx.eval(net.parameters())
     return net
-
-
-def get_weights(net: Net) -> Weights:
-    """The parameters as fresh float32 numpy arrays in the canonical layout."""
-    weights: Weights = {}
-    for name, value in tree_flatten(net.parameters()):
-        array = np.array(value, dtype=np.float32)
-        if array.ndim == 4:
-            array = np.ascontiguousarray(array.transpose(CANONICAL_CONV))
-        weights[name] = array
-    return weights
-
-
-def set_weights(net: Net, weights: Weights) -> None:
-    """Load canonical weights; names and shapes must match the model exactly."""
-    native = []
-    for name, value in weights.items():
-        array = np.asarray(value, dtype=np.float32)
-        if array.ndim == 4:
-            array = array.transpose(MLX_CONV)
-        native.append((name, mx.array(array)))
-    net.load_weights(native, strict=True)

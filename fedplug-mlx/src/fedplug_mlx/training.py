@@ -1,4 +1,4 @@
-"""Local training and evaluation in MLX: one SGD step per model, built once and reused every round.
+"""The MLX implementation: one SGD step per model, built once and reused every round.
 
 On a GPU (Metal, CUDA) the step is compiled with ``mx.compile``, capturing the model and
 optimizer state as implicit inputs and outputs (MLX's documented pattern), so weights
@@ -13,6 +13,7 @@ the running loss sums, as MLX's examples do; the sums are read on the host once 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -21,13 +22,13 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from fedplug.backend import Config
+from fedplug.backend import Config, DataSpec, Implementation, Weights
+from fedplug.toolkit import EVAL_BATCH, TrainSettings, conv_from_canonical, conv_to_canonical, metrics
+from fedplug_mlx import nets
 from fedplug_mlx.nets import Net
 
 Params = dict[str, Any]
 """A tree of parameters, as ``nn.Module.trainable_parameters()`` returns it."""
-EVAL_BATCH = 1024
-"""Examples per forward pass in ``predict`` and ``evaluate``, bounding memory."""
 
 
 def proximal_loss(net: Net, x: mx.array, y: mx.array, anchor: Params, mu: mx.array) -> tuple[mx.array, mx.array]:
@@ -58,22 +59,20 @@ class Trainer:
         self.step = step
 
     def fit(self, x: mx.array, y: mx.array, config: Config) -> dict[str, float]:
-        """SGD for ``local-epochs`` over ``(x, y)`` in shuffled mini-batches."""
-        self.optimizer.learning_rate = float(config["lr"])
-        mu = mx.array(float(config.get("proximal-mu", 0.0)))
+        """SGD for ``local-epochs`` over ``(x, y)`` in mini-batches of the core's example order."""
+        settings = TrainSettings.from_config(config)
+        self.optimizer.learning_rate = settings.lr
+        mu = mx.array(settings.proximal_mu)
         anchor = self.net.trainable_parameters()
-        batch_size, epochs = int(config["batch-size"]), int(config["local-epochs"])
-        rng = np.random.default_rng(int(config.get("seed", 0)) + int(config.get("server-round", 0)))
         loss_sum, correct = mx.array(0.0), mx.array(0)
-        for _ in range(epochs):
-            order = mx.array(rng.permutation(y.size))
-            for start in range(0, y.size, batch_size):
-                batch = order[start : start + batch_size]
+        for epoch in range(settings.epochs):
+            order = mx.array(settings.order(y.size, epoch))
+            for start in range(0, y.size, settings.batch_size):
+                batch = order[start : start + settings.batch_size]
                 batch_loss, batch_correct = self.step(x[batch], y[batch], anchor, mu)
                 loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
                 mx.eval(loss_sum, correct, self.net.state, self.optimizer.state)
-        seen = y.size * epochs
-        return {"loss": float(loss_sum.item()) / seen, "accuracy": float(correct.item()) / seen, "num-examples": y.size}
+        return metrics(loss_sum.item(), correct.item(), y.size * settings.epochs, y.size)
 
 
 def trainer(net: Net) -> Trainer:
@@ -92,20 +91,46 @@ def labels(y: np.ndarray) -> mx.array:
     return mx.array(y.astype(np.int32))
 
 
-def train(net: Net, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-    return trainer(net).fit(net.native_input(x), labels(y), config)
-
-
 def logits(net: Net, x: mx.array) -> mx.array:
     return mx.concatenate([net(x[i : i + EVAL_BATCH]) for i in range(0, x.shape[0], EVAL_BATCH)])
 
 
-def predict(net: Net, x: np.ndarray) -> np.ndarray:
-    return np.array(logits(net, net.native_input(x)))
+class MlxImplementation(Implementation):
+    """MLX modules, channels-last: conv weights ``(out, kh, kw, in)``, linear weights ``(out, in)``."""
 
+    def build_model(self, model: str, spec: DataSpec, config: Config) -> Net:
+        return nets.build(model, spec, config)
 
-def evaluate(net: Net, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    scores, targets = logits(net, net.native_input(x)), labels(y)
-    loss = nn.losses.cross_entropy(scores, targets, reduction="mean")
-    accuracy = mx.mean(mx.argmax(scores, axis=1) == targets)
-    return {"loss": float(loss.item()), "accuracy": float(accuracy.item()), "num-examples": len(y)}
+    def get_weights(self, model: Net) -> Weights:
+        """The parameters as fresh float32 numpy arrays in the canonical layout."""
+        weights: Weights = {}
+        for name, value in tree_flatten(model.parameters()):
+            array = np.array(value, dtype=np.float32)
+            weights[name] = conv_to_canonical(array, "ohwi") if array.ndim == 4 else array
+        return weights
+
+    def set_weights(self, model: Net, weights: Weights) -> None:
+        """Load canonical weights; names and shapes must match the model exactly."""
+        native = []
+        for name, value in weights.items():
+            array = np.asarray(value, dtype=np.float32)
+            native.append((name, mx.array(conv_from_canonical(array, "ohwi") if array.ndim == 4 else array)))
+        model.load_weights(native, strict=True)
+
+    def train(self, model: Net, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
+        return trainer(model).fit(model.native_input(x), labels(y), config)
+
+    def evaluate(self, model: Net, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
+        scores, targets = logits(model, model.native_input(x)), labels(y)
+        loss = nn.losses.cross_entropy(scores, targets, reduction="sum")
+        return metrics(loss.item(), mx.sum(mx.argmax(scores, axis=1) == targets).item(), len(y))
+
+    def predict(self, model: Net, x: np.ndarray) -> np.ndarray:
+        return np.array(logits(model, model.native_input(x)))
+
+    def save(self, model: Net, path: Path) -> None:
+        model.save_weights(str(path))
+
+    def load(self, model: Net, path: Path) -> Net:
+        model.load_weights(str(path), strict=True)
+        return model

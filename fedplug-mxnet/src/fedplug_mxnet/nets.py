@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from fedplug.backend import Config, DataSpec
 from fedplug.models import LENET_CONV, LENET_DENSE, canonical_shapes, hidden_dims, lenet_flat_features
@@ -77,29 +74,3 @@ def build_model(model: str, spec: DataSpec, config: Config) -> GluonModel:
         assert param.shape == shapes[key], f"{key}: Gluon {param.shape} != canonical {shapes[key]}"
     trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": float(config.get("lr", 0.01))})
     return GluonModel(net, params, ctx, trainer)
-
-
-def get_weights(model: GluonModel) -> dict[str, np.ndarray]:
-    """Canonical weights: Gluon's layouts are the canonical ones, so only copied out."""
-    return {key: param.data().asnumpy() for key, param in model.params.items()}
-
-
-def set_weights(model: GluonModel, weights: dict[str, np.ndarray]) -> None:
-    """Copy canonical weights in, through device arrays.
-
-    After a forward pass oneDNN may hold conv weights in its own memory layout, which
-    MXNet can overwrite from another NDArray but not from a numpy array.
-    """
-    for key, param in model.params.items():
-        param.set_data(mx.nd.array(weights[key], ctx=model.ctx, dtype="float32"))
-
-
-def save(model: GluonModel, path: Path) -> None:
-    """Gluon's native ``.params`` file (MXNet's NDArray list format)."""
-    model.net.save_parameters(str(path))
-
-
-def load(model: GluonModel, path: Path) -> GluonModel:
-    """Read a ``.params`` file with MXNet's own NDArray loader (no pickle)."""
-    model.net.load_parameters(str(path), ctx=model.ctx)
-    return model

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fedplug.backend import Config, DataSpec
 from fedplug.models import canonical_shapes
-
-POOLS: dict[str, Callable[..., torch.Tensor]] = {"max": F.max_pool2d, "avg": F.avg_pool2d}
 
 
 class SharedNet(nn.Module):
@@ -31,7 +27,7 @@ class SharedNet(nn.Module):
             nn.Conv2d(shape[1], shape[0], shape[2:]) if len(shape) == 4 else nn.Linear(shape[1], shape[0])
             for shape in weights
         )
-        self.pool = POOLS[str(config.get("pool", "max"))]
+        self.pool = F.avg_pool2d if config.get("pool", "max") == "avg" else F.max_pool2d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = len(self.layers) - 1

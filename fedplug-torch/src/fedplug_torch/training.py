@@ -1,9 +1,14 @@
-"""Training, evaluation and prediction loops with the whole partition on the device."""
+"""The PyTorch implementation: training, evaluation and prediction with the whole partition on the device."""
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # before torch loads: mute its C++ warnings (NNPACK's probe)
+
 import warnings
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -11,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedplug.backend import Config
+from fedplug.backend import Config, DataSpec, Implementation, Weights
 from fedplug.runtime import cpu_share
-
-EVAL_BATCH = 1024
-"""Rows per forward pass in ``evaluate`` and ``predict`` (no gradients, so larger)."""
+from fedplug.toolkit import EVAL_BATCH, TrainSettings, metrics
+from fedplug_torch import nets
 
 
 @cache
@@ -38,67 +42,70 @@ def to_device(array: np.ndarray, dtype: npt.DTypeLike, target: torch.device) -> 
     return tensor.to(target)
 
 
-def train(net: nn.Module, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-    """SGD with momentum on cross-entropy for ``local-epochs`` epochs, as the quickstart trains.
+class TorchImplementation(Implementation):
+    """``nn.Module``s whose ``state_dict`` is the canonical layout, trained as the quickstart trains."""
 
-    A FedProx ``proximal-mu`` in the config adds ``mu / 2 * ||w - w_round||^2`` to the
-    objective (not to the reported loss).
-    """
-    target = next(net.parameters()).device
-    inputs, labels = to_device(x, np.float32, target), to_device(y, np.int64, target)
-    optimizer = torch.optim.SGD(net.parameters(), lr=float(config["lr"]), momentum=float(config.get("momentum", 0.0)))
-    mu = float(config.get("proximal-mu", 0.0))
-    anchor = [p.detach().clone() for p in net.parameters()] if mu > 0 else []
-    batch_size, epochs = int(config["batch-size"]), int(config["local-epochs"])
-    seed = int(config.get("seed", 0)) + int(config.get("server-round", 0))
-    generator = torch.Generator().manual_seed(seed)
-    loss_sum = torch.zeros((), device=target)
-    correct = torch.zeros((), dtype=torch.int64, device=target)
-    net.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator).to(target)
-        for batch in torch.split(order, batch_size):
-            logits = net(inputs[batch])
-            loss = F.cross_entropy(logits, labels[batch])
-            objective = loss
-            if mu > 0:
-                objective = loss + mu / 2 * sum((p - a).square().sum() for p, a in zip(net.parameters(), anchor))
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            loss_sum += loss.detach() * len(batch)
-            correct += (logits.detach().argmax(1) == labels[batch]).sum()
-    seen = len(labels) * epochs
-    return {
-        "loss": loss_sum.item() / seen,
-        "accuracy": correct.item() / seen,
-        "num-examples": len(labels),
-    }
+    def build_model(self, model: str, spec: DataSpec, config: Config) -> nets.SharedNet:
+        return nets.build(model, spec, config, device())
 
+    def get_weights(self, model: nn.Module) -> Weights:
+        return {key: value.cpu().numpy().copy() for key, value in model.state_dict().items()}
 
-@torch.inference_mode()
-def evaluate(net: nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Mean cross-entropy and accuracy on ``(x, y)``."""
-    target = next(net.parameters()).device
-    inputs, labels = to_device(x, np.float32, target), to_device(y, np.int64, target)
-    net.eval()
-    loss_sum = torch.zeros((), device=target)
-    correct = torch.zeros((), dtype=torch.int64, device=target)
-    for chunk, chunk_labels in zip(torch.split(inputs, EVAL_BATCH), torch.split(labels, EVAL_BATCH)):
-        logits = net(chunk)
-        loss_sum += F.cross_entropy(logits, chunk_labels, reduction="sum")
-        correct += (logits.argmax(1) == chunk_labels).sum()
-    return {
-        "loss": loss_sum.item() / len(labels),
-        "accuracy": correct.item() / len(labels),
-        "num-examples": len(labels),
-    }
+    def set_weights(self, model: nn.Module, weights: Weights) -> None:
+        model.load_state_dict({key: torch.tensor(np.asarray(value, np.float32)) for key, value in weights.items()})
 
+    def train(self, model: nn.Module, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
+        """SGD with momentum on cross-entropy, in the core's example order.
 
-@torch.inference_mode()
-def predict(net: nn.Module, x: np.ndarray) -> np.ndarray:
-    """Logits ``(N, classes)`` as float32 numpy."""
-    target = next(net.parameters()).device
-    net.eval()
-    inputs = to_device(x, np.float32, target)
-    return torch.cat([net(chunk) for chunk in torch.split(inputs, EVAL_BATCH)]).cpu().numpy()
+        A FedProx ``proximal-mu`` adds ``mu / 2 * ||w - w_round||^2`` to the objective (not to the reported loss).
+        """
+        settings = TrainSettings.from_config(config)
+        target = next(model.parameters()).device
+        inputs, labels = to_device(x, np.float32, target), to_device(y, np.int64, target)
+        optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
+        mu = settings.proximal_mu
+        anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
+        loss_sum = torch.zeros((), device=target)
+        correct = torch.zeros((), dtype=torch.int64, device=target)
+        model.train()
+        for epoch in range(settings.epochs):
+            order = torch.from_numpy(settings.order(len(y), epoch)).to(target)
+            for batch in torch.split(order, settings.batch_size):
+                logits = model(inputs[batch])
+                loss = F.cross_entropy(logits, labels[batch])
+                objective = loss
+                if mu > 0:
+                    objective = loss + mu / 2 * sum((p - a).square().sum() for p, a in zip(model.parameters(), anchor))
+                optimizer.zero_grad(set_to_none=True)
+                objective.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+                loss_sum += loss.detach() * len(batch)
+                correct += (logits.detach().argmax(1) == labels[batch]).sum()
+        return metrics(loss_sum.item(), correct.item(), len(y) * settings.epochs, len(y))
+
+    @torch.inference_mode()
+    def evaluate(self, model: nn.Module, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
+        target = next(model.parameters()).device
+        inputs, labels = to_device(x, np.float32, target), to_device(y, np.int64, target)
+        model.eval()
+        loss_sum = torch.zeros((), device=target)
+        correct = torch.zeros((), dtype=torch.int64, device=target)
+        for chunk, chunk_labels in zip(torch.split(inputs, EVAL_BATCH), torch.split(labels, EVAL_BATCH)):
+            logits = model(chunk)
+            loss_sum += F.cross_entropy(logits, chunk_labels, reduction="sum")
+            correct += (logits.argmax(1) == chunk_labels).sum()
+        return metrics(loss_sum.item(), correct.item(), len(y))
+
+    @torch.inference_mode()
+    def predict(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
+        model.eval()
+        inputs = to_device(x, np.float32, next(model.parameters()).device)
+        return torch.cat([model(chunk) for chunk in torch.split(inputs, EVAL_BATCH)]).cpu().numpy()
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        """A ``state_dict`` of tensors: ``torch.load(weights_only=True)`` reads it without unpickling code."""
+        torch.save({key: value.cpu() for key, value in model.state_dict().items()}, path)
+
+    def load(self, model: nn.Module, path: Path) -> nn.Module:
+        model.load_state_dict(torch.load(path, weights_only=True, map_location=next(model.parameters()).device))
+        return model

@@ -7,9 +7,15 @@ A backend's tests run it with two lines::
     class TestConformance(BackendConformance):
         backend_name = "mything"
 
-Every check is a test method; each failure message says what to fix.
+Every check is a test method whose docstring says what it guards and how to fix a
+failure; each failure message says what to fix. Install with ``fedplug-core[testing]``.
 """
 
-from fedplug.testing.conformance import HEAVY_FRAMEWORKS, SPECS, BackendConformance
+try:
+    import pytest  # noqa: F401
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("fedplug.testing runs on pytest: pip install 'fedplug-core[testing]'") from error
 
-__all__ = ["HEAVY_FRAMEWORKS", "SPECS", "BackendConformance"]
+from fedplug.testing.conformance import HEAVY_FRAMEWORKS, ODD_SPEC, SPECS, BackendConformance
+
+__all__ = ["HEAVY_FRAMEWORKS", "ODD_SPEC", "SPECS", "BackendConformance"]

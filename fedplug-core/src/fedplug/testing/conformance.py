@@ -1,10 +1,16 @@
-"""The checks of the conformance suite, as a pytest base class."""
+"""The checks of the conformance suite, as a pytest base class.
+
+Checks marked "every model" run once per model the backend declares in ``models``
+(pytest parametrizes them with ``declared_model`` at collection). Each check's
+docstring says what it guards and how to fix a failure.
+"""
 
 from __future__ import annotations
 
 import pickle
 import subprocess
 import sys
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
@@ -12,8 +18,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-from fedplug.backend import Backend, DataSpec
-from fedplug.config import CORE_DEFAULTS, defaults_for, resolve
+from fedplug.backend import Backend, DataSpec, Weights
+from fedplug.config import CORE_DEFAULTS, ConfigError, check_supported, defaults_for, resolve
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.plugins import DEFAULT_PLUGINS, ENTRY_POINT_GROUP, get_registry
 
@@ -24,8 +30,11 @@ SPECS = (
     DataSpec((3, 32, 32), 3),
 )
 """Grey and colour images of two sizes, 10 and 3 classes."""
+ODD_SPEC = DataSpec((3, 29, 31), 3)
+"""Odd height and width, odd again after each LeNet conv: pooling must drop the last row/column."""
 HEAVY_FRAMEWORKS = ("torch", "tensorflow", "keras", "jax", "flax", "mlx", "mxnet")
 SHARED_MODELS = ("mlp", "lenet")
+SAFE_FORMATS = "safetensors, Flax msgpack or numpy .npz (np.savez / np.load(allow_pickle=False))"
 
 
 def _batch(spec: DataSpec, n: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -37,6 +46,14 @@ def _batch(spec: DataSpec, n: int = 64, seed: int = 0) -> tuple[np.ndarray, np.n
     return x.astype(np.float32), y.astype(np.int64)
 
 
+def _differ(a: Weights, b: Weights) -> bool:
+    return any(not np.array_equal(a[key], b[key]) for key in a)
+
+
+def _drift(weights: Weights, start: Weights) -> float:
+    return sum(float(np.sum((np.asarray(value, np.float64) - start[key]) ** 2)) for key, value in weights.items())
+
+
 class BackendConformance:
     """Subclass with ``backend_name = "..."``; pytest runs every ``test_*`` check."""
 
@@ -46,6 +63,13 @@ class BackendConformance:
     cannot be deterministic on CPU sets a tolerance and documents why."""
     prediction_atol: ClassVar[float] = 1e-4
     """Agreement with the NumPy reference backend's logits for the same weights."""
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        """Run the checks that take ``declared_model`` once per model the backend declares."""
+        if "declared_model" in metafunc.fixturenames:
+            entry = get_registry().backends.get(self.backend_name)
+            models = entry.backend.models if entry else SHARED_MODELS  # unregistered: the fixture says so
+            metafunc.parametrize("declared_model", list(models))
 
     # -- fixtures -------------------------------------------------------------------
 
@@ -75,9 +99,29 @@ class BackendConformance:
     def _config(self, backend: Backend, **overrides: Any) -> dict[str, Any]:
         return resolve(backend, overrides)
 
+    def _trainer(
+        self, backend: Backend, model_name: str, config: dict[str, Any], spec: DataSpec = SPECS[0]
+    ) -> tuple[Weights, Callable[..., Weights]]:
+        """Start weights and ``fit(x, y, target=None, **overrides)``: set them on one model, train, return weights."""
+        model = backend.build_model(model_name, spec, config)
+        start = backend.get_weights(model)
+
+        def fit(x: np.ndarray, y: np.ndarray, target: Any = None, **overrides: Any) -> Weights:
+            net = model if target is None else target
+            backend.set_weights(net, start)
+            backend.train(net, x, y, {**config, **overrides})
+            return backend.get_weights(net)
+
+        return start, fit
+
     # -- registration and packaging ------------------------------------------------------
 
     def test_registered_through_entry_point(self, backend: Backend) -> None:
+        """The backend comes from an installed distribution's entry point, and nothing else it registers is broken.
+
+        Fix: add ``[project.entry-points.fedplug]`` to pyproject.toml and ``pip install`` the project;
+        register backend instances (not classes) with well-formed attributes.
+        """
         registry = get_registry()
         entry = registry.backends[self.backend_name]
         assert entry.distribution != "?" and entry.version != "?", (
@@ -95,6 +139,11 @@ class BackendConformance:
         )
 
     def test_plugin_import_is_light(self, backend: Backend) -> None:
+        """Importing the plugin module imports no ML framework, so ``fedplug list`` stays fast.
+
+        Fix: keep the descriptor module free of framework imports; import the framework in the
+        implementation module (named by ``implementation``), which fedplug imports on first use.
+        """
         module = type(backend).__module__
         heavy = sorted({*HEAVY_FRAMEWORKS, backend.framework.import_name} - {"numpy"})
         code = f"import sys, {module}; print(','.join(m for m in {heavy!r} if m in sys.modules))"
@@ -107,6 +156,11 @@ class BackendConformance:
         )
 
     def test_default_config_complete_and_typed(self, backend: Backend, config: dict[str, Any]) -> None:
+        """The defaults are scalars of the core's types, the default model exists, the attributes are well formed.
+
+        Fix: give ``defaults`` values of the same type as ``fedplug.config.CORE_DEFAULTS`` (``0.1`` not
+        ``"0.1"``), make ``unsupported`` a frozenset of run-config keys, ``file_suffix`` like ``.pt``.
+        """
         for key, value in backend.defaults.items():
             assert isinstance(value, bool | int | float | str), f"default '{key}' must be a scalar, got {value!r}"
             if key in CORE_DEFAULTS:
@@ -116,8 +170,13 @@ class BackendConformance:
                 )
         assert set(defaults_for(backend)) == set(config), "resolve() must keep exactly the default keys"
         assert config["model"] in backend.models, f"default model '{config['model']}' is not in models {backend.models}"
-        assert isinstance(backend.quickstart_dataset, str) and backend.quickstart_dataset, (
-            "set quickstart_dataset to the Hugging Face id of the quickstart's dataset"
+        dataset = backend.quickstart_dataset
+        assert dataset is None or (isinstance(dataset, str) and dataset), (
+            "quickstart_dataset must be None (no Flower quickstart) or a Hugging Face dataset id"
+        )
+        assert isinstance(backend.unsupported, frozenset) and all(isinstance(k, str) for k in backend.unsupported), (
+            f"unsupported must be a frozenset of run-config keys like frozenset({{'proximal-mu'}}), "
+            f"got {backend.unsupported!r}"
         )
         assert backend.file_suffix.startswith("."), "file_suffix must look like '.pt'"
 
@@ -125,6 +184,10 @@ class BackendConformance:
 
     @pytest.mark.parametrize("spec", SPECS, ids=str)
     def test_models_build_for_data_specs(self, backend: Backend, config: dict[str, Any], spec: DataSpec) -> None:
+        """Every declared model builds for grey and colour images and 10 or 3 classes, and predicts ``(N, classes)``.
+
+        Fix: size the input and output layers from ``spec.input_shape`` and ``spec.num_classes``.
+        """
         x, _ = _batch(spec, n=4)
         for name in backend.models:
             model = backend.build_model(name, spec, config)
@@ -138,6 +201,10 @@ class BackendConformance:
     def test_canonical_layout(
         self, backend: Backend, reference: NumpyBackend, config: dict[str, Any], model_name: str, spec: DataSpec
     ) -> None:
+        """The shared models' weights have the reference's names, order, shapes and dtype.
+
+        Fix: convert at ``get_weights``/``set_weights`` (``fedplug.toolkit`` has the usual conversions).
+        """
         expected = reference.get_weights(reference.build_model(model_name, spec, config))
         got = backend.get_weights(backend.build_model(model_name, spec, config))
         assert list(got) == list(expected), (
@@ -153,6 +220,10 @@ class BackendConformance:
 
     @pytest.mark.parametrize("model_name", SHARED_MODELS)
     def test_weights_round_trip_exactly(self, backend: Backend, config: dict[str, Any], model_name: str) -> None:
+        """``get_weights(set_weights(w)) == w`` bit for bit, so aggregation loses nothing.
+
+        Fix: keep float32 end to end and make ``set_weights`` the exact inverse of ``get_weights``.
+        """
         model = backend.build_model(model_name, SPECS[1], config)
         rng = np.random.default_rng(1)
         sent = {k: rng.normal(size=v.shape).astype(v.dtype) for k, v in backend.get_weights(model).items()}
@@ -161,9 +232,7 @@ class BackendConformance:
         for key, array in sent.items():
             np.testing.assert_array_equal(back[key], array, err_msg=f"get(set({key})) changed the values")
 
-    @pytest.mark.parametrize(("model_name", "pool"), [("mlp", "max"), ("lenet", "max"), ("lenet", "avg")])
-    @pytest.mark.parametrize("spec", SPECS[1:3], ids=str)
-    def test_same_predictions_as_numpy_reference(
+    def _assert_reference_predictions(
         self, backend: Backend, reference: NumpyBackend, model_name: str, pool: str, spec: DataSpec
     ) -> None:
         config = self._config(backend, pool=pool)
@@ -173,7 +242,7 @@ class BackendConformance:
             backend.set_weights(model, reference.get_weights(numpy_model))
         except Exception as error:
             pytest.fail(
-                f"set_weights() refused the reference's canonical '{model_name}' weights: "
+                f"set_weights() refused the reference's canonical '{model_name}' weights for {spec}: "
                 f"{type(error).__name__}: {error}; convert from the canonical layout at set_weights"
             )
         x, _ = _batch(spec, n=8)
@@ -182,27 +251,68 @@ class BackendConformance:
             reference.predict(numpy_model, x),
             rtol=1e-3,
             atol=self.prediction_atol,
-            err_msg=f"'{model_name}' (pool {pool}) with the reference weights predicts differently: check the "
-            "layout conversion at get/set and that flattening follows channels-first (C, H, W) order",
+            err_msg=f"'{model_name}' (pool {pool}) with the reference weights predicts differently for {spec}: "
+            "check the layout conversion at get/set and that flattening follows channels-first (C, H, W) order",
         )
+
+    @pytest.mark.parametrize(("model_name", "pool"), [("mlp", "max"), ("lenet", "max"), ("lenet", "avg")])
+    @pytest.mark.parametrize("spec", SPECS[1:3], ids=str)
+    def test_same_predictions_as_numpy_reference(
+        self, backend: Backend, reference: NumpyBackend, model_name: str, pool: str, spec: DataSpec
+    ) -> None:
+        """With the reference's weights, the shared models give the reference's logits (within ``prediction_atol``).
+
+        Fix: convert layouts at get/set, flatten in ``(C, H, W)`` order, return logits (no softmax).
+        """
+        self._assert_reference_predictions(backend, reference, model_name, pool, spec)
+
+    @pytest.mark.parametrize(("model_name", "pool"), [("mlp", "max"), ("lenet", "max"), ("lenet", "avg")])
+    def test_odd_image_sizes_match_reference(
+        self, backend: Backend, reference: NumpyBackend, config: dict[str, Any], model_name: str, pool: str
+    ) -> None:
+        """On 29x31 images the shared models have the reference's shapes and logits.
+
+        2x2 pooling with stride 2 drops an odd last row/column (floor), as PyTorch, Keras
+        ('valid') and Flax do. Fix: no 'same' padding and no ceil mode in the shared models' pools.
+        """
+        expected = reference.get_weights(reference.build_model(model_name, ODD_SPEC, config))
+        got = backend.get_weights(backend.build_model(model_name, ODD_SPEC, config))
+        shapes = {key: value.shape for key, value in got.items()}
+        assert shapes == {key: value.shape for key, value in expected.items()}, (
+            f"'{model_name}' on {ODD_SPEC} must have the canonical shapes "
+            f"{ {key: value.shape for key, value in expected.items()} }, got {shapes} (dense (out, in), "
+            "conv (out, in, kh, kw); 2x2 pooling drops an odd last row/column)"
+        )
+        self._assert_reference_predictions(backend, reference, model_name, pool, ODD_SPEC)
 
     # -- training and evaluation -------------------------------------------------------
 
-    def test_training_lowers_loss(self, backend: Backend, config: dict[str, Any]) -> None:
+    def test_training_lowers_loss(self, backend: Backend, config: dict[str, Any], declared_model: str) -> None:
+        """Every model learns: 5 local epochs on a fixed batch lower its loss; ``train`` returns the standard metrics.
+
+        Fix: train every declared model with ``config["lr"]`` for ``config["local-epochs"]`` and return
+        ``loss`` (float) and ``num-examples`` (int); ``fedplug.toolkit.metrics`` builds the dict.
+        """
         spec = SPECS[0]
         x, y = _batch(spec)
         cfg = {**config, "local-epochs": 5, "batch-size": 16, "server-round": 1}
-        model = backend.build_model(str(config["model"]), spec, cfg)
+        model = backend.build_model(declared_model, spec, cfg)
         before = backend.evaluate(model, x, y, cfg)["loss"]
         metrics = backend.train(model, x, y, cfg)
         after = backend.evaluate(model, x, y, cfg)["loss"]
-        assert after < before, f"5 local epochs on a fixed batch did not lower the loss ({before:.4f} -> {after:.4f})"
+        assert after < before, (
+            f"'{declared_model}': 5 local epochs on a fixed batch did not lower the loss ({before:.4f} -> {after:.4f})"
+        )
         assert isinstance(metrics.get("loss"), float), f"train must return a float 'loss', got {metrics!r}"
         assert metrics.get("num-examples") == len(y) and type(metrics["num-examples"]) is int, (
             f"train must return 'num-examples' = {len(y)} as an int, got {metrics.get('num-examples')!r}"
         )
 
     def test_evaluate_returns_standard_metrics(self, backend: Backend, config: dict[str, Any]) -> None:
+        """``evaluate`` returns Python floats ``loss`` and ``accuracy`` in [0, 1] and an int ``num-examples``.
+
+        Fix: convert framework scalars with ``float()``/``int()`` (``fedplug.toolkit.metrics``).
+        """
         spec = SPECS[0]
         x, y = _batch(spec, n=20)
         metrics = backend.evaluate(backend.build_model(str(config["model"]), spec, config), x, y, config)
@@ -213,13 +323,18 @@ class BackendConformance:
             f"evaluate must return 'num-examples' = {len(y)} as an int, got {metrics.get('num-examples')!r}"
         )
 
-    def test_same_seed_same_weights(self, backend: Backend, config: dict[str, Any]) -> None:
+    def test_same_seed_same_weights(self, backend: Backend, config: dict[str, Any], declared_model: str) -> None:
+        """Every model is bit-deterministic: same seed, same data -> same weights (build and train).
+
+        Fix: seed the model init from ``config["seed"]`` and take the example order from
+        ``fedplug.toolkit.example_order``; never use global random state.
+        """
         spec = SPECS[0]
         x, y = _batch(spec, n=32)
         cfg = {**config, "local-epochs": 1, "batch-size": 8, "server-round": 1}
         runs = []
         for _ in range(2):
-            model = backend.build_model(str(config["model"]), spec, cfg)
+            model = backend.build_model(declared_model, spec, cfg)
             backend.train(model, x, y, cfg)
             runs.append(backend.get_weights(model))
         for key in runs[0]:
@@ -228,26 +343,128 @@ class BackendConformance:
                 runs[0][key],
                 rtol=0,
                 atol=self.determinism_atol,
-                err_msg=f"{key} differs between two runs with seed {cfg['seed']}: seed the model init and the "
-                "shuffling from config['seed'] (and config['server-round'])",
+                err_msg=f"'{declared_model}': {key} differs between two runs with seed {cfg['seed']}: seed the model "
+                "init and the shuffling from config['seed'] (and config['server-round'])",
             )
+
+    def test_rounds_differ(self, backend: Backend, config: dict[str, Any], declared_model: str) -> None:
+        """The example order depends on ``server-round``: the same start weights trained in rounds 1 and 2 differ.
+
+        Fix: order the examples with ``fedplug.toolkit.example_order(config, n, epoch)`` (seed, round, node, epoch).
+        """
+        x, y = _batch(SPECS[0], n=32)
+        _, fit = self._trainer(backend, declared_model, {**config, "batch-size": 8, "local-epochs": 1})
+        first, second = fit(x, y, **{"server-round": 1}), fit(x, y, **{"server-round": 2})
+        assert _differ(first, second), (
+            f"'{declared_model}': training in round 1 and round 2 gave the same weights: make the example order "
+            "depend on config['server-round'] (fedplug.toolkit.example_order)"
+        )
+
+    def test_train_keeps_no_state(self, backend: Backend, config: dict[str, Any], declared_model: str) -> None:
+        """``train`` keeps nothing from one call to the next: the core reuses one model for every node and round.
+
+        Training partition A then B on one model must equal training B on a fresh model with the same
+        weights set. Fix: create optimizer state (momentum, Adam moments, step counters, RNG) in each
+        ``train`` call, or reset it there; read every setting from that call's config.
+        """
+        spec = SPECS[0]
+        x, y = _batch(spec, n=48, seed=3)
+        part_a, part_b = (x[:24], y[:24]), (x[24:], y[24:])
+        cfg = {**config, "batch-size": 8, "local-epochs": 1, "server-round": 1}
+        _, fit = self._trainer(backend, declared_model, cfg, spec)
+        fit(*part_a, **{"lr": float(cfg["lr"]) * 2, "server-round": 3, "partition-id": 1})
+        reused = fit(*part_b)
+        fresh = fit(*part_b, target=backend.build_model(declared_model, spec, cfg))
+        for key in fresh:
+            np.testing.assert_allclose(
+                reused[key],
+                fresh[key],
+                rtol=0,
+                atol=self.determinism_atol,
+                err_msg=f"'{declared_model}': training A then B on one model differs from B on a fresh model ({key}): "
+                "train keeps state between calls; create or reset optimizer state and RNGs in every train call",
+            )
+
+    def test_optimizer_keys_read_every_call(
+        self, backend: Backend, config: dict[str, Any], declared_model: str
+    ) -> None:
+        """``lr`` (and ``momentum`` if the backend has it) take effect, and are read anew on every ``train`` call.
+
+        The server may send new values every round. Fix: pass this call's ``config["lr"]`` (and
+        ``momentum``) to the optimizer in every ``train`` call (``fedplug.toolkit.TrainSettings``);
+        a key a backend cannot honour goes in ``unsupported``.
+        """
+        x, y = _batch(SPECS[0], n=32)
+        cfg = {**config, "batch-size": 8, "local-epochs": 1, "server-round": 1}
+        _, fit = self._trainer(backend, declared_model, cfg)
+        lr = float(cfg["lr"])
+        trials = {"lr": (lr, lr * 3)}
+        if "momentum" in cfg and "momentum" not in backend.unsupported:
+            trials["momentum"] = (0.0, 0.9)
+        for key, (one, other) in trials.items():
+            first = fit(x, y, **{key: one})
+            changed = fit(x, y, **{key: other})
+            again = fit(x, y, **{key: one})
+            assert _differ(first, changed), (
+                f"'{declared_model}': changing '{key}' from {one} to {other} changed nothing: read config['{key}'] "
+                "in every train call"
+            )
+            assert not _differ(first, again), (
+                f"'{declared_model}': '{key}' = {one} gave other weights after a call with {other}: the backend "
+                f"kept '{key}' (or optimizer state) from an earlier call; read config['{key}'] in every train call"
+            )
+
+    def test_proximal_term_applied(self, backend: Backend, config: dict[str, Any], declared_model: str) -> None:
+        """FedProx's proximal term ``mu / 2 * ||w - w_start||^2`` keeps weights nearer the round's start, or the
+        backend declares ``"proximal-mu"`` in ``unsupported`` and the core refuses ``--strategy fedprox``.
+
+        Fix: add ``config["proximal-mu"]`` times ``(w - w_start)`` to each gradient (mu 0: plain training), or
+        declare ``unsupported = frozenset({"proximal-mu"})``. Never ignore it silently.
+        """
+        if "proximal-mu" in backend.unsupported:
+            with pytest.raises(ConfigError, match="proximal"):
+                check_supported(backend, {**config, "strategy": "fedprox"})
+            return
+        x, y = _batch(SPECS[0], n=32)
+        cfg = {**config, "batch-size": 8, "local-epochs": 2, "server-round": 1}
+        start, fit = self._trainer(backend, declared_model, cfg)
+        mu = 0.5 / float(cfg["lr"])  # strong, and stable for SGD with or without momentum
+        free, held = _drift(fit(x, y, **{"proximal-mu": 0.0}), start), _drift(fit(x, y, **{"proximal-mu": mu}), start)
+        assert held < free, (
+            f"'{declared_model}': proximal-mu {mu:g} did not keep the weights nearer the round's start "
+            f"(squared drift {held:.3g} vs {free:.3g} without): apply FedProx's proximal term, or declare "
+            "unsupported = frozenset({'proximal-mu'}) so that fedplug refuses --strategy fedprox"
+        )
 
     # -- native save format ----------------------------------------------------------------
 
     def test_save_load_gives_identical_predictions(
-        self, backend: Backend, config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        self,
+        backend: Backend,
+        config: dict[str, Any],
+        declared_model: str,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
     ) -> None:
+        """Every model saves in the native format and loads back, predicting the same, without pickle.
+
+        Fix: if the framework's usual format is pickle (``torch.save`` of a module, ``np.save`` of
+        objects), write the weights as safetensors, Flax msgpack or ``.npz`` and load them with
+        ``weights_only``/``allow_pickle=False``.
+        """
         spec = SPECS[1]
         x, y = _batch(spec, n=16)
-        model = backend.build_model(str(config["model"]), spec, config)
+        model = backend.build_model(declared_model, spec, config)
         backend.train(model, x, y, {**config, "server-round": 1})
         path = tmp_path / f"model{backend.file_suffix}"
         backend.save(model, path)
         assert path.is_file() and path.stat().st_size > 0, f"save() wrote nothing at {path}"
-        other = backend.build_model(str(config["model"]), spec, {**config, "seed": int(config["seed"]) + 1})
+        other = backend.build_model(declared_model, spec, {**config, "seed": int(config["seed"]) + 1})
 
         def refuse(*args: Any, **kwargs: Any) -> Any:
-            raise AssertionError("load() used pickle: read the native format without unsafe deserialization")
+            raise AssertionError(
+                f"load() used pickle: read the native format without unsafe deserialization: use {SAFE_FORMATS}"
+            )
 
         for name in ("load", "loads", "Unpickler"):
             monkeypatch.setattr(pickle, name, refuse)
@@ -258,19 +475,22 @@ class BackendConformance:
             np.asarray(backend.predict(model, x)),
             rtol=0,
             atol=1e-6,
-            err_msg="the loaded model predicts differently from the saved one",
+            err_msg=f"the loaded '{declared_model}' predicts differently from the saved one",
         )
 
     # -- Flower ClientApp ------------------------------------------------------------------
 
-    def test_client_app_handles_train_and_evaluate_messages(
-        self, backend: Backend, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-        from flwr.supercore.task_identity import TaskIdentity
+    def test_client_app_handles_train_and_evaluate_messages(self, backend: Backend) -> None:
+        """fedplug's ClientApp serves the backend: a train and an evaluate Message get well-formed replies.
 
-        from fedplug.apps import client_app, from_record, to_record
+        The Messages are built with Flower's public ``flwr.app`` API, as a SuperLink would send them.
+        Fix: return Python int/float metrics, take and give canonical weights.
+        """
+        from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+
+        from fedplug.apps import client_app
         from fedplug.data import data_spec
+        from fedplug.records import from_record, to_record
 
         config = self._config(backend, **{"num-supernodes": 20, "local-epochs": 1})
         model = backend.build_model(str(config["model"]), data_spec(config), config)
@@ -282,15 +502,27 @@ class BackendConformance:
             state=RecordDict(),
             run_config=config,
         )
-        for key in ("_task_id", "_run_id", "_node_id"):  # what a Flower runtime sets in its process
-            monkeypatch.setattr(TaskIdentity, key, 1)
         replies = {}
         for kind in (MessageType.TRAIN, MessageType.EVALUATE):
             content = RecordDict(
                 {"arrays": to_record(sent), "config": ConfigRecord({"lr": config["lr"], "server-round": 1})}
             )
+            metadata = Metadata(
+                run_id=1,
+                message_id=f"{kind}-1",
+                src_node_id=0,
+                dst_node_id=1,
+                reply_to_message_id="",
+                group_id="1",
+                created_at=0.0,
+                ttl=3600.0,
+                message_type=kind,
+            )
             try:
-                replies[kind] = client_app(Message(content=content, dst_node_id=1, message_type=kind), context)
+                # Message(content, metadata=...) is how Flower's runtimes deliver a message to a
+                # ClientApp; Message(content, dst_node_id, message_type) needs a running ServerApp
+                message = Message(content=content, metadata=metadata)  # type: ignore[call-overload]
+                replies[kind] = client_app(message, context)
             except Exception as error:
                 pytest.fail(
                     f"the ClientApp failed on a {kind} message: {type(error).__name__}: {error}; "
@@ -298,11 +530,12 @@ class BackendConformance:
                 )
         for kind, reply in replies.items():
             assert not reply.has_error(), f"the ClientApp failed on a {kind} message: {reply.error}"
-            metrics = reply.content["metrics"]
-            assert int(metrics["num-examples"]) > 0, f"{kind} reply lacks a positive num-examples"
-        trained = from_record(replies[MessageType.TRAIN].content["arrays"])
+            metrics = reply.content.metric_records["metrics"]
+            count = metrics.get("num-examples")
+            assert isinstance(count, int | float) and count > 0, f"{kind} reply lacks a positive num-examples"
+        trained = from_record(replies[MessageType.TRAIN].content.array_records["arrays"])
         assert list(trained) == list(sent), "the train reply must carry the canonical weights, same names and order"
         assert any(not np.array_equal(trained[k], sent[k]) for k in sent), "training did not change the weights"
-        assert {"loss", "accuracy"} <= set(replies[MessageType.EVALUATE].content["metrics"]), (
+        assert {"loss", "accuracy"} <= set(replies[MessageType.EVALUATE].content.metric_records["metrics"]), (
             "the evaluate reply must carry 'loss' and 'accuracy'"
         )

@@ -11,7 +11,12 @@ library's ``sqlite3``, so that importing it costs nothing. The mistakes, by chec
 - canonical_layout: dense weights come out as ``(in, out)`` and lenet's in reverse order;
 - weights_round_trip_exactly: ``set_weights`` stores float16;
 - same_predictions_as_numpy_reference: the mlp flattens images channels-last ``(H, W, C)``;
-- training_lowers_loss: ``train`` changes nothing (and returns numpy and float counts);
+- odd_image_sizes_match_reference: the mlp's flatten again, and 10 class scores for 3 classes;
+- training_lowers_loss, rounds_differ, proximal_term_applied: the mlp's ``train`` changes nothing
+  (and returns numpy and float counts);
+- train_keeps_no_state, optimizer_keys_read_every_call: the lenet's ``train`` keeps the first
+  call's ``lr`` and a call counter (which shifts its shuffling seed) on the model, and ignores
+  ``proximal-mu`` without declaring it in ``unsupported``;
 - evaluate_returns_standard_metrics: numpy loss, ``eval_acc`` instead of ``accuracy``;
 - same_seed_same_weights: ``build_model`` ignores ``config['seed']``;
 - save_load_gives_identical_predictions: ``save``/``load`` use pickle;
@@ -30,16 +35,19 @@ import numpy as np
 
 import fedplug
 from fedplug.backend import Scalar
-from fedplug.numpy_backend import NumpyBackend, NumpyModel, softmax_cross_entropy
+from fedplug.numpy_backend import NumpyBackend, NumpyImplementation, NumpyModel, softmax_cross_entropy
 
 
 class BrokenExampleBackend(NumpyBackend):
     name = "broken_example"
     description = "Fails every conformance check on purpose (fedplug's own tests)"
     framework = fedplug.Framework("sqlite3", "pysqlite3")
+    implementation = "fedplug_broken_example:BrokenImplementation"
     defaults: ClassVar[Mapping[str, Scalar]] = {"model": "mlp", "lr": "0.1", "batch-size": 32.0}
     file_suffix = ".pkl"
 
+
+class BrokenImplementation(NumpyImplementation):
     def build_model(self, model: str, spec: fedplug.DataSpec, config: fedplug.Config) -> NumpyModel:
         unseeded = int(np.random.SeedSequence().entropy % 2**32)  # type: ignore[operator]
         return super().build_model(model, spec, {**config, "seed": unseeded})
@@ -55,6 +63,11 @@ class BrokenExampleBackend(NumpyBackend):
             value[...] = weights[key].astype(np.float16).reshape(value.shape)
 
     def train(self, model: NumpyModel, x: np.ndarray, y: np.ndarray, config: fedplug.Config) -> dict[str, float]:
+        if model.name == "lenet":
+            model.__dict__.setdefault("first_lr", config["lr"])  # read once, kept on the model
+            model.__dict__["calls"] = model.__dict__.get("calls", 0) + 1
+            kept = {"lr": model.__dict__["first_lr"], "seed": int(config["seed"]) + model.__dict__["calls"]}
+            return super().train(model, x, y, {**config, **kept, "proximal-mu": 0.0})
         loss, _ = softmax_cross_entropy(self.predict(model, x), y)
         return {"loss": np.float64(loss), "num-examples": float(len(y))}
 

@@ -1,0 +1,160 @@
+"""What every backend needs and may take from here: settings, example order, metrics, layouts.
+
+Using these keeps a backend on the core's policies, so that backends agree with each
+other (and with the reference ``numpy`` backend) wherever the contract fixes a choice:
+
+- ``TrainSettings.from_config``: the training settings of one ``train`` call, read from
+  that call's config (the server may change them every round);
+- ``example_order``: the core's order of a node's examples, one seeded permutation per
+  node, round and epoch, from ``seed``, ``server-round`` and ``partition-id``;
+- ``metrics``: the metrics dict ``train`` and ``evaluate`` return, with Python types;
+- ``EVAL_BATCH``: the batch size of ``evaluate`` and ``predict``;
+- the layout conversions between the canonical layout (dense ``(out, in)``, conv
+  ``(out, in, kh, kw)``, features flattened ``(C, H, W)``) and the usual native ones.
+
+Only numpy is imported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedplug.backend import Config
+
+__all__ = [
+    "EVAL_BATCH",
+    "TrainSettings",
+    "conv_from_canonical",
+    "conv_to_canonical",
+    "dense_from_canonical",
+    "dense_to_canonical",
+    "example_order",
+    "flat_dense_from_canonical",
+    "flat_dense_to_canonical",
+    "metrics",
+]
+
+EVAL_BATCH = 1024
+"""Examples per forward pass in ``evaluate`` and ``predict`` (no gradients, so larger than training's)."""
+
+
+def example_order(n: int, seed: int, server_round: int, partition_id: int, epoch: int) -> np.ndarray:
+    """The core's order of ``n`` examples: a permutation seeded by node, round and epoch.
+
+    Every backend visiting examples in this order makes a federation of SGD backends
+    follow the same trajectory, and keeps ``train`` free of random state across calls.
+    """
+    if min(seed, server_round, partition_id, epoch) < 0:
+        raise ValueError("seed, server-round, partition-id and epoch must be non-negative")
+    return np.random.default_rng([seed, server_round, partition_id, epoch]).permutation(n)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The settings of one ``train`` call, read once from its config."""
+
+    lr: float
+    momentum: float
+    batch_size: int
+    epochs: int
+    proximal_mu: float
+    seed: int
+    server_round: int
+    partition_id: int
+
+    @classmethod
+    def from_config(cls, config: Config) -> TrainSettings:
+        """Read ``lr``, ``momentum``, ``batch-size``, ``local-epochs``, ``proximal-mu``, ``seed``,
+        ``server-round`` and ``partition-id`` (absent optional keys are 0)."""
+        return cls(
+            lr=float(config["lr"]),
+            momentum=float(config.get("momentum", 0.0)),
+            batch_size=int(config["batch-size"]),
+            epochs=int(config["local-epochs"]),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            seed=int(config.get("seed", 0)),
+            server_round=int(config.get("server-round", 0)),
+            partition_id=int(config.get("partition-id", 0)),
+        )
+
+    @property
+    def round_seed(self) -> int:
+        """A seed in ``[0, 2**31)`` for this call's other randomness (dropout, framework RNGs).
+
+        It depends on ``seed``, ``server-round`` and ``partition-id``, like the example order."""
+        state = np.random.SeedSequence([self.seed, self.server_round, self.partition_id]).generate_state(1)
+        return int(state[0]) % 2**31
+
+    def order(self, n: int, epoch: int) -> np.ndarray:
+        """``example_order`` of this call's node and round, for ``epoch``."""
+        return example_order(n, self.seed, self.server_round, self.partition_id, epoch)
+
+    def batches(self, n: int) -> Iterator[np.ndarray]:
+        """Index arrays of every mini-batch of every epoch, in the core's order (the last may be short)."""
+        for epoch in range(self.epochs):
+            order = self.order(n, epoch)
+            for start in range(0, n, self.batch_size):
+                yield order[start : start + self.batch_size]
+
+
+def metrics(loss_sum: float, correct: float, seen: int, num_examples: int | None = None) -> dict[str, float]:
+    """``loss`` and ``accuracy`` as means over ``seen`` examples, and ``num-examples`` (default ``seen``).
+
+    ``train`` passes the sums over all its epochs, ``seen = epochs * len(y)`` and ``num_examples = len(y)``.
+    """
+    count = max(seen, 1)
+    return {
+        "loss": float(loss_sum) / count,
+        "accuracy": float(correct) / count,
+        "num-examples": int(seen if num_examples is None else num_examples),
+    }
+
+
+# -- layout conversions: canonical <-> native -----------------------------------------------
+
+CONV_AXES = {"hwio": (2, 3, 1, 0), "ohwi": (0, 2, 3, 1), "oihw": (0, 1, 2, 3)}
+"""Axis order taking a canonical conv weight ``(out, in, kh, kw)`` to each native layout:
+``hwio`` is Keras's and Flax's ``(kh, kw, in, out)``, ``ohwi`` MLX's ``(out, kh, kw, in)``."""
+
+
+def dense_from_canonical(weight: np.ndarray) -> np.ndarray:
+    """Canonical dense ``(out, in)`` -> an ``(in, out)`` kernel (Keras, Flax)."""
+    return np.ascontiguousarray(weight.T)
+
+
+def dense_to_canonical(kernel: np.ndarray) -> np.ndarray:
+    """An ``(in, out)`` kernel -> canonical ``(out, in)``."""
+    return np.ascontiguousarray(kernel.T)
+
+
+def conv_from_canonical(weight: np.ndarray, layout: str) -> np.ndarray:
+    """Canonical conv ``(out, in, kh, kw)`` -> the native ``layout`` (a key of ``CONV_AXES``)."""
+    return np.ascontiguousarray(weight.transpose(CONV_AXES[layout]))
+
+
+def conv_to_canonical(kernel: np.ndarray, layout: str) -> np.ndarray:
+    """A native ``layout`` conv kernel -> canonical ``(out, in, kh, kw)``."""
+    return np.ascontiguousarray(kernel.transpose(np.argsort(CONV_AXES[layout])))
+
+
+def flat_dense_from_canonical(weight: np.ndarray, feature_map: tuple[int, int, int]) -> np.ndarray:
+    """The canonical ``(out, C*H*W)`` weight of a dense layer after a flatten, as an ``(H*W*C, out)`` kernel.
+
+    For a framework that flattens channels-last ``(H, W, C)`` feature maps (``feature_map``
+    is that map's ``(H, W, C)``) and keeps dense kernels ``(in, out)``, as Keras does.
+    """
+    height, width, channels = feature_map
+    out = weight.shape[0]
+    native = weight.reshape(out, channels, height, width).transpose(2, 3, 1, 0)
+    return np.ascontiguousarray(native.reshape(height * width * channels, out))
+
+
+def flat_dense_to_canonical(kernel: np.ndarray, feature_map: tuple[int, int, int]) -> np.ndarray:
+    """The inverse of ``flat_dense_from_canonical``."""
+    height, width, channels = feature_map
+    out = kernel.shape[1]
+    canonical = kernel.reshape(height, width, channels, out).transpose(3, 2, 0, 1)
+    return np.ascontiguousarray(canonical.reshape(out, channels * height * width))

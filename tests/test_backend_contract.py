@@ -1,0 +1,137 @@
+"""The backend contract's core pieces: framework versions, lazy implementations, refusals, deprecation."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fedplug
+from fedplug.backend import OPERATIONS, BackendUnavailable
+from fedplug.config import ConfigError, check_supported, resolve
+from fedplug.numpy_backend import NumpyBackend
+
+pytestmark = pytest.mark.fast
+
+
+def test_framework_versions_are_checked_against_the_requirement() -> None:
+    assert fedplug.Framework("numpy", "numpy>=1.26").problem() is None
+    found = np.__version__
+    assert fedplug.Framework("numpy", "numpy<1").problem() == (
+        f"needs numpy<1, found numpy {found}: pip install -U 'numpy<1'"
+    )
+    assert fedplug.Framework("no_such_framework_x", "no-such-framework-x>=1").problem() == (
+        "needs no_such_framework_x: pip install 'no-such-framework-x>=1'"
+    )
+
+
+def test_check_available_says_which_version_is_needed() -> None:
+    class OldNumpy(NumpyBackend):
+        name = "old_numpy"
+        framework = fedplug.Framework("numpy", "numpy>=99")
+
+    with pytest.raises(BackendUnavailable, match=r"backend 'old_numpy' needs numpy>=99, found numpy .*pip install -U"):
+        OldNumpy().check_available()
+
+
+def test_the_implementation_is_imported_on_first_use_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "lazy_impl_probe.py").write_text(
+        "from fedplug.numpy_backend import NumpyImplementation\nclass Impl(NumpyImplementation):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    class Lazy(NumpyBackend):
+        name = "lazy"
+        implementation = "lazy_impl_probe:Impl"
+
+    backend = Lazy()
+    assert "lazy_impl_probe" not in sys.modules
+    model = backend.build_model("mlp", fedplug.DataSpec((1, 4, 4), 2), resolve(NumpyBackend(), {}))
+    assert "lazy_impl_probe" in sys.modules and type(backend.impl).__name__ == "Impl"
+    assert backend.impl.backend is backend and set(backend.get_weights(model)) == {
+        "layers.0.weight",
+        "layers.0.bias",
+        "layers.1.weight",
+        "layers.1.bias",
+    }
+
+
+def test_an_installed_framework_that_fails_to_import_names_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "native_framework_probe.py").write_text(
+        "raise OSError('libnative.so: cannot open shared object file')\n"
+    )
+    (tmp_path / "native_impl_probe.py").write_text("import native_framework_probe\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    class NativeFails(NumpyBackend):
+        name = "native_fails"
+        framework = fedplug.Framework("native_framework_probe", "native-framework-probe>=1")
+        implementation = "native_impl_probe:Impl"
+
+    with pytest.raises(BackendUnavailable) as caught:
+        _ = NativeFails().impl
+    assert str(caught.value) == (
+        "backend 'native_fails': native_framework_probe is installed but fails to import "
+        "(OSError: libnative.so: cannot open shared object file): "
+        "pip install --force-reinstall 'native-framework-probe>=1'"
+    )
+
+
+def test_a_bug_in_the_backends_own_module_is_not_blamed_on_the_framework(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "own_bug_probe.py").write_text("import own_bug_probe_helper_missing\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    class Buggy(NumpyBackend):
+        name = "buggy"
+        implementation = "own_bug_probe:Impl"
+
+    with pytest.raises(ModuleNotFoundError, match="own_bug_probe_helper_missing"):
+        _ = Buggy().impl
+
+
+def test_unsupported_keys_are_refused_in_one_line() -> None:
+    class NoProx(NumpyBackend):
+        name = "noprox"
+        unsupported = frozenset({"proximal-mu", "momentum"})
+
+    backend = NoProx()
+    config = resolve(NumpyBackend(), {})
+    check_supported(backend, {**config, "strategy": "fedavg"})  # momentum 0: nothing needs it
+    with pytest.raises(ConfigError, match="backend 'noprox' does not apply FedProx's proximal term"):
+        resolve(backend, {"strategy": "fedprox"})
+    with pytest.raises(ConfigError, match="backend 'noprox' does not support run-config 'momentum'"):
+        resolve(backend, {"momentum": 0.9})
+
+
+def test_a_class_defining_every_operation_itself_gets_one_deprecation_line(capsys: pytest.CaptureFixture[str]) -> None:
+    def old_style() -> type:
+        class OldStyle(NumpyBackend):  # as fedplug 0.1's new-backend generated it
+            name = "old_style"
+            build_model = NumpyBackend.build_model
+            get_weights = NumpyBackend.get_weights
+            set_weights = NumpyBackend.set_weights
+            train = NumpyBackend.train
+            evaluate = NumpyBackend.evaluate
+            predict = NumpyBackend.predict
+            save = NumpyBackend.save
+            load = NumpyBackend.load
+
+        return OldStyle
+
+    class Wrapper(NumpyBackend):  # a test double overriding one operation: fine
+        name = "wrapper"
+        train = NumpyBackend.train
+
+    assert old_style() is not old_style()  # the same class statement twice: said once
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    where = f"{__name__}.{old_style.__qualname__}.<locals>.OldStyle"
+    assert lines[0].startswith(f"fedplug: deprecated: {where} defines the operations itself")
+    assert "fedplug.Implementation subclass" in lines[0] and "implementation = 'module:Class'" in lines[0]
+    assert set(OPERATIONS) <= set(vars(old_style()))

@@ -1,0 +1,47 @@
+"""A backend written against fedplug 0.1's contract keeps working for one release, with one deprecation line.
+
+The backend is tests/plugins/fedplug-legacy-example: the module `fedplug new-backend`
+generated in fedplug 0.1, kept as it was (its operations defined on the Backend subclass).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import fedplug
+
+SUITE = """\
+from fedplug.testing import BackendConformance
+
+
+class TestLegacyExample(BackendConformance):
+    backend_name = "legacy_example"
+"""
+ONLY = {"FEDPLUG_PLUGINS": "legacy_example"}
+
+
+def test_it_is_listed_with_one_deprecation_line_that_says_what_to_change() -> None:
+    done = fedplug("list", "--json", env=ONLY)
+    assert done.returncode == 0 and '"legacy_example"' in done.stdout
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("fedplug: deprecated: fedplug_legacy_example.LegacyExampleBackend defines the operations")
+    assert "fedplug.Implementation subclass" in line and "implementation = 'module:Class'" in line
+
+
+def test_it_still_passes_the_conformance_suite(tmp_path: Path) -> None:
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")  # keep the repository's pytest settings out
+    (tmp_path / "test_legacy_example.py").write_text(SUITE)
+    env = {**os.environ, **ONLY}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert done.returncode == 0, f"the 0.1-style backend fails the suite:\n{done.stdout[-4000:]}"
+    assert " passed" in done.stdout and "failed" not in done.stdout
