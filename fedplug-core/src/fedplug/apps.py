@@ -12,7 +12,7 @@ import logging
 import traceback
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -83,8 +83,9 @@ def _client_step(msg: Message, context: Context, step: str) -> Message:
                 }
             )
             return Message(content=content, reply_to=msg)
-        backend.set_weights(model, from_record(msg.content["arrays"]))
-        step_config = {**config, **dict(msg.content.get("config", ConfigRecord())), "partition-id": partition_id}
+        backend.set_weights(model, from_record(cast(ArrayRecord, msg.content["arrays"])))
+        sent = cast(dict[str, Scalar], dict(msg.content.get("config", ConfigRecord())))
+        step_config: dict[str, Scalar] = {**config, **sent, "partition-id": partition_id}
         if step == "train":
             metrics = backend.train(model, part.x_train, part.y_train, step_config)
             content["arrays"] = to_record(backend.get_weights(model))
@@ -167,4 +168,4 @@ def _run_rounds(
         loop = RoundLoop(grid, strategy, config, sampling(config), Results(out, config, rounds), evaluation)
         loop.failed_in_a_row = failed_in_a_row
         first = done + 1
-    return loop.run(to_record(weights), first, int(config["num-server-rounds"]))  # type: ignore[arg-type]
+    return loop.run(to_record(weights), first, int(config["num-server-rounds"]))

@@ -491,7 +491,7 @@ def _simulate(
     _say(f"results: {out}  ({time.monotonic() - started:.1f}s)")
     finished = sum(1 for record in rounds_done if record["round"] > 0)
     status = read_status(out)
-    if code == 0 and (status.get("status") != "finished" or finished < int(config["num-server-rounds"])):  # type: ignore[arg-type]
+    if code == 0 and (status.get("status") != "finished" or finished < int(config["num-server-rounds"])):
         code = 1  # the Simulation Runtime gave up without raising
     if code and code < 128:
         reason = status.get("reason") or f"the simulation stopped after {finished} rounds"
@@ -578,7 +578,7 @@ def run_on_superlink(
     finished = sum(1 for record in result.rounds if record["round"] > 0)
     where = f"{result.out} on the SuperLink's machine" if result.out else "none (the ServerApp did not start)"
     console.print(f"results: {where}  ({time.monotonic() - started:.1f}s)")
-    if result.run_id is None or finished < int(config["num-server-rounds"]):  # type: ignore[arg-type]
+    if result.run_id is None or finished < int(config["num-server-rounds"]):
         reason = result.errors[-1] if result.errors else f"the run stopped after {finished} rounds"
         fail(f"{reason} (log: {log_path})")
     import shutil

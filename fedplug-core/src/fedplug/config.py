@@ -146,42 +146,42 @@ def check_values(backend: Backend, config: Config) -> None:
         if isinstance(value, str) and not _encodable(value):
             raise ConfigError(f"run-config '{key}' is not valid Unicode: {value!r}")
     for key in ("num-server-rounds", "num-supernodes", "local-epochs", "batch-size"):
-        if int(config[key]) < 1:  # type: ignore[arg-type]
+        if int(config[key]) < 1:
             raise ConfigError(f"run-config '{key}' must be at least 1, got {config[key]}")
-    if not 0.0 < float(config["round-timeout"]) < float("inf"):  # type: ignore[arg-type]
+    if not 0.0 < float(config["round-timeout"]) < float("inf"):
         raise ConfigError(
             f"run-config 'round-timeout' must be a positive number of seconds, got {config['round-timeout']}"
         )
-    if int(config["max-failed-rounds"]) < 1:  # type: ignore[arg-type]
+    if int(config["max-failed-rounds"]) < 1:
         raise ConfigError(f"run-config 'max-failed-rounds' must be at least 1, got {config['max-failed-rounds']}")
-    if not 0.0 <= float(config["clip-norm"]) < float("inf"):  # type: ignore[arg-type]
+    if not 0.0 <= float(config["clip-norm"]) < float("inf"):
         raise ConfigError(
             f"run-config 'clip-norm' must be 0 (off) or a positive update norm, got {config['clip-norm']}"
         )
-    if not 0.0 <= float(config["outlier-factor"]) < float("inf"):  # type: ignore[arg-type]
+    if not 0.0 <= float(config["outlier-factor"]) < float("inf"):
         raise ConfigError(
             f"run-config 'outlier-factor' must be 0 (off) or a positive factor, got {config['outlier-factor']}"
         )
-    if int(config["num-supernodes"]) > MAX_SUPERNODES:  # type: ignore[arg-type]
+    if int(config["num-supernodes"]) > MAX_SUPERNODES:
         raise ConfigError(
             f"run-config 'num-supernodes' must be at most {MAX_SUPERNODES}, got {config['num-supernodes']}"
         )
-    if not 0 <= int(config["seed"]) <= MAX_SEED:  # type: ignore[arg-type]
+    if not 0 <= int(config["seed"]) <= MAX_SEED:
         raise ConfigError(f"run-config 'seed' must be between 0 and {MAX_SEED}, got {config['seed']}")
-    if not 0.0 < float(config["fraction-train"]) <= 1.0:  # type: ignore[arg-type]
+    if not 0.0 < float(config["fraction-train"]) <= 1.0:
         raise ConfigError(
             f"run-config 'fraction-train' must be between 0 and 1 (above 0: some node must train), "
             f"got {config['fraction-train']}"
         )
-    if not 0.0 <= float(config["fraction-evaluate"]) <= 1.0:  # type: ignore[arg-type]
+    if not 0.0 <= float(config["fraction-evaluate"]) <= 1.0:
         raise ConfigError(f"run-config 'fraction-evaluate' must be between 0 and 1, got {config['fraction-evaluate']}")
-    if not 0.0 < float(config["test-fraction"]) < 1.0:  # type: ignore[arg-type]
+    if not 0.0 < float(config["test-fraction"]) < 1.0:
         raise ConfigError(
             f"run-config 'test-fraction' must be between 0 and 1 (exclusive), got {config['test-fraction']}"
         )
-    if not float(config["lr"]) > 0.0:  # type: ignore[arg-type]
+    if not float(config["lr"]) > 0.0:
         raise ConfigError(f"run-config 'lr' must be a positive number like 0.05, got {config['lr']}")
-    if "momentum" in config and not 0.0 <= float(config["momentum"]) < 1.0:  # type: ignore[arg-type]
+    if "momentum" in config and not 0.0 <= float(config["momentum"]) < 1.0:
         raise ConfigError(f"run-config 'momentum' must be in [0, 1), e.g. 0.9, got {config['momentum']}")
     if config["pool"] not in ("max", "avg"):
         raise ConfigError(f"run-config 'pool' must be 'max' or 'avg', got '{config['pool']}'")

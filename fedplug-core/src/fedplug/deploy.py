@@ -100,7 +100,7 @@ def node_data(config: Config, node_config: Config) -> Any:
         return load_local(config, data)
     if data == EMBEDDED:
         config = {**config, "dataset": EMBEDDED}
-    return load_partition(config, int(node_config["partition-id"]), int(node_config["num-partitions"]))  # type: ignore[arg-type]
+    return load_partition(config, int(node_config["partition-id"]), int(node_config["num-partitions"]))
 
 
 def check_node(backend_name: str, node_config: dict[str, Scalar]) -> str:

@@ -10,6 +10,7 @@ and ClientApps on the Deployment Engine all run with telemetry off.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 NO_TELEMETRY_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -48,7 +49,7 @@ def no_flower_source_id() -> None:
         _give_source_id(telemetry.state)
 
 
-def _give_source_id(state: dict[str, object]) -> None:
+def _give_source_id(state: dict[str, Any]) -> None:
     # the one use of Flower's and flwr-datasets' private telemetry modules in fedplug
     if state.get("source") is None:
         state["source"] = "disabled"

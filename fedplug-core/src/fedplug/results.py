@@ -81,7 +81,8 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
 def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    named: dict[str, Any] = dict(arrays)
+    np.savez(buffer, **named)
     write_atomic(path, buffer.getvalue())
 
 
@@ -141,7 +142,7 @@ def read_status(out: Path) -> dict[str, str]:
 
 def read_metrics(out: Path) -> list[dict[str, Any]]:
     path = out / "metrics.json"
-    return json.loads(path.read_text())["rounds"] if path.is_file() else []  # type: ignore[no-any-return]
+    return json.loads(path.read_text())["rounds"] if path.is_file() else []
 
 
 def plot_metrics(out: Path, title: str = "") -> Path | None:

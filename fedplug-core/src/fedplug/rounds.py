@@ -130,11 +130,11 @@ class RoundLoop:
     ) -> None:
         self.grid, self.strategy, self.config, self.sampling = grid, strategy, config, sampling
         self.results, self.evaluate = results, evaluate
-        self.seed = int(config["seed"])  # type: ignore[arg-type]
-        self.timeout = float(config["round-timeout"])  # type: ignore[arg-type]
-        self.clip_norm = float(config["clip-norm"])  # type: ignore[arg-type]
-        self.max_failed = int(config["max-failed-rounds"])  # type: ignore[arg-type]
-        self.outlier_factor = float(config["outlier-factor"])  # type: ignore[arg-type]
+        self.seed = int(config["seed"])
+        self.timeout = float(config["round-timeout"])
+        self.clip_norm = float(config["clip-norm"])
+        self.max_failed = int(config["max-failed-rounds"])
+        self.outlier_factor = float(config["outlier-factor"])
         self.dtypes: dict[str, Any] = {}  # of the global model, set by run()
         self.nodes: dict[int, NodeInfo] = {}  # by node id
         self.unusable: dict[int, str] = {}  # nodes that could not answer the query (e.g. their data fails)

@@ -13,7 +13,7 @@ def cpu_share() -> int:
             import ray
 
             if ray.is_initialized():
-                assigned = ray.get_runtime_context().get_assigned_resources()
+                assigned = ray.get_runtime_context().get_assigned_resources()  # type: ignore[no-untyped-call]
                 if assigned.get("CPU"):
                     return max(1, int(assigned["CPU"]))
         except Exception:

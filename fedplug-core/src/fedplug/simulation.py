@@ -169,11 +169,11 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float) -
     try:
         # Flower's own simulation runtime, as ``flwr run`` drives it for a Flower App folder
         _run_simulation(
-            num_supernodes=int(config["num-supernodes"]),  # type: ignore[arg-type]
+            num_supernodes=int(config["num-supernodes"]),
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
             client_app=client_app,
             server_app=server_app,
-            backend_config=backend_config,  # type: ignore[arg-type]
+            backend_config=backend_config,
             app_dir=str(app_dir),
             server_app_context=context,
             is_app=True,  # nodes read their run config from the app folder, as under `flwr run`

@@ -72,7 +72,7 @@ def strategy_class(name: str) -> type:
 
 def strategy_parameters(name: str) -> dict[str, Scalar]:
     """``kebab-name -> default`` of the parameters a user may set for strategy ``name``."""
-    signature = inspect.signature(strategy_class(name).__init__)
+    signature = inspect.signature(strategy_class(name))
     return {
         key.replace("_", "-"): param.default
         for key, param in signature.parameters.items()
@@ -86,7 +86,7 @@ def strategy_kwargs(config: Config) -> dict[str, Any]:
     """Constructor arguments of the configured strategy, checked by name and type."""
     name = str(config["strategy"])
     known = strategy_parameters(name)
-    nodes = int(config["num-supernodes"])  # type: ignore[arg-type]
+    nodes = int(config["num-supernodes"])
     values: dict[str, Scalar] = {
         "fraction-train": config["fraction-train"],
         "fraction-evaluate": config["fraction-evaluate"],
@@ -103,7 +103,7 @@ def strategy_kwargs(config: Config) -> dict[str, Any]:
             values[param] = coerce(key, value, known.get(param, 0.0))
     kwargs = {key.replace("-", "_"): value for key, value in values.items()}
     if name == "qfedavg":
-        kwargs.setdefault("client_learning_rate", float(config["lr"]))  # type: ignore[arg-type]
+        kwargs.setdefault("client_learning_rate", float(config["lr"]))
         kwargs["train_loss_key"] = "loss"
     return kwargs
 
@@ -134,7 +134,7 @@ def check_strategy(config: Config) -> None:
     """
     name = str(config["strategy"])
     kwargs = strategy_kwargs(config)
-    nodes = int(config["num-supernodes"])  # type: ignore[arg-type]
+    nodes = int(config["num-supernodes"])
 
     def shown(param: str) -> str:
         kebab = param.replace("_", "-")

@@ -137,7 +137,7 @@ def check_data(config: Config) -> DataSpec:
     DataError
         With a one-line message saying what to do.
     """
-    key, nodes = _key(config), int(config["num-supernodes"])  # type: ignore[arg-type]
+    key, nodes = _key(config), int(config["num-supernodes"])
     _plan(key, nodes)
     return data_spec(config)
 
@@ -147,7 +147,7 @@ def share_run_data(config: Config, out: str | os.PathLike[str]) -> None:
 
     The run's other processes read them instead of loading and partitioning the data again.
     """
-    key, nodes = _key(config), int(config["num-supernodes"])  # type: ignore[arg-type]
+    key, nodes = _key(config), int(config["num-supernodes"])
     folder = Path(out) / SHARED
     folder.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {"key": _digest(key)}
@@ -186,14 +186,14 @@ def load_local(config: Config, path: str | os.PathLike[str]) -> Partition:
 def _local(key: Key, path: str) -> Partition:
     config = dict(key)
     source = _source((("dataset", path), *((k, v) for k, v in _source_key(key) if k != "dataset")))
-    fraction = float(config["test-fraction"])  # type: ignore[arg-type]
+    fraction = float(config["test-fraction"])
     if len(source.y_train) < min_examples(fraction):
         raise DataError(
             f"dataset file {path} has {len(source.y_train)} examples, too few for a train/test split "
             f"(at least {min_examples(fraction)} with test-fraction {fraction})"
         )
     rows = source.order if source.order is not None else np.arange(len(source.y_train))
-    train, test = split(len(rows), fraction, int(config["seed"]))  # type: ignore[arg-type]
+    train, test = split(len(rows), fraction, int(config["seed"]))
     return _cut(source, rows[train], rows[test])
 
 
@@ -243,7 +243,7 @@ def _source(source_key: Key) -> Source:
     config = dict(source_key)
     return load_source(
         str(config["dataset"]), int(config["seed"]), str(config["image-column"]), str(config["label-column"])
-    )  # type: ignore[arg-type]
+    )
 
 
 @cache
@@ -255,7 +255,7 @@ def _arrays(key: Key) -> Source:
     folder, test = shared.folder, shared.meta["test"]
 
     def array(name: str) -> np.ndarray:
-        return np.load(folder / f"{name}.npy", mmap_mode="r")
+        return np.asarray(np.load(folder / f"{name}.npy", mmap_mode="r"))
 
     return Source(
         array("x_train"),
@@ -280,7 +280,7 @@ def _plan(key: Key, num_partitions: int) -> Plan:
     order: np.ndarray | None
     if name == EMBEDDED:
         labels = embedded_labels()
-        order = np.random.default_rng(int(config["seed"])).permutation(len(labels))  # type: ignore[arg-type]
+        order = np.random.default_rng(int(config["seed"])).permutation(len(labels))
     else:
         source = _source(_source_key(key))
         labels, order = source.y_train, source.order

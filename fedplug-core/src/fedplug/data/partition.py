@@ -45,7 +45,7 @@ class Plan:
 
     def sizes(self) -> np.ndarray:
         """Examples (train + test) per node."""
-        return self.bounds[:, 2] - self.bounds[:, 0]
+        return np.asarray(self.bounds[:, 2] - self.bounds[:, 0])
 
 
 def make_partitioner(config: Config, num_partitions: int) -> Any:
@@ -69,7 +69,7 @@ def make_partitioner(config: Config, num_partitions: int) -> Any:
     if "partition_by" in accepted:
         kwargs["partition_by"] = "label"
     if "seed" in accepted:
-        kwargs["seed"] = int(config["seed"])  # type: ignore[arg-type]
+        kwargs["seed"] = int(config["seed"])
     for key, value in params.items():
         arg = key.replace("-", "_")
         if arg not in accepted or arg in ("self", "num_partitions", "partition_by"):
@@ -146,7 +146,7 @@ def make_plan(name: str, labels: np.ndarray, order: np.ndarray | None, config: C
     DataError
         When a node would get too few examples for its train/test split.
     """
-    test_fraction, seed = float(config["test-fraction"]), int(config["seed"])  # type: ignore[arg-type]
+    test_fraction, seed = float(config["test-fraction"]), int(config["seed"])
     needed = min_examples(test_fraction)
     if num_partitions * needed > len(labels):
         raise too_many_nodes(name, len(labels), num_partitions, test_fraction)

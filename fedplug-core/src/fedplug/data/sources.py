@@ -18,7 +18,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import numpy as np
@@ -64,7 +64,7 @@ class Source:
 def embedded_labels() -> np.ndarray:
     """The embedded training labels alone (the CLI's checks need no images)."""
     with resources.files(__package__).joinpath("mnist.npz").open("rb") as file, np.load(file) as npz:
-        return npz["train_labels"].astype(np.int64)
+        return np.asarray(npz["train_labels"], dtype=np.int64)
 
 
 def embedded_test() -> tuple[np.ndarray, np.ndarray]:
@@ -247,7 +247,7 @@ def table_labels(table: Any, column: str, name: str = "dataset") -> np.ndarray:
     labels = values.astype(np.int64)
     if labels.min() < 0:
         raise DataError(f"{where} holds negative labels like {int(labels.min())}; labels must be 0..K-1")
-    return labels
+    return cast(np.ndarray, labels)
 
 
 def table_images(table: Any, column: str, label: str, name: str = "dataset") -> np.ndarray:
@@ -287,7 +287,7 @@ def _numbers(array: Any, column: str, name: str) -> np.ndarray:
             f"dataset '{name}': column '{column}' has {array.null_count} missing or NaN values; "
             "every pixel must be a number"
         )
-    return array.to_numpy()
+    return cast(np.ndarray, array.to_numpy())
 
 
 def _column_array(array: Any, column: str, name: str) -> np.ndarray:
