@@ -62,8 +62,12 @@ def test_pathological_gives_two_classes_per_node() -> None:
 
 
 def test_shard_partitioner_with_parameters() -> None:
-    for y in labels_of(config(partitioner="shard", **{"partitioner.num-shards-per-partition": 3}), 4):
-        assert len(y) > 0
+    cfg = config(partitioner="shard", **{"partitioner.num-shards-per-partition": 3})
+    for i in range(4):
+        part = load_partition(cfg, i, 4)
+        # 12 label-sorted shards of 1,000 digits: 3 per node, each spanning one or two classes
+        assert len(part.y_train) + len(part.y_test) == 3_000
+        assert len(np.unique(np.concatenate([part.y_train, part.y_test]))) <= 6
 
 
 def _mnist_like(n: int = 60):

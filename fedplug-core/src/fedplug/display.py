@@ -11,7 +11,6 @@ from rich.table import Table
 from fedplug.plugins import Registry, stdout_to_stderr
 
 console = Console()
-err_console = Console(stderr=True)
 
 
 def backends_rows(registry: Registry) -> list[dict[str, Any]]:
