@@ -20,12 +20,12 @@ echo "== test environment .venv"
   ./tests/plugins/fedplug-legacy-example \
   pytest psutil ruff
 .venv/bin/ruff check . && .venv/bin/ruff format --check .
-.venv/bin/python -m pytest tests --ignore=tests/mxnet "$@"
+.venv/bin/python -m pytest tests --ignore=tests/mxnet --durations=25 "$@"
 
 echo "== test environment .venv-mxnet"
 "$PYTHON" -m venv --clear .venv-mxnet
 .venv-mxnet/bin/pip install "${PIP_FLAGS[@]}" ./fedplug-core ./fedplug-mxnet pytest psutil
-.venv-mxnet/bin/python -m pytest tests/mxnet "$@"
+.venv-mxnet/bin/python -m pytest tests/mxnet --durations=10 "$@"
 
 echo "== strict mypy (configured in pyproject.toml)"
 .venv/bin/pip install "${PIP_FLAGS[@]}" mypy

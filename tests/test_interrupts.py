@@ -21,7 +21,7 @@ QUIET = {**os.environ, "FEDPLUG_PLUGINS": ""}
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_signal_stops_the_run_and_keeps_finished_rounds(sig: signal.Signals, tmp_path: Path) -> None:
     out = tmp_path / "signalled"
-    command = [FEDPLUG, "run", "numpy", "--rounds", "50", "--nodes", "2", "--out", str(out)]
+    command = [FEDPLUG, "run", "numpy", "--rounds", "1000", "--nodes", "2", "--out", str(out)]  # cannot finish first
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=QUIET)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not any(r["round"] >= 1 for r in read_rounds(out)):
@@ -34,7 +34,7 @@ def test_signal_stops_the_run_and_keeps_finished_rounds(sig: signal.Signals, tmp
     time.sleep(10)  # "within a few seconds"
     assert processes_of(out) == [], f"processes of the run outlived {sig.name}"
     rounds = read_rounds(out)
-    assert 1 <= len(rounds) < 51 and (out / "metrics.png").is_file()
+    assert 1 <= len(rounds) < 1001 and (out / "metrics.png").is_file()
     json.loads((out / "config.json").read_text())
 
 
