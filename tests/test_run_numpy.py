@@ -59,16 +59,20 @@ def test_ctrl_c_stops_everything_and_keeps_finished_rounds(tmp_path: Path) -> No
         "--out",
         str(out),
     ]
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "FEDPLUG_PLUGINS": ""}
-    )
+    # output to files, not pipes: reading a pipe to its end would also wait for any grandchild holding it
+    stdout_path, stderr_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with open(stdout_path, "w") as stdout_file, open(stderr_path, "w") as stderr_file:
+        proc = subprocess.Popen(
+            command, stdout=stdout_file, stderr=stderr_file, text=True, env={**os.environ, "FEDPLUG_PLUGINS": ""}
+        )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not any(r["round"] >= 1 for r in read_rounds(out)):
         time.sleep(0.5)
     assert read_rounds(out), "no round finished within 5 minutes"
     assert any("raylet" in line for line in processes_of(out)), "the marker does not reach Ray's processes"
     proc.send_signal(signal.SIGINT)  # what Ctrl-C does
-    stdout, stderr = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    stdout, stderr = stdout_path.read_text(), stderr_path.read_text()
     assert proc.returncode == 130
     assert "interrupted" in stdout and "Traceback" not in stderr
     assert 1 <= len(read_rounds(out)) < 1001
