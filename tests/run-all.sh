@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Build the test environments from scratch and run the whole suite (the README's test command).
 #
-#   .venv        fedplug-core, the numpy/torch/keras/jax/mlx backends and the test plugins
+#   .venv        fedplug-core, the numpy/torch/keras/jax/mlx backends and the test plugins (tests/plugins)
 #   .venv-mxnet  fedplug-core and fedplug-mxnet only: MXNet 1.9.1 needs numpy<2
 #
-# Distributions are installed as built wheels (not editable), as users get them.
+# Each distribution's tests are in its own tests/ folder (pyproject.toml's testpaths); they run on
+# two pytest-xdist workers, a whole file per worker. Distributions are installed as built wheels
+# (not editable), as users get them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
@@ -18,14 +20,14 @@ echo "== test environment .venv"
   ./fedplug-core ./fedplug-torch "./fedplug-keras[tensorflow-cpu]" ./fedplug-jax ./fedplug-mlx \
   ./tests/plugins/fedplug-testplugins ./tests/plugins/fedplug-broken-example ./tests/plugins/fedplug-faulty \
   ./tests/plugins/fedplug-legacy-example \
-  pytest psutil ruff
+  pytest pytest-xdist psutil ruff
 .venv/bin/ruff check . && .venv/bin/ruff format --check .
-.venv/bin/python -m pytest tests --ignore=tests/mxnet --durations=25 "$@"
+.venv/bin/python -m pytest -n 2 --dist loadfile --durations=25 "$@"
 
 echo "== test environment .venv-mxnet"
 "$PYTHON" -m venv --clear .venv-mxnet
 .venv-mxnet/bin/pip install "${PIP_FLAGS[@]}" ./fedplug-core ./fedplug-mxnet pytest psutil
-.venv-mxnet/bin/python -m pytest tests/mxnet --durations=10 "$@"
+.venv-mxnet/bin/python -m pytest fedplug-mxnet/tests --durations=10 "$@"
 
 echo "== strict mypy (configured in pyproject.toml)"
 .venv/bin/pip install "${PIP_FLAGS[@]}" mypy

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import fedplug
 from fedplug.config import resolve
 from fedplug.data import DataError, data_spec, load_centralized, load_partition
 from fedplug.numpy_backend import NumpyBackend
+from fedplug.testing.runs import fedplug
 
 pytestmark = pytest.mark.fast
 

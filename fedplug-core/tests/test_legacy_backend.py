@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import fedplug
+from fedplug.testing.runs import fedplug
 
 SUITE = """\
 from fedplug.testing import BackendConformance

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import fedplug
+from fedplug.testing.runs import cli as fedplug
 
 
 def csv(rows: list[str], header: str = "label,p0,p1,p2,p3") -> Callable[[Path], str]:
@@ -123,9 +123,7 @@ def test_bad_data_is_refused_before_the_run(
     name: str, make: Callable[[Path], str], args: list[str], hint: str, tmp_path: Path
 ) -> None:
     dataset, out = make(tmp_path), tmp_path / "results"
-    done = fedplug(
-        "run", "numpy", "--dataset", dataset, "--out", str(out), *args, env={"FEDPLUG_PLUGINS": ""}, timeout=300
-    )
+    done = fedplug("run", "numpy", "--dataset", dataset, "--out", str(out), *args, env={"FEDPLUG_PLUGINS": ""})
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from conftest import assert_resume_matches_longer_run, check_results
 from fedplug.backend import BackendUnavailable, DataSpec, ModelError
 from fedplug.config import resolve
 from fedplug.testing import BackendConformance
+from fedplug.testing.runs import assert_resume_matches_longer_run, check_results
 from fedplug_jax import JaxBackend
 
 GREY = DataSpec((1, 28, 28), 10)

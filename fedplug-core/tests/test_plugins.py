@@ -11,10 +11,10 @@ import pluggy
 import pytest
 
 import fedplug
-from conftest import fedplug as fedplug_command
 from fedplug import hookspecs
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.plugins import Registry, collect_backends, get_registry, load_plugins, new_plugin_manager
+from fedplug.testing.runs import fedplug as fedplug_command
 
 pytestmark = pytest.mark.fast
 

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import assert_resume_matches_longer_run, check_results
 from fedplug.backend import BackendUnavailable, DataSpec
 from fedplug.config import ConfigError, resolve
 from fedplug.numpy_backend import Conv, Dense, Flatten, Pool, Relu
 from fedplug.testing import BackendConformance
+from fedplug.testing.runs import assert_resume_matches_longer_run, check_results
 from fedplug_keras import KerasBackend, framework
 
 GREY = DataSpec((1, 28, 28), 10)
@@ -333,7 +333,7 @@ def test_unknown_keras_backend_is_refused_before_the_run(backend: KerasBackend) 
 
 
 def test_fedprox_is_refused_in_one_line_because_keras_declares_it_unsupported(tmp_path: Path) -> None:
-    from conftest import fedplug
+    from fedplug.testing.runs import fedplug
 
     out = tmp_path / "never"
     done = fedplug("run", "keras", "--strategy", "fedprox", "--out", str(out), env={"FEDPLUG_PLUGINS": "keras"})

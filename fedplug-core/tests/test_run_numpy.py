@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import check_results, processes_of, read_rounds
+from fedplug.testing.runs import check_results, processes_of, read_rounds
 
 
 def test_run_numpy_end_to_end(run_fedplug, tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_ctrl_c_stops_everything_and_keeps_finished_rounds(tmp_path: Path) -> No
 
 
 def test_failing_client_apps_end_the_run_with_one_line(tmp_path: Path) -> None:
-    from conftest import fedplug
+    from fedplug.testing.runs import fedplug
 
     out = tmp_path / "failing"
     done = fedplug(
@@ -124,7 +124,7 @@ def test_other_strategy_and_partitioner_end_to_end(run_fedplug) -> None:
 
 
 def test_training_that_diverges_stops_in_that_round_and_saves_nothing_non_finite(tmp_path: Path) -> None:
-    from conftest import fedplug
+    from fedplug.testing.runs import fedplug
 
     out = tmp_path / "diverged"
     done = fedplug(

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import check_results, fedplug
+from fedplug.testing.runs import check_results, fedplug
 
 SMALL = "hidden-dims='32' lr=0.1"
 SCENARIOS = {

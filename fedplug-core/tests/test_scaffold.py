@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fedplug
 from fedplug.backend import OPERATIONS, Backend
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.scaffold import ScaffoldError, scaffold
+from fedplug.testing.runs import fedplug
 
-CORE = Path(__file__).resolve().parents[1] / "fedplug-core"
+CORE = Path(__file__).resolve().parents[2] / "fedplug-core"
 WHEELHOUSE = Path(os.environ.get("FEDPLUG_TEST_WHEELHOUSE", Path.home() / ".cache" / "fedplug" / "test-wheelhouse"))
 NAME = "my_thing"
 """With an underscore, to check the distribution name fedplug-my-thing."""

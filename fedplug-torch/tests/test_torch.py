@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_resume_matches_longer_run, check_results
 from fedplug.backend import DataSpec
 from fedplug.config import resolve
 from fedplug.models import canonical_shapes
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.runtime import cpu_share
 from fedplug.testing import BackendConformance
+from fedplug.testing.runs import assert_resume_matches_longer_run, check_results
 from fedplug_torch import TorchBackend, training
 
 GREY = DataSpec((1, 28, 28), 10)

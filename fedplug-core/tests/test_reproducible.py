@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_same_run, fedplug, processes_of, read_rounds
+from fedplug.testing.runs import assert_same_run, fedplug, processes_of, read_rounds
 
 QUIET = {"FEDPLUG_PLUGINS": ""}
 SMALL = ["--nodes", "4", "--fraction-train", "0.5", "--run-config", "hidden-dims='16'"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import processes_of, read_rounds
+from fedplug.testing.runs import processes_of, read_rounds
 
 FEDPLUG = str(Path(sys.executable).with_name("fedplug"))
 QUIET = {**os.environ, "FEDPLUG_PLUGINS": ""}

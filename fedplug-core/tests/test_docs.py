@@ -16,7 +16,7 @@ from fedplug.testing import BackendConformance
 
 pytestmark = pytest.mark.fast
 
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
 TEXT = GUIDE.read_text(encoding="utf-8")
 
 HOOKS = [

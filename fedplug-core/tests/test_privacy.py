@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from conftest import check_results
+from fedplug.testing.runs import check_results
 
 TELEMETRY_OFF = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 ALWAYS = {**TELEMETRY_OFF, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}

@@ -1,26 +1,24 @@
 """Every mistake a user can make before a run starts ends in one line on stderr, before Ray starts.
 
 One row per mistake: the command's arguments, extra environment, the exit code and a
-substring of the hint. Each row runs the real ``fedplug`` command and asserts the exit
-code, a single ``fedplug: error:`` line holding the hint, no traceback, nothing written
-(no results folder, nothing under ``~/.flwr``) and no process left behind.
+substring of the hint. Each row runs the ``fedplug`` command (in this process: the checks
+start nothing) and asserts the exit code, a single ``fedplug: error:`` line holding the
+hint, no traceback, nothing written (no results folder, nothing under ``~/.flwr``) and no
+process left behind.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import pytest
 
-pytestmark = pytest.mark.fast
+from fedplug.testing.runs import cli
 
-FEDPLUG = str(Path(sys.executable).with_name("fedplug"))
+pytestmark = pytest.mark.fast
 
 
 @dataclass(frozen=True)
@@ -180,20 +178,13 @@ def tree(folder: Path) -> list[tuple[str, int]]:
     return sorted((str(p.relative_to(folder)), p.stat().st_size if p.is_file() else -1) for p in folder.rglob("*"))
 
 
-def processes_marked(marker: str) -> list[str]:
-    """Live processes that inherited this row's marker: anything the command left running."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if proc.environ().get("FEDPLUG_TEST_ROW") == marker:
-                found.append(" ".join(proc.info["cmdline"] or [])[:120])
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
+def children() -> set[int]:
+    """This process's live descendants: anything a command started and left running."""
+    return {child.pid for child in psutil.Process().children(recursive=True) if child.status() != "zombie"}
 
 
 @pytest.mark.parametrize("row", CASES, ids=[f"{c.kind}:{c.backend} {' '.join(c.args)}"[:80] for c in CASES])
-def test_mistake_is_one_line_before_anything_starts(row: Case, tmp_path: Path) -> None:
+def test_mistake_is_one_line_before_anything_starts(row: Case, tmp_path: Path, monkeypatch) -> None:
     work, home = tmp_path / "work", tmp_path / "home"
     make_work(work)
     for name in row.files:
@@ -203,11 +194,9 @@ def test_mistake_is_one_line_before_anything_starts(row: Case, tmp_path: Path) -
     args = [arg.replace("{work}", str(work)) for arg in row.args]
     if row.out and "--out" not in args:
         args += ["--out", str(work / "out")]
-    marker = uuid.uuid4().hex
-    env = {**os.environ, "FEDPLUG_PLUGINS": "", "HOME": str(home), "FEDPLUG_TEST_ROW": marker, **row.env}
-    done = subprocess.run(
-        [FEDPLUG, "run", row.backend, *args], capture_output=True, text=True, cwd=work, env=env, timeout=300
-    )
+    monkeypatch.chdir(work)
+    before_children = children()
+    done = cli("run", row.backend, *args, env={"FEDPLUG_PLUGINS": "", "HOME": str(home), **row.env})
     lines = done.stderr.splitlines()
     assert done.returncode == row.code, done.stderr
     assert len(lines) == 1 and lines[0].startswith("fedplug: error: "), done.stderr
@@ -215,4 +204,4 @@ def test_mistake_is_one_line_before_anything_starts(row: Case, tmp_path: Path) -
     assert "Traceback" not in done.stdout + done.stderr
     assert tree(work) == before, "the command wrote files: no results folder may be made before the run starts"
     assert not (home / ".flwr").exists(), "fedplug wrote to ~/.flwr"
-    assert processes_marked(marker) == [], "the command left processes behind"
+    assert children() <= before_children, "the command left processes behind"

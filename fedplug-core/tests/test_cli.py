@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import fedplug
+from fedplug.testing.runs import cli as fedplug
 
 pytestmark = pytest.mark.fast
 

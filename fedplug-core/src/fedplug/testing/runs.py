@@ -1,4 +1,16 @@
-"""Shared test helpers: run the real `fedplug` command and check its results folder."""
+"""End-to-end test helpers: run the real ``fedplug`` command and check its results folder.
+
+fedplug's own tests use them in every distribution, and a backend's tests may too::
+
+    # conftest.py at the root of your tests
+    pytest_plugins = ["fedplug.testing.runs"]
+
+    def test_my_backend_learns(run_fedplug):
+        _, out = run_fedplug("mything", "--rounds", "2", "--nodes", "2")
+        rounds = check_results(out, ".mything")
+
+The plugin gives the ``run_fedplug`` fixture; the functions are imported from this module.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +19,26 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Protocol
 
 import psutil
 import pytest
+
+__all__ = [
+    "RESULT_FILES",
+    "RunFedplug",
+    "assert_resume_matches_longer_run",
+    "assert_same_run",
+    "check_results",
+    "cli",
+    "fedplug",
+    "processes_of",
+    "read_rounds",
+    "run_fedplug",
+]
+
+Record = dict[str, Any]
+"""One round's record in ``metrics.json``."""
 
 RESULT_FILES = ("config.json", "metrics.json", "metrics.csv", "metrics.png", "weights.npz")
 
@@ -20,11 +49,30 @@ def fedplug(*args: str, env: dict[str, str] | None = None, timeout: float = 900)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def check_results(out: Path, suffix: str) -> list[dict]:
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``fedplug ARGS`` in this process, as ``fedplug()`` does in a new one: for commands that start nothing.
+
+    A new process costs a second of imports; the fast tests of the CLI's checks and errors run here.
+    ``env`` is set for the call, and plugins are discovered again for it.
+    """
+    from typer.testing import CliRunner
+
+    from fedplug.cli import app
+    from fedplug.plugins import get_registry
+
+    get_registry.cache_clear()
+    try:
+        result = CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
+    finally:
+        get_registry.cache_clear()
+    return subprocess.CompletedProcess(["fedplug", *args], result.exit_code, result.stdout, result.stderr)
+
+
+def check_results(out: Path, suffix: str) -> list[Record]:
     """Assert that ``out`` holds every promised file; return the per-round metrics."""
     for name in (*RESULT_FILES, f"model{suffix}"):
         assert (out / name).is_file(), f"results folder lacks {name}: {sorted(p.name for p in out.iterdir())}"
-    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    rounds: list[Record] = json.loads((out / "metrics.json").read_text())["rounds"]
     return rounds
 
 
@@ -40,12 +88,13 @@ def processes_of(out: Path) -> list[str]:
     return found
 
 
-def read_rounds(out: Path) -> list[dict]:
+def read_rounds(out: Path) -> list[Record]:
     """The rounds in ``out/metrics.json``, or [] while there are none (the file is written atomically)."""
     try:
-        return json.loads((out / "metrics.json").read_text())["rounds"]
+        rounds: list[Record] = json.loads((out / "metrics.json").read_text())["rounds"]
     except (OSError, ValueError):
         return []
+    return rounds
 
 
 def assert_same_run(a: Path, b: Path, native: str | None = None) -> None:
@@ -57,34 +106,49 @@ def assert_same_run(a: Path, b: Path, native: str | None = None) -> None:
     for name in ("weights.npz", *([native] if native else [])):
         assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs between two runs of one seed"
 
-    def without_timings(out: Path) -> list[dict]:
+    def without_timings(out: Path) -> list[Record]:
         return [{k: v for k, v in record.items() if k != "seconds"} for record in read_rounds(out)]
 
     assert without_timings(a) == without_timings(b), "metrics differ between two runs of one seed"
 
 
+class RunFedplug(Protocol):
+    """The ``run_fedplug`` fixture: ``fedplug run BACKEND ARGS`` into a fresh folder, asserting it succeeds."""
+
+    def __call__(
+        self, backend: str, *args: str, env: dict[str, str] | None = None, name: str = ""
+    ) -> tuple[subprocess.CompletedProcess[str], Path]: ...
+
+
 def assert_resume_matches_longer_run(
-    run_fedplug, backend: str, out: Path, args: tuple[str, ...], native: str | None, env=None
+    run_fedplug: RunFedplug,
+    backend: str,
+    out: Path,
+    args: tuple[str, ...],
+    native: str | None,
+    env: dict[str, str] | None = None,
 ) -> None:
     """Same seed, same bits, and resume, for one backend.
 
     ``out`` (a finished run of ``args``) resumed for one more round must equal, bit for bit, a fresh
     run of one more round with the same seed: weights, metrics, and the native model where deterministic.
     """
-    args = list(args)
-    rounds = int(args[args.index("--rounds") + 1]) + 1
-    args[args.index("--rounds") + 1] = str(rounds)
+    longer_args = list(args)
+    rounds = int(longer_args[longer_args.index("--rounds") + 1]) + 1
+    longer_args[longer_args.index("--rounds") + 1] = str(rounds)
     resumed = fedplug("run", "--resume", str(out), "--rounds", str(rounds), env=env)
     assert resumed.returncode == 0, f"resume failed:\n{resumed.stdout}\n{resumed.stderr}"
-    _, longer = run_fedplug(backend, *args, env=env, name="-longer")
+    _, longer = run_fedplug(backend, *longer_args, env=env, name="-longer")
     assert_same_run(out, longer, native)
 
 
 @pytest.fixture
-def run_fedplug(tmp_path: Path):
+def run_fedplug(tmp_path: Path) -> RunFedplug:
     """Run ``fedplug run BACKEND ARGS`` into a fresh folder; return (process, folder)."""
 
-    def run(backend: str, *args: str, env: dict[str, str] | None = None, name: str = ""):
+    def run(
+        backend: str, *args: str, env: dict[str, str] | None = None, name: str = ""
+    ) -> tuple[subprocess.CompletedProcess[str], Path]:
         out = tmp_path / f"run-{backend}{name}"
         proc = fedplug("run", backend, "--out", str(out), *args, env=env)
         assert proc.returncode == 0, f"fedplug run {backend} failed:\n{proc.stdout}\n{proc.stderr}"

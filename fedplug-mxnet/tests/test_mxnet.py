@@ -1,7 +1,7 @@
 """Tests of fedplug-mxnet; they run only in a virtual environment of their own (numpy < 2).
 
 See tests/run-all.sh: ``pip install ./fedplug-core ./fedplug-mxnet pytest`` into a fresh
-venv, then ``python -m pytest tests/mxnet``.
+venv, then ``python -m pytest fedplug-mxnet/tests``.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_resume_matches_longer_run, check_results, fedplug
 from fedplug import BackendUnavailable, DataSpec, Framework
 from fedplug.config import defaults_for
 from fedplug.models import canonical_shapes
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.testing import BackendConformance
+from fedplug.testing.runs import assert_resume_matches_longer_run, check_results, fedplug
 from fedplug_mxnet import MXNetBackend, compat
 
 GREY, COLOUR = DataSpec((1, 28, 28), 10), DataSpec((3, 32, 32), 3)

@@ -397,7 +397,7 @@ def test_deployment_commands_refuse_bad_input_before_starting_anything(
 
 def _documented_commands() -> list[tuple[str, str]]:
     """Every `fedplug ...` command line in the README's 'Federate real machines' section and docs/deploy.md."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     readme = (root / "README.md").read_text()
     section = readme[readme.index("## Federate real machines") :]
     section = section[: section.index("\n## ", 3)]

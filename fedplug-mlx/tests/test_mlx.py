@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_resume_matches_longer_run, check_results, fedplug
 from fedplug import BackendUnavailable, DataSpec
 from fedplug.config import resolve
 from fedplug.models import canonical_shapes
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.plugins import get_backend
 from fedplug.testing import BackendConformance
+from fedplug.testing.runs import assert_resume_matches_longer_run, check_results, fedplug
 from fedplug_mlx import MlxBackend, availability
 
 GREY, COLOUR = DataSpec((1, 28, 28), 10), DataSpec((3, 32, 32), 3)
