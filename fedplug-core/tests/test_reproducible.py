@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fedplug.testing.runs import assert_same_run, fedplug, processes_of, read_rounds
+from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, assert_same_run, fedplug, read_rounds
 
 QUIET = {"FEDPLUG_PLUGINS": ""}
 SMALL = ["--nodes", "4", "--fraction-train", "0.5", "--run-config", "hidden-dims='16'"]
@@ -56,26 +52,12 @@ def test_same_seed_gives_the_same_bits_and_another_seed_does_not(reference, tmp_
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
-def test_killed_run_resumes_bit_identical(reference, strategy: str, tmp_path: Path) -> None:
-    out = tmp_path / "killed"
-    command = [str(Path(sys.executable).with_name("fedplug")), "run", "numpy", "--out", str(out), *SMALL]
-    command += ["--rounds", "6", "--strategy", strategy, "--seed", "3"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **QUIET})
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not any(r["round"] >= 3 for r in read_rounds(out)):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    finished = max(r["round"] for r in read_rounds(out))
-    assert 3 <= finished < 6, f"the run was not killed mid-way (finished {finished} rounds)"
-    time.sleep(10)
-    assert processes_of(out) == [], "processes of the run outlived SIGKILL"
-    json.loads((out / "config.json").read_text())  # the folder stays readable
-    resumed = fedplug("run", "--resume", str(out), env=QUIET)
-    assert resumed.returncode == 0, f"resume failed:\n{resumed.stdout}\n{resumed.stderr}"
-    assert "resuming numpy" in resumed.stdout
-    assert f"round   {finished}" not in resumed.stdout and "round   6" in resumed.stdout  # only the new rounds run
-    assert_same_run(reference[strategy], out, "model.npz")
+def test_killed_run_resumes_bit_identical(reference, strategy: str) -> None:
+    args = [*SMALL, "--rounds", "6", "--strategy", strategy, "--seed", "3"]
+    resumed = assert_killed_run_resumes_bit_identical("numpy", reference[strategy], args, "model.npz", QUIET, after=3)
+    killed = reference[strategy].with_name(f"{strategy}-killed")
+    assert "round   6" in resumed.stdout and "round   1" not in resumed.stdout  # only the new rounds run
+    assert json.loads((killed / "config.json").read_text())["num-server-rounds"] == 6
 
 
 def test_resume_refuses_what_would_change_the_experiment(reference, tmp_path: Path) -> None:

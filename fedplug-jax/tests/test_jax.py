@@ -17,7 +17,7 @@ from flax import serialization
 from fedplug.backend import BackendUnavailable, DataSpec, ModelError
 from fedplug.config import resolve
 from fedplug.testing import BackendConformance
-from fedplug.testing.runs import assert_resume_matches_longer_run, check_results
+from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_results
 from fedplug_jax import JaxBackend
 
 GREY = DataSpec((1, 28, 28), 10)
@@ -241,7 +241,16 @@ def test_fedplug_run_jax_learns(run_fedplug) -> None:
     assert rounds[-1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"] + 0.2, rounds
     assert rounds[-1]["evaluate-accuracy"] > 0.5, rounds
     assert "NVIDIA" not in proc.stderr and "TPU" not in proc.stderr
-    assert_resume_matches_longer_run(run_fedplug, "jax", out, args, "model.msgpack")
+    assert_killed_run_resumes_bit_identical("jax", out, args, "model.msgpack")
+
+
+def test_killed_fedadam_run_resumes_bit_identical(run_fedplug) -> None:
+    """SIGKILL after round 1 of 3, resumed: bit-identical to the uninterrupted run, with the server optimiser's
+    state and seeded sampling of half the nodes (the quickstart run above covers FedAvg)."""
+    args = ("--rounds", "3", "--nodes", "4", "--fraction-train", "0.5", "--model", "mlp", "--strategy", "fedadam",
+            "--run-config", "hidden-dims='16'")  # fmt: skip
+    _, out = run_fedplug("jax", *args)
+    assert_killed_run_resumes_bit_identical("jax", out, args, "model.msgpack")
 
 
 class TestConformance(BackendConformance):

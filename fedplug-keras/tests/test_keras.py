@@ -19,7 +19,7 @@ from fedplug.backend import BackendUnavailable, DataSpec
 from fedplug.config import ConfigError, resolve
 from fedplug.numpy_backend import Conv, Dense, Flatten, Pool, Relu
 from fedplug.testing import BackendConformance
-from fedplug.testing.runs import assert_resume_matches_longer_run, check_results
+from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_results
 from fedplug_keras import KerasBackend, framework
 
 GREY = DataSpec((1, 28, 28), 10)
@@ -304,7 +304,16 @@ def test_fedplug_run_two_rounds(run_fedplug: Any) -> None:
     assert rounds[-1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"] + 0.3
     assert rounds[-1]["evaluate-accuracy"] > 0.5
     assert "oneDNN" not in proc.stdout + proc.stderr
-    assert_resume_matches_longer_run(run_fedplug, "keras", out, args, None)  # .keras files carry their save date
+    assert_killed_run_resumes_bit_identical("keras", out, args, None)  # .keras files carry their save date
+
+
+def test_killed_fedadam_run_resumes_bit_identical(run_fedplug: Any) -> None:
+    """SIGKILL after round 1 of 3, resumed: bit-identical to the uninterrupted run, with the server optimiser's
+    state and seeded sampling of half the nodes (the quickstart run above covers FedAvg)."""
+    args = ("--rounds", "3", "--nodes", "4", "--fraction-train", "0.5", "--model", "mlp", "--strategy", "fedadam",
+            "--run-config", "hidden-dims='16'")  # fmt: skip
+    _, out = run_fedplug("keras", *args)
+    assert_killed_run_resumes_bit_identical("keras", out, args, None)
 
 
 def test_keras_backend_from_the_run_config_reaches_every_client(run_fedplug: Any) -> None:

@@ -23,7 +23,7 @@ from fedplug.models import canonical_shapes
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.plugins import get_backend
 from fedplug.testing import BackendConformance
-from fedplug.testing.runs import assert_resume_matches_longer_run, check_results, fedplug
+from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_results, fedplug
 from fedplug_mlx import MlxBackend, availability
 
 GREY, COLOUR = DataSpec((1, 28, 28), 10), DataSpec((3, 32, 32), 3)
@@ -262,7 +262,16 @@ def test_fedplug_run_mlx_learns(run_fedplug) -> None:
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert rounds[-1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"] + 0.1
     assert rounds[-1]["evaluate-accuracy"] > rounds[1]["evaluate-accuracy"]
-    assert_resume_matches_longer_run(run_fedplug, "mlx", out, args, "model.safetensors")
+    assert_killed_run_resumes_bit_identical("mlx", out, args, "model.safetensors")
+
+
+def test_killed_fedadam_run_resumes_bit_identical(run_fedplug) -> None:
+    """SIGKILL after round 1 of 3, resumed: bit-identical to the uninterrupted run, with the server optimiser's
+    state and seeded sampling of half the nodes (the quickstart run above covers FedAvg)."""
+    args = ("--rounds", "3", "--nodes", "4", "--fraction-train", "0.5", "--model", "mlp", "--strategy", "fedadam",
+            "--run-config", "hidden-dims='16'")  # fmt: skip
+    _, out = run_fedplug("mlx", *args)
+    assert_killed_run_resumes_bit_identical("mlx", out, args, "model.safetensors")
 
 
 class TestConformance(BackendConformance):

@@ -19,7 +19,7 @@ from fedplug.config import defaults_for
 from fedplug.models import canonical_shapes
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.testing import BackendConformance
-from fedplug.testing.runs import assert_resume_matches_longer_run, check_results, fedplug
+from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_results, fedplug
 from fedplug_mxnet import MXNetBackend, compat
 
 GREY, COLOUR = DataSpec((1, 28, 28), 10), DataSpec((3, 32, 32), 3)
@@ -250,4 +250,14 @@ def test_fedplug_run_mxnet_end_to_end(run_fedplug, tmp_path: Path) -> None:
     assert rounds[2]["centralized-accuracy"] > rounds[1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"]
     assert rounds[2]["centralized-accuracy"] > rounds[0]["centralized-accuracy"] + 0.3
     assert rounds[2]["evaluate-accuracy"] > 0.6
-    assert_resume_matches_longer_run(run_fedplug, "mxnet", out, args, "model.params", env=env)
+    assert_killed_run_resumes_bit_identical("mxnet", out, args, "model.params", env=env)
+
+
+def test_killed_fedadam_run_resumes_bit_identical(run_fedplug, tmp_path: Path) -> None:
+    """SIGKILL after round 1 of 3, resumed: bit-identical to the uninterrupted run, with the server optimiser's
+    state and seeded sampling of half the nodes (the quickstart run above covers FedAvg)."""
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    args = ("--rounds", "3", "--nodes", "4", "--fraction-train", "0.5", "--model", "mlp", "--strategy", "fedadam",
+            "--run-config", "hidden-dims='16'")  # fmt: skip
+    _, out = run_fedplug("mxnet", *args, env=env)
+    assert_killed_run_resumes_bit_identical("mxnet", out, args, "model.params", env=env)

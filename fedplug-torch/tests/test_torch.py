@@ -16,7 +16,7 @@ from fedplug.models import canonical_shapes
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.runtime import cpu_share
 from fedplug.testing import BackendConformance
-from fedplug.testing.runs import assert_resume_matches_longer_run, check_results
+from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_results
 from fedplug_torch import TorchBackend, training
 
 GREY = DataSpec((1, 28, 28), 10)
@@ -203,7 +203,16 @@ def test_fedplug_run_torch_learns(run_fedplug) -> None:
     assert rounds[-1]["centralized-accuracy"] > 0.5
     state = torch.load(out / "model.pt", weights_only=True, map_location="cpu")
     assert list(state) == list(canonical_shapes("lenet", GREY, {}))
-    assert_resume_matches_longer_run(run_fedplug, "torch", out, args, "model.pt")
+    assert_killed_run_resumes_bit_identical("torch", out, args, "model.pt")
+
+
+def test_killed_fedadam_run_resumes_bit_identical(run_fedplug) -> None:
+    """SIGKILL after round 1 of 3, resumed: bit-identical to the uninterrupted run, with the server optimiser's
+    state and seeded sampling of half the nodes (the quickstart run above covers FedAvg)."""
+    args = ("--rounds", "3", "--nodes", "4", "--fraction-train", "0.5", "--model", "mlp", "--strategy", "fedadam",
+            "--run-config", "hidden-dims='16'")  # fmt: skip
+    _, out = run_fedplug("torch", *args)
+    assert_killed_run_resumes_bit_identical("torch", out, args, "model.pt")
 
 
 class TestConformance(BackendConformance):

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,14 +30,16 @@ import pytest
 __all__ = [
     "RESULT_FILES",
     "RunFedplug",
-    "assert_resume_matches_longer_run",
+    "assert_killed_run_resumes_bit_identical",
     "assert_same_run",
     "check_results",
     "cli",
     "fedplug",
+    "kill_after_round",
     "processes_of",
     "read_rounds",
     "run_fedplug",
+    "wait_for",
 ]
 
 Record = dict[str, Any]
@@ -120,26 +125,62 @@ class RunFedplug(Protocol):
     ) -> tuple[subprocess.CompletedProcess[str], Path]: ...
 
 
-def assert_resume_matches_longer_run(
-    run_fedplug: RunFedplug,
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` every 0.2 s until it holds; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def kill_after_round(
+    backend: str, out: Path, args: Sequence[str], after: int, env: dict[str, str] | None = None
+) -> int:
+    """Start ``fedplug run BACKEND --out OUT ARGS``, SIGKILL it once round ``after`` is finished; return the
+    last finished round. Every process of the run must be gone soon after (they die with their parent)."""
+    command = [str(Path(sys.executable).with_name("fedplug")), "run", backend, "--out", str(out), *args]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})}
+    )
+    try:
+        wait_for(
+            lambda: proc.poll() is not None or any(r["round"] >= after for r in read_rounds(out)),
+            900,
+            f"round {after} of the run in {out}",
+        )
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    wait_for(lambda: processes_of(out) == [], 60, "the processes of the killed run to end")
+    return max(r["round"] for r in read_rounds(out))
+
+
+def assert_killed_run_resumes_bit_identical(
     backend: str,
-    out: Path,
-    args: tuple[str, ...],
+    reference: Path,
+    args: Sequence[str],
     native: str | None,
     env: dict[str, str] | None = None,
-) -> None:
-    """Same seed, same bits, and resume, for one backend.
+    after: int = 1,
+) -> subprocess.CompletedProcess[str]:
+    """Resumable, bit for bit: ``args`` run again, killed with SIGKILL after round ``after``, then resumed
+    with ``fedplug run --resume``, ends identical to ``reference``, a finished run of ``args`` (same seed).
 
-    ``out`` (a finished run of ``args``) resumed for one more round must equal, bit for bit, a fresh
-    run of one more round with the same seed: weights, metrics, and the native model where deterministic.
+    Compared: weights, metrics (timings aside), and the native model file ``native`` where the framework
+    writes it deterministically. The killed run's folder is ``reference``'s name + ``-killed``; returns the
+    resuming command's result.
     """
-    longer_args = list(args)
-    rounds = int(longer_args[longer_args.index("--rounds") + 1]) + 1
-    longer_args[longer_args.index("--rounds") + 1] = str(rounds)
-    resumed = fedplug("run", "--resume", str(out), "--rounds", str(rounds), env=env)
+    total = int(args[list(args).index("--rounds") + 1])
+    out = reference.with_name(f"{reference.name}-killed")
+    finished = kill_after_round(backend, out, args, after, env)
+    assert after <= finished < total, f"the run was not killed mid-way: {finished} of {total} rounds finished"
+    resumed = fedplug("run", "--resume", str(out), env=env)
     assert resumed.returncode == 0, f"resume failed:\n{resumed.stdout}\n{resumed.stderr}"
-    _, longer = run_fedplug(backend, *longer_args, env=env, name="-longer")
-    assert_same_run(out, longer, native)
+    assert f"resuming {backend}" in resumed.stdout, resumed.stdout
+    assert [r["round"] for r in read_rounds(out)] == list(range(total + 1))
+    assert_same_run(reference, out, native)
+    return resumed
 
 
 @pytest.fixture
