@@ -467,6 +467,7 @@ def _simulate(
         f"dataset {config['dataset']}"
         + (f" · nodes {str(config['node-backends']).replace(',', ' ')}" if config.get("node-backends") else ""),
         highlight=False,
+        soft_wrap=True,
     )
     if client_gpus is None:
         client_gpus = gpu_share(client_cpus)
