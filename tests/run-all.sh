@@ -4,6 +4,10 @@
 #   .venv        fedplug-core, the numpy/torch/keras/jax/mlx backends and the test plugins (tests/plugins)
 #   .venv-mxnet  fedplug-core and fedplug-mxnet only: MXNet 1.9.1 needs numpy<2
 #
+# Both are built before any test runs: the mixed-framework deployment test
+# (fedplug-core/tests/test_mixed_deployment.py) runs from .venv and starts a SuperNode from .venv-mxnet,
+# found through FEDPLUG_MXNET_VENV.
+#
 # Each distribution's tests are in its own tests/ folder (pyproject.toml's testpaths); they run on
 # two pytest-xdist workers, a whole file per worker. Distributions are installed as built wheels
 # (not editable), as users get them.
@@ -21,12 +25,17 @@ echo "== test environment .venv"
   ./tests/plugins/fedplug-testplugins ./tests/plugins/fedplug-broken-example ./tests/plugins/fedplug-faulty \
   ./tests/plugins/fedplug-legacy-example \
   pytest pytest-xdist psutil ruff
-.venv/bin/ruff check . && .venv/bin/ruff format --check .
-.venv/bin/python -m pytest -n 2 --dist loadfile --durations=25 "$@"
 
 echo "== test environment .venv-mxnet"
 "$PYTHON" -m venv --clear .venv-mxnet
 .venv-mxnet/bin/pip install "${PIP_FLAGS[@]}" ./fedplug-core ./fedplug-mxnet pytest psutil
+export FEDPLUG_MXNET_VENV="$PWD/.venv-mxnet"
+
+echo "== tests in .venv"
+.venv/bin/ruff check . && .venv/bin/ruff format --check .
+.venv/bin/python -m pytest -n 2 --dist loadfile --durations=25 "$@"
+
+echo "== tests in .venv-mxnet"
 .venv-mxnet/bin/python -m pytest fedplug-mxnet/tests --durations=10 "$@"
 
 echo "== strict mypy (configured in pyproject.toml)"

@@ -66,7 +66,8 @@ def _failed(msg: Message, step: str, error: Exception) -> Message:
 
 def _client_step(msg: Message, context: Context, step: str) -> Message:
     try:
-        # a deployed node may name its own backend and data in its node config (fedplug supernode)
+        # this node's backend: its node config's (fedplug supernode), else its partition's in node-backends,
+        # else the run's; a simulation worker keeps one session per backend (mixed-framework federations)
         run_config = node_run_config(context.run_config, context.node_config)
         backend, config, model = _session(tuple(sorted(run_config.items())))
         partition_id, num_partitions = _node(context)

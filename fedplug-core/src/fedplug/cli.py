@@ -109,6 +109,7 @@ def _flags_to_overrides(**flags: Any) -> dict[str, Scalar]:
         "dataset": "dataset",
         "partitioner": "partitioner",
         "seed": "seed",
+        "node_backends": "node-backends",
     }
     return {names[key]: value for key, value in flags.items() if value is not None}
 
@@ -161,6 +162,20 @@ def check_before_start(backend: Backend, config: dict[str, Scalar]) -> None:
         raise ConfigError(str(error)) from error
     if config["model"] in ("mlp", "lenet"):
         canonical_shapes(str(config["model"]), spec, config)
+
+
+def check_node_backends(config: dict[str, Scalar]) -> None:
+    """A mixed federation's backends: each known, available, building the model, accepting the run config."""
+    from fedplug.node_backends import check
+
+    try:
+        check(config)
+    except ModelError as error:
+        raise ConfigError(str(error)) from error
+    except (Exception, SystemExit) as error:  # a plugin's bug in its own check or environment: name it
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"a backend of node-backends failed its checks ({type(error).__name__}: {error})") from error
 
 
 RUNS_ROOT = Path("fedplug-runs")
@@ -335,6 +350,12 @@ def run(
         str | None, typer.Option(help="iid, dirichlet, pathological or shard (partitioner.<param>=...).")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of model init, partitioning, sampling and shuffling.")] = None,
+    node_backends: Annotated[
+        str | None,
+        typer.Option(
+            help="Mixed frameworks: other backends for some nodes, e.g. '0-1:torch,2-3:jax' (the others run BACKEND)."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Results folder (default: ./fedplug-runs/<time>-<backend>).")] = None,
     resume: Annotated[
         Path | None,
@@ -372,6 +393,7 @@ def run(
         "dataset": dataset,
         "partitioner": partitioner,
         "seed": seed,
+        "node_backends": node_backends,
     }
     flags = _flags_to_overrides(**given)
     if resume is not None and superlink is not None:
@@ -389,6 +411,7 @@ def run(
             )
         try:
             chosen, config = resume_config(resume, rounds, backend)
+            check_node_backends(config)
         except ConfigError as error:
             fail(str(error), code=2)
         out = resume
@@ -408,6 +431,7 @@ def run(
             check_before_data(chosen, overrides)
             config = prepare_run(chosen, overrides)
             check_before_start(chosen, config)
+            check_node_backends(config)
         except (ConfigError, ModelError) as error:
             fail(str(error), code=2)
         out = out or default_out(chosen.name, RUNS_ROOT)
@@ -434,13 +458,16 @@ def _simulate(
 ) -> int:
     """Run the simulation process for ``out``, report its rounds and how it ended; return the exit code."""
     from fedplug.data import remove_run_data
-    from fedplug.display import console, summary_table
+    from fedplug.display import backends_line, console, summary_table
     from fedplug.results import failure_summary, plot_metrics, read_metrics, read_status
 
     console.print(
         f"fedplug: {'resuming ' if resumed else ''}{chosen.name} · model {config['model']} · "
         f"{config['num-supernodes']} nodes · {config['num-server-rounds']} rounds · {config['strategy']} · "
         f"dataset {config['dataset']}"
+        + (f" · nodes {str(config['node-backends']).replace(',', ' ')}" if config.get("node-backends") else ""),
+        highlight=False,
+        soft_wrap=True,
     )
     if client_gpus is None:
         client_gpus = gpu_share(client_cpus)
@@ -486,6 +513,8 @@ def _simulate(
         plot_metrics(out, title=f"fedplug {chosen.name} · {config['model']} · {config['strategy']}")
     if rounds_done:
         _say(summary_table(rounds_done))
+    if backends := backends_line(rounds_done):
+        _say(backends)
     for line in failure_summary(rounds_done):
         _say(f"failed: {line}")
     _say(f"results: {out}  ({time.monotonic() - started:.1f}s)")
@@ -527,7 +556,7 @@ def run_on_superlink(
     import tempfile
 
     from fedplug import deploy
-    from fedplug.display import console, round_line, summary_table
+    from fedplug.display import backends_line, console, round_line, summary_table
     from fedplug.results import failure_summary
     from fedplug.simulation import write_flower_app
 
@@ -573,6 +602,8 @@ def run_on_superlink(
         typer.echo(log_path.read_text(errors="replace"), err=True)
     if result.rounds:
         console.print(summary_table(result.rounds))
+    if backends := backends_line(result.rounds):
+        console.print(backends, highlight=False)
     for line in failure_summary(result.rounds):
         console.print(f"failed: {line}", highlight=False)
     finished = sum(1 for record in result.rounds if record["round"] > 0)

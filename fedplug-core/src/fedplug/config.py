@@ -42,6 +42,7 @@ CORE_DEFAULTS: dict[str, Scalar] = {
     "image-column": "",
     "label-column": "",
     "out": "",
+    "node-backends": "",
 }
 """Defaults every backend starts from; a backend's ``defaults`` override and extend them."""
 
@@ -185,6 +186,9 @@ def check_values(backend: Backend, config: Config) -> None:
         raise ConfigError(f"run-config 'momentum' must be in [0, 1), e.g. 0.9, got {config['momentum']}")
     if config["pool"] not in ("max", "avg"):
         raise ConfigError(f"run-config 'pool' must be 'max' or 'avg', got '{config['pool']}'")
+    from fedplug.node_backends import KEY, parse
+
+    parse(str(config.get(KEY, "")))  # its syntax; the backends are checked where the nodes run
     try:
         hidden_dims(config)
     except ModelError as error:

@@ -71,16 +71,20 @@ def load_local(config: Config, path: str) -> Any:
 
 
 def node_run_config(run_config: Config, node_config: Config) -> dict[str, Scalar]:
-    """The run config as this node runs it: its own backend (node config ``backend``) and data columns.
+    """The run config as this node runs it: its own backend and data columns.
 
-    Backends share the ``mlp`` and ``lenet`` weight layouts, so a node may train with
-    another framework than the ServerApp's; keys the node's backend does not know are dropped.
+    The node's backend is its node config's ``backend``, else its partition's entry in the
+    run config's ``node-backends``, else the run config's ``backend``. Backends share the
+    ``mlp`` and ``lenet`` weight layouts, so a node may train with another framework than
+    the ServerApp's; keys the node's backend does not know are dropped.
     """
     config = dict(run_config)
     for key in ("image-column", "label-column"):
         if node_config.get(key):
             config[key] = node_config[key]
-    backend = str(node_config.get("backend") or config.get("backend", "numpy"))
+    from fedplug.node_backends import backend_of
+
+    backend = backend_of(config, node_config)  # node config > run config node-backends > run config backend
     if backend != config.get("backend"):
         from fedplug.config import PREFIXES, defaults_for
         from fedplug.plugins import get_backend

@@ -69,6 +69,8 @@ def round_line(record: dict[str, Any]) -> str:
             nodes += f"/{len(record['train-partitions'])} · {record['train-failed']} failed"
         if record.get("skipped"):
             nodes += " · skipped"
+        if len(record.get("train-backends", {})) > 1:  # a mixed-framework round: nodes of each backend
+            nodes += " (" + ", ".join(f"{name} {count}" for name, count in record["train-backends"].items()) + ")"
         parts.append(nodes)
     for kind, label in (("train", "train"), ("evaluate", "eval"), ("centralized", "server")):
         if f"{kind}-loss" in record:
@@ -107,3 +109,19 @@ def summary_table(rounds: list[dict[str, Any]]) -> Table:
     for record in rounds:
         table.add_row(*(_fmt(record.get(c), 2 if c == "seconds" else 4) for c in columns))
     return table
+
+
+def backends_line(rounds: list[dict[str, Any]]) -> str:
+    """``backends: torch 0-1 · jax 2-3 · numpy 4-5`` for a run whose nodes ran several backends, else ``""``."""
+    from fedplug.node_backends import compact
+
+    ran: dict[int, str] = {}
+    for record in rounds:
+        ran.update({int(partition): name for partition, name in record.get("partition-backends", {}).items()})
+    if len(set(ran.values())) < 2:
+        return ""
+    parts: dict[str, list[str]] = {}
+    for entry in compact(ran).split(","):
+        partitions, name = entry.split(":")
+        parts.setdefault(name, []).append(partitions)
+    return "backends: " + " · ".join(f"{name} {','.join(ids)}" for name, ids in parts.items())

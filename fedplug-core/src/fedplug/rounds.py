@@ -35,6 +35,7 @@ from flwr.serverapp import Grid
 
 from fedplug import checkpoint
 from fedplug.backend import Config, Weights
+from fedplug.node_backends import counts
 from fedplug.records import from_record, to_record
 from fedplug.results import Results
 from fedplug.validation import all_finite, check_metrics, check_weights, clip_update, update_norm
@@ -95,6 +96,11 @@ def _note_exchange(
 ) -> None:
     """Which partitions took part in the ``kind`` (train or evaluate) step, which failed and why."""
     record[f"{kind}-partitions"] = [info.partition for info in drawn]
+    failed = {failure["partition"] for failure in failures}
+    # mixed-framework federations: how many nodes of each backend replied usefully, which backend each partition ran
+    record[f"{kind}-backends"] = counts(info.backend for info in drawn if info.partition not in failed)
+    record.setdefault("partition-backends", {}).update({str(info.partition): info.backend for info in drawn})
+    record["partition-backends"] = dict(sorted(record["partition-backends"].items(), key=lambda item: int(item[0])))
     record[f"{kind}-nodes"], record[f"{kind}-failed"], record[f"{kind}-failures"] = (
         len(replies),
         len(failures),

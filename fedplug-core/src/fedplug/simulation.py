@@ -138,10 +138,11 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float) -
     config: dict[str, Scalar] = json.loads((out / "config.json").read_text(encoding="utf-8"))
     os.environ.update(ALWAYS_ENV)
     quiet_logs(verbose)
-    from fedplug.plugins import get_backend
+    from fedplug.node_backends import environment
 
-    # before Flower is imported: it imports TensorFlow (and so Keras) when installed
-    os.environ.update(get_backend(str(config["backend"])).environment(config))
+    # before Flower is imported: it imports TensorFlow (and so Keras) when installed. A Ray worker
+    # serves nodes of every backend of the run in turn: each taking-part backend's environment is set.
+    os.environ.update(environment(config))
     # Flower keeps state under FLWR_HOME: point it away from the user's ~/.flwr
     flwr_home = os.environ["FLWR_HOME"] = tempfile.mkdtemp(prefix=FLWR_HOME_PREFIX)
     from flwr.app import Context, RecordDict
