@@ -83,6 +83,9 @@ def node_run_config(run_config: Config, node_config: Config) -> dict[str, Scalar
     backend = str(node_config.get("backend") or config.get("backend", "numpy"))
     if backend != config.get("backend"):
         from fedplug.config import PREFIXES, defaults_for
+        from fedplug.custom import check_same_backend
+
+        check_same_backend(config, backend)  # a custom model's weights have no canonical layout
         from fedplug.plugins import get_backend
 
         known = defaults_for(get_backend(backend))
