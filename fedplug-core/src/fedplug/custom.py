@@ -96,20 +96,20 @@ def load_factory(config: Config) -> Callable[..., Any]:
     """The factory named by the run config's ``model``, imported from ``model-file`` (or ``sys.path``)."""
     ref = str(config["model"])
     module_name, attribute = split(ref)
-    file = Path(str(config.get("model-file", "")))
-    if str(file) and file.is_absolute() and file.is_file():
+    given = str(config.get("model-file", ""))
+    file = Path(given) if given and Path(given).is_absolute() and Path(given).is_file() else None
+    if file is not None:
         root = str(_root(module_name, file))
         if root not in sys.path:
             sys.path.insert(0, root)
-    else:  # a Flower App on another machine carries the file, and Flower puts its folder on sys.path
-        file = Path()
+    # else: a Flower App on another machine carries the module, and Flower puts the app's folder on sys.path
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise ModelError(f"cannot import the module of custom model {ref}: {error}") from error
     except Exception as error:  # the module itself raised while importing
         raise ModelError(f"importing the module of custom model {ref} raised {type(error).__name__}: {error}") from None
-    if str(file) and Path(str(getattr(module, "__file__", ""))).resolve() != file.resolve():
+    if file is not None and Path(str(getattr(module, "__file__", ""))).resolve() != file.resolve():
         raise ModelError(
             f"custom model {ref}: 'import {module_name}' finds {getattr(module, '__file__', 'a built-in module')}, "
             f"not {file}; rename your module"
