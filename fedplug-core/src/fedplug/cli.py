@@ -176,9 +176,12 @@ def check_before_start(backend: Backend, config: dict[str, Scalar]) -> None:
     if config["model"] in ("mlp", "lenet"):
         canonical_shapes(str(config["model"]), spec, config)
     elif ":" in str(config["model"]):  # the user's code: import it and run one dummy batch, here and now
+        from fedplug.custom import no_native_output
+
         os.environ.update(backend.environment(config))
         try:
-            backend.build_model(str(config["model"]), spec, config)
+            with no_native_output():
+                backend.build_model(str(config["model"]), spec, config)
         except BackendUnavailable as error:
             raise ConfigError(str(error)) from error
 

@@ -21,11 +21,14 @@ Every mistake is a ``ModelError`` of one line.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import os
 import re
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -177,3 +180,23 @@ def type_name(value: object) -> str:
     """``module.Class`` of ``value``, to say what a factory returned instead."""
     kind = type(value)
     return f"{kind.__module__}.{kind.__qualname__}"
+
+
+@contextlib.contextmanager
+def no_native_output() -> Iterator[None]:
+    """Drop what the block writes to stderr, Python's and native code's (fd 2) alike.
+
+    The CLI checks a custom model by importing the user's module and the framework, whose
+    C++ start-up lines (TensorFlow's oneDNN notice, XLA's probes) would bury the one line
+    that says what is wrong; the simulation log keeps them when the run starts.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as dropped:
+        os.dup2(dropped.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
