@@ -5,9 +5,9 @@ A backend that sets ``custom_models`` can test it as fedplug's backends do::
     from fedplug.testing.custom_models import check_custom_model_federation
 
     def test_custom_cnn(tmp_path):
-        check_custom_model_federation("mything", MODULE_SOURCE, WEIGHT_NAMES, "lr=0.01", "not a mything.Model", tmp_path)
+        check_custom_model_federation("mything", SOURCE, WEIGHT_NAMES, "lr=0.01", "not a mything.Model", tmp_path)
 
-``MODULE_SOURCE`` defines ``SmallCnn(spec, config)`` (a small CNN for 32x32 RGB images) and
+``SOURCE`` (a module's text) defines ``SmallCnn(spec, config)`` (a small CNN for 32x32 RGB images) and
 ``WrongFramework(spec, config)`` (returning a string). The check writes the module and a
 generated 32x32 RGB parquet file (4 classes, told by a faint tint of one quadrant) to a
 folder, runs ``fedplug run`` from there (2 nodes, 2 rounds), and asserts: the wrong model
@@ -75,10 +75,10 @@ def check_custom_model_federation(
     write_parquet(work / "colour.parquet", x, y)
 
     def fedplug_run(model: str, out: Path) -> subprocess.CompletedProcess[str]:
-        args = ["--model", model, "--dataset", "colour.parquet", "--nodes", "2", "--rounds", "2"]
+        command = [str(Path(sys.executable).with_name("fedplug")), "run", backend_name, "--model", model]
+        args = ["--dataset", "colour.parquet", "--nodes", "2", "--rounds", "2", "--run-config", run_config]
         return subprocess.run(
-            [str(Path(sys.executable).with_name("fedplug")), "run", backend_name, *args]
-            + ["--run-config", run_config, "--out", str(out)],
+            [*command, *args, "--out", str(out)],
             capture_output=True,
             text=True,
             cwd=work,
