@@ -170,3 +170,12 @@ def test_cli_refuses_custom_models_of_a_backend_without_them(tmp_path: Path, mon
         "fedplug: error: backend 'numpy' cannot federate custom models (my_nets:Net); choose one of: mlp, lenet"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_mixed_framework_federation_of_a_custom_model_is_refused(backend: ArrayBackend) -> None:
+    """``node-backends`` (nodes of several frameworks): a custom model's weights have no canonical layout."""
+    from fedplug.config import check_custom_model
+
+    with pytest.raises(ConfigError, match=r"cannot be federated across frameworks \(node-backends\)"):
+        check_custom_model(backend, {"model": "my_nets:Net", "node-backends": "torch,jax"})
+    check_custom_model(backend, {"model": "my_nets:Net", "node-backends": ""})

@@ -217,6 +217,11 @@ def check_custom_model(backend: Backend, config: Config) -> None:
         split(str(config["model"]))
     except ModelError as error:
         raise ConfigError(str(error)) from error
+    if config.get("node-backends"):  # nodes of several frameworks: a custom model's weights cannot map
+        raise ConfigError(
+            f"custom model {config['model']} cannot be federated across frameworks (node-backends): its weights "
+            "have no canonical layout; drop node-backends, or use the shared mlp or lenet"
+        )
 
 
 def _encodable(text: str) -> bool:
