@@ -179,3 +179,9 @@ def test_mixed_framework_federation_of_a_custom_model_is_refused(backend: ArrayB
     with pytest.raises(ConfigError, match=r"cannot be federated across frameworks \(node-backends\)"):
         check_custom_model(backend, {"model": "my_nets:Net", "node-backends": "torch,jax"})
     check_custom_model(backend, {"model": "my_nets:Net", "node-backends": ""})
+
+
+def test_info_says_when_a_backend_takes_no_custom_models() -> None:
+    done = cli("info", "numpy", env={"FEDPLUG_PLUGINS": "", "COLUMNS": "200"})
+    assert done.returncode == 0
+    assert "custom models: not supported by this backend" in done.stdout

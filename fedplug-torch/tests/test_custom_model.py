@@ -32,3 +32,14 @@ def test_custom_cnn_federated_from_its_folder_on_colour_images(tmp_path: Path) -
     check_custom_model_federation(
         "torch", MODULE, WEIGHT_NAMES, "lr=0.02 batch-size=16 local-epochs=2", "not a torch.nn.Module", tmp_path
     )
+
+
+def test_info_says_what_a_factory_receives_and_returns() -> None:
+    from fedplug.testing.runs import cli
+
+    done = cli("info", "torch", env={"FEDPLUG_PLUGINS": "torch", "COLUMNS": "400"})
+    assert done.returncode == 0
+    assert (
+        "Factory(spec, config) receives spec.input_shape (C, H, W), spec.num_classes and the run config" in done.stdout
+    )
+    assert "must return a torch.nn.Module taking float32 images (N, C, H, W)" in done.stdout

@@ -80,6 +80,7 @@ def info(backend: Annotated[str, typer.Argument(help="Backend name, e.g. torch."
             "spec.input_shape (C, H, W), spec.num_classes and the run config, and must return "
             f"{chosen.custom_models}",
             highlight=False,
+            soft_wrap=True,
         )
     else:
         console.print("custom models: not supported by this backend")
