@@ -565,6 +565,8 @@ def run_on_superlink(
         deploy.split_address(superlink)
         security = deploy.Security.of(ca_cert, insecure)
         config = prepare_run(backend, overrides)
+        if ":" in str(config["model"]):  # the user's code runs on the SuperLink and the nodes: try it here first
+            check_before_start(backend, config)
     except (ConfigError, ModelError, deploy.DeployError) as error:
         fail(str(error), code=2)
     config["out"] = str(out) if out else ""  # a path on the SuperLink's machine, where the ServerApp runs
