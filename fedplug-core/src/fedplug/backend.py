@@ -14,8 +14,8 @@ import functools
 import importlib
 import importlib.util
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, ClassVar
@@ -92,6 +92,36 @@ class Framework:
         return None
 
 
+@dataclass(frozen=True)
+class CustomModel:
+    """A model the user wrote (``--model module:factory``), as the core hands it to the backend's operations.
+
+    ``net`` is the framework's own model object, as the implementation's ``build_custom``
+    returned it; ``layout`` is its weights' names, in order, with their shapes: the core
+    checks every ``set_weights`` against it. Its weights travel under the framework's own
+    parameter names (``get_native_weights``), not in the canonical layout.
+    """
+
+    ref: str
+    net: Any
+    layout: tuple[tuple[str, tuple[int, ...]], ...]
+
+    def check(self, weights: Weights) -> None:
+        """Raise ``ValueError`` unless ``weights`` has this model's names, in order, and shapes."""
+        names = [name for name, _ in self.layout]
+        if list(weights) != names:
+            missing = [name for name in names if name not in weights]
+            extra = [name for name in weights if name not in names]
+            problem = f"missing {missing[:3]}, unexpected {extra[:3]}" if missing or extra else "in another order"
+            raise ValueError(f"weights do not fit custom model {self.ref}: {problem}")
+        for name, shape in self.layout:
+            if tuple(np.shape(weights[name])) != shape:
+                raise ValueError(
+                    f"weights do not fit custom model {self.ref}: {name} has shape "
+                    f"{tuple(np.shape(weights[name]))}, the model's is {shape}"
+                )
+
+
 OPERATIONS = ("build_model", "get_weights", "set_weights", "train", "evaluate", "predict", "save", "load")
 """The operations the core calls, on the descriptor, which forwards them to the implementation."""
 _LEGACY_SAID: set[str] = set()
@@ -143,6 +173,25 @@ class Implementation(abc.ABC):
     def load(self, model: Any, path: Path) -> Any:
         """Load a file written by ``save`` into a model built like ``model``; return it. No pickle."""
 
+    # -- custom models (optional: a backend that has them sets ``custom_models`` on its descriptor) --
+
+    def build_custom(self, make: Callable[[], Any], spec: DataSpec, config: Config) -> Any:
+        """Call ``make()`` (the user's factory) seeded from ``config['seed']``; check and prepare what it returns.
+
+        Raise ``ModelError`` if it is not the framework's model type (say which type it must be);
+        return the object the other operations take (e.g. the module moved to the device, a
+        compiled Keras model). The core then checks its output shape on a dummy batch.
+        """
+        raise ModelError(f"backend '{self.backend.name}' cannot federate custom models")
+
+    def get_native_weights(self, model: Any) -> Weights:
+        """A custom model's weights under the framework's own names, in a stable order, as float32 arrays."""
+        raise NotImplementedError
+
+    def set_native_weights(self, model: Any, weights: Weights) -> None:
+        """Load weights of ``get_native_weights``'s names and shapes (the core has checked them)."""
+        raise NotImplementedError
+
 
 class Backend(abc.ABC):
     """Base class of every backend descriptor: class attributes, and the operations forwarded once, here.
@@ -166,6 +215,12 @@ class Backend(abc.ABC):
     """Suffix of the framework's native model file, e.g. ``.pt``."""
     notice: ClassVar[str] = ""
     """Said once to users (``fedplug info`` and the first ``fedplug run``), if set."""
+    custom_models: ClassVar[str] = ""
+    """What a custom model's factory must return, e.g. ``"a torch.nn.Module taking (N, C, H, W) ..."``.
+
+    Empty: the backend federates only its own models, and the core refuses ``--model module:factory``.
+    Set, the implementation provides ``build_custom``, ``get_native_weights`` and ``set_native_weights``.
+    """
     unsupported: ClassVar[frozenset[str]] = frozenset()
     """Run-config keys or features this backend cannot honour, e.g. ``{"proximal-mu"}``.
 
@@ -236,36 +291,53 @@ class Backend(abc.ABC):
         return implementation
 
     def build_model(self, model: str, spec: DataSpec, config: Config) -> Any:
-        """Build model ``model`` (one of ``self.models``) for ``spec``, seeded by ``config['seed']``."""
+        """Build model ``model`` (one of ``self.models``, or a custom ``module:factory``) for ``spec``, seeded."""
+        if ":" in model:
+            from fedplug.custom import build_custom
+
+            return build_custom(self, model, spec, config)
         return self.impl.build_model(model, spec, config)
 
     def get_weights(self, model: Any) -> Weights:
-        """The model's weights in the canonical layout."""
+        """The model's weights in the canonical layout (a custom model's: under its own names)."""
+        if isinstance(model, CustomModel):
+            return self.impl.get_native_weights(model.net)
         return self.impl.get_weights(model)
 
     def set_weights(self, model: Any, weights: Weights) -> None:
-        """Load canonical weights into the model."""
+        """Load canonical weights into the model (a custom model's own, checked against its layout)."""
+        if isinstance(model, CustomModel):
+            model.check(weights)
+            self.impl.set_native_weights(model.net, weights)
+            return
         self.impl.set_weights(model, weights)
 
     def train(self, model: Any, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
         """Train locally; return at least ``loss`` and ``num-examples``."""
-        return self.impl.train(model, x, y, config)
+        return self.impl.train(_net(model), x, y, config)
 
     def evaluate(self, model: Any, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
         """Return ``loss``, ``accuracy`` and ``num-examples`` on ``(x, y)``."""
-        return self.impl.evaluate(model, x, y, config)
+        return self.impl.evaluate(_net(model), x, y, config)
 
     def predict(self, model: Any, x: np.ndarray) -> np.ndarray:
         """Class scores (logits) ``(N, num_classes)``."""
-        return self.impl.predict(model, x)
+        return self.impl.predict(_net(model), x)
 
     def save(self, model: Any, path: Path) -> None:
         """Save the model in the framework's native format."""
-        self.impl.save(model, path)
+        self.impl.save(_net(model), path)
 
     def load(self, model: Any, path: Path) -> Any:
         """Load a file written by ``save`` into a model built like ``model``."""
+        if isinstance(model, CustomModel):
+            return replace(model, net=self.impl.load(model.net, path))
         return self.impl.load(model, path)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+def _net(model: Any) -> Any:
+    """The framework's model object: a custom model's ``net``, or the model itself."""
+    return model.net if isinstance(model, CustomModel) else model

@@ -74,6 +74,16 @@ def info(backend: Annotated[str, typer.Argument(help="Backend name, e.g. torch."
     console.print(f"framework: {chosen.framework.import_name} ({chosen.framework.requirement})")
     console.print(f"models: {', '.join(chosen.models)}   native file: model{chosen.file_suffix}")
     console.print(f"quickstart dataset: {chosen.quickstart_dataset or '-'} (use with --dataset)")
+    if chosen.custom_models:
+        console.print(
+            "custom models: --model my_nets:Factory (or ./my_nets.py:Factory); Factory(spec, config) receives "
+            "spec.input_shape (C, H, W), spec.num_classes and the run config, and must return "
+            f"{chosen.custom_models}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        console.print("custom models: not supported by this backend")
     table = Table(title="default run config")
     table.add_column("key")
     table.add_column("default")
@@ -120,6 +130,10 @@ def prepare_run(backend: Backend, overrides: dict[str, Scalar]) -> dict[str, Sca
     from fedplug.strategies import strategy_kwargs
 
     config = resolve(backend, overrides)
+    if ":" in str(config["model"]):  # a custom model: every process imports it from its file, wherever it runs
+        from fedplug.custom import locate
+
+        config["model"], config["model-file"] = locate(str(config["model"]), Path.cwd())
     if Path(str(config["dataset"])).expanduser().exists():  # Ray workers run elsewhere: absolute paths
         config["dataset"] = str(Path(str(config["dataset"])).expanduser().resolve())
     strategy_kwargs(config)
@@ -151,7 +165,8 @@ def check_before_start(backend: Backend, config: dict[str, Scalar]) -> None:
 
     The shared models are checked by their canonical shapes, without importing a framework;
     a backend's own models (e.g. ``cnn``) are built where they train: importing a framework
-    here would add seconds to every run.
+    here would add seconds to every run. A custom model (``module:factory``) is built here,
+    once, with one dummy batch: the user's code may fail in many ways, all before anything starts.
     """
     from fedplug.data import DataError, data_spec
     from fedplug.models import canonical_shapes
@@ -162,6 +177,15 @@ def check_before_start(backend: Backend, config: dict[str, Scalar]) -> None:
         raise ConfigError(str(error)) from error
     if config["model"] in ("mlp", "lenet"):
         canonical_shapes(str(config["model"]), spec, config)
+    elif ":" in str(config["model"]):  # the user's code: import it and run one dummy batch, here and now
+        from fedplug.custom import no_native_output
+
+        os.environ.update(backend.environment(config))
+        try:
+            with no_native_output():
+                backend.build_model(str(config["model"]), spec, config)
+        except BackendUnavailable as error:
+            raise ConfigError(str(error)) from error
 
 
 def check_node_backends(config: dict[str, Scalar]) -> None:
@@ -344,7 +368,10 @@ def run(
     strategy: Annotated[
         str | None, typer.Option(help="fedavg, fedprox, fedadam, ... (strategy.<param>=... in --run-config).")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Model: the backend's default, mlp or lenet.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model: the backend's default, mlp, lenet, or yours: my_nets:Factory, ./my_nets.py:Factory."),
+    ] = None,
     dataset: Annotated[str | None, typer.Option(help="embedded, a Hugging Face id, or a .parquet/.csv file.")] = None,
     partitioner: Annotated[
         str | None, typer.Option(help="iid, dirichlet, pathological or shard (partitioner.<param>=...).")
@@ -567,6 +594,8 @@ def run_on_superlink(
         deploy.split_address(superlink)
         security = deploy.Security.of(ca_cert, insecure)
         config = prepare_run(backend, overrides)
+        if ":" in str(config["model"]):  # the user's code runs on the SuperLink and the nodes: try it here first
+            check_before_start(backend, config)
     except (ConfigError, ModelError, deploy.DeployError) as error:
         fail(str(error), code=2)
     config["out"] = str(out) if out else ""  # a path on the SuperLink's machine, where the ServerApp runs

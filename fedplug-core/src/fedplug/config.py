@@ -20,6 +20,7 @@ from fedplug.models import hidden_dims
 CORE_DEFAULTS: dict[str, Scalar] = {
     "backend": "numpy",
     "model": "mlp",
+    "model-file": "",
     "num-server-rounds": 3,
     "num-supernodes": 10,
     "fraction-train": 1.0,
@@ -137,7 +138,9 @@ def check_values(backend: Backend, config: Config) -> None:
     """Range and choice checks that a type check cannot make."""
     if config["backend"] != backend.name:
         raise ConfigError(f"run-config 'backend' is '{config['backend']}' but the backend is '{backend.name}'")
-    if config["model"] not in backend.models:
+    if ":" in str(config["model"]):
+        check_custom_model(backend, config)
+    elif config["model"] not in backend.models:
         raise ConfigError(
             f"backend '{backend.name}' has no model '{config['model']}'; choose one of: {', '.join(backend.models)}"
         )
@@ -203,6 +206,26 @@ def check_values(backend: Backend, config: Config) -> None:
             f"backend '{backend.name}' failed to check the run config ({type(error).__name__}: {error}); "
             "report this to the backend's authors"
         ) from error
+
+
+def check_custom_model(backend: Backend, config: Config) -> None:
+    """A custom ``model`` (``module:factory``): well formed, and the backend takes custom models."""
+    from fedplug.custom import split
+
+    if not backend.custom_models:
+        raise ConfigError(
+            f"backend '{backend.name}' cannot federate custom models ({config['model']}); "
+            f"choose one of: {', '.join(backend.models)}"
+        )
+    try:
+        split(str(config["model"]))
+    except ModelError as error:
+        raise ConfigError(str(error)) from error
+    if config.get("node-backends"):  # nodes of several frameworks: a custom model's weights cannot map
+        raise ConfigError(
+            f"custom model {config['model']} cannot be federated across frameworks (node-backends): its weights "
+            "have no canonical layout; drop node-backends, or use the shared mlp or lenet"
+        )
 
 
 def _encodable(text: str) -> bool:

@@ -87,6 +87,9 @@ def node_run_config(run_config: Config, node_config: Config) -> dict[str, Scalar
     backend = backend_of(config, node_config)  # node config > run config node-backends > run config backend
     if backend != config.get("backend"):
         from fedplug.config import PREFIXES, defaults_for
+        from fedplug.custom import check_same_backend
+
+        check_same_backend(config, backend)  # a custom model's weights have no canonical layout
         from fedplug.plugins import get_backend
 
         known = defaults_for(get_backend(backend))

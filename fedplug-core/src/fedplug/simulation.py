@@ -77,6 +77,27 @@ def portable_config(config: dict[str, Scalar]) -> dict[str, Scalar]:
     return portable
 
 
+def carry_module(app_dir: Path, config: dict[str, Scalar], relative: bool) -> str:
+    """Copy a custom model's module (file, or top-level package) into the app; its ``model-file`` there.
+
+    Flower puts an app's folder on ``sys.path`` when it loads it, so the module imports by name
+    on any SuperLink and SuperNode; ``relative`` gives the path inside the app (a portable app).
+    """
+    file = Path(str(config["model-file"]))
+    module = str(config["model"]).rpartition(":")[0]
+    if not file.is_file():  # a stored run whose module was moved: the app carries what it can
+        return str(config["model-file"])
+    parts = module.split(".")
+    depth = len(parts) - (0 if file.name == "__init__.py" else 1)
+    root = file.parents[depth]
+    top = root / parts[0]
+    if top.is_dir():
+        shutil.copytree(top, app_dir / parts[0], dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        shutil.copy2(file, app_dir / file.name)
+    return str(file.relative_to(root)) if relative else str(file)
+
+
 def write_flower_app(
     out: Path,
     config: dict[str, Scalar],
@@ -96,6 +117,8 @@ def write_flower_app(
     backend = str(config["backend"])
     if portable:
         config = portable_config(config)
+    if config.get("model-file"):
+        config = {**config, "model-file": carry_module(app_dir, config, relative=portable)}
     project = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
         "project": {

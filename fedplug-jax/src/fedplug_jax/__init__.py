@@ -33,6 +33,10 @@ class JaxBackend(fedplug.Backend):
         "fraction-train": 0.4,
         "fraction-evaluate": 0.4,
     }
+    custom_models = (
+        "a flax.nnx.Module (weights drawn from nnx.Rngs(config['seed'])) taking float32 images (N, C, H, W) "
+        "in [0, 1] and returning logits (N, num_classes)"
+    )
     quickstart_dataset = "ylecun/mnist"
     file_suffix = ".msgpack"
 

@@ -9,10 +9,12 @@ channels-first right before flattening, so dense weights see the canonical
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import pairwise
+from typing import Any
 
 from fedplug.backend import Config, DataSpec, ModelError
+from fedplug.custom import type_name
 from fedplug.models import LENET_CONV, LENET_DENSE, hidden_dims, lenet_flat_features
 from fedplug_jax.framework import jax, jnp, nnx
 
@@ -84,3 +86,30 @@ def build(model: str, spec: DataSpec, config: Config) -> Network:
         return ConvNet(spec, "VALID", pool, lenet_flat_features(spec), rngs)
     # "cnn", the quickstart's Flax CNN: nn.Conv's default 'SAME' padding and average pooling
     return ConvNet(spec, "SAME", "avg", cnn_flat_features(spec), rngs)
+
+
+NATIVE = (nnx.Param, nnx.BatchStat)
+"""The variables of a custom model that travel: parameters and batch statistics."""
+
+
+def build_custom(make: Callable[[], Any], config: Config) -> nnx.Module:
+    """The user's Flax NNX module (its weights drawn from ``nnx.Rngs(config['seed'])`` by the factory)."""
+    net = make()
+    if not isinstance(net, nnx.Module):
+        raise ModelError(f"custom model {config['model']} returned a {type_name(net)}, not a flax.nnx.Module")
+    return net
+
+
+def native_paths(net: nnx.Module) -> list[tuple[str, tuple[Any, ...]]]:
+    """``(name, path)`` of the parameters and batch statistics, in Flax's order; names join the path with dots."""
+    flat: list[tuple[str, tuple[Any, ...]]] = []
+
+    def walk(tree: Any, path: tuple[Any, ...]) -> None:
+        if isinstance(tree, dict):
+            for key, value in tree.items():
+                walk(value, (*path, key))
+        else:
+            flat.append((".".join(str(part) for part in path), path))
+
+    walk(nnx.to_pure_dict(nnx.state(net, NATIVE)), ())
+    return flat

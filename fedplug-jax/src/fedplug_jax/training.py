@@ -14,6 +14,7 @@ are converted to and from the canonical layout with ``fedplug.toolkit``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,25 @@ class JaxImplementation(Implementation):
     def build_model(self, model: str, spec: DataSpec, config: Config) -> Network:
         return nets.build(model, spec, config)
 
+    def build_custom(self, make: Callable[[], Any], spec: DataSpec, config: Config) -> nnx.Module:
+        return nets.build_custom(make, config)
+
+    def get_native_weights(self, model: nnx.Module) -> Weights:
+        """Parameters and batch statistics in Flax's layouts, named by their path (``conv1.kernel``)."""
+        pure = nnx.to_pure_dict(nnx.state(model, nets.NATIVE))
+        values = jax.device_get([_at(pure, path) for _, path in nets.native_paths(model)])
+        return {name: np.array(value, np.float32) for (name, _), value in zip(nets.native_paths(model), values)}
+
+    def set_native_weights(self, model: nnx.Module, weights: Weights) -> None:
+        state = nnx.state(model, nets.NATIVE)
+        pure = nnx.to_pure_dict(state)
+        named = nets.native_paths(model)
+        arrays = jax.device_put([np.asarray(weights[name], np.float32) for name, _ in named])
+        for (_, path), array in zip(named, arrays):
+            _at(pure, path[:-1])[path[-1]] = array
+        nnx.replace_by_pure_dict(state, pure)
+        nnx.update(model, state)
+
     def get_weights(self, model: Network) -> Weights:
         """Canonical weights as fresh numpy arrays, fetched in one device transfer."""
         named = parameters(model)
@@ -176,3 +196,9 @@ class JaxImplementation(Implementation):
         nnx.replace_by_pure_dict(state, jax.device_put(restored))
         nnx.update(model, state)
         return model
+
+
+def _at(tree: Any, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree

@@ -32,6 +32,10 @@ class KerasBackend(Backend):
         "fraction-evaluate": 1.0,
         CONFIG_KEY: DEFAULT_BACKEND,
     }
+    custom_models = (
+        "a keras.Model with a defined input, keras.Input((H, W, C)) (images arrive channels-last, float32 in "
+        "[0, 1]; a 1-D input gets flat C*H*W features), returning logits (N, num_classes)"
+    )
     quickstart_dataset = "uoft-cs/cifar10"
     file_suffix = ".keras"
     unsupported = frozenset({"proximal-mu"})  # fit() has no FedProx term: fedplug refuses --strategy fedprox

@@ -7,10 +7,12 @@ here its loss takes the logits instead, which trains the same).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 from fedplug.backend import Config, DataSpec, ModelError
+from fedplug.custom import type_name
 from fedplug.models import LENET_CONV, LENET_DENSE, hidden_dims, lenet_flat_features
 from fedplug_keras.framework import import_keras, set_seed
 
@@ -31,12 +33,49 @@ def build(model: str, spec: DataSpec, config: Config) -> Any:
     else:
         body = _cnn(keras, spec)
     net = keras.Sequential(body, name=model)
+    compile_model(keras, net, config)
+    return net
+
+
+def compile_model(keras: ModuleType, net: Any, config: Config) -> None:
+    """Compile ``net`` once, as every model of the backend: the optimizer, cross-entropy on logits, accuracy."""
     net.compile(
         optimizer=keras.optimizers.Adam(learning_rate=float(config.get("lr", 0.001))),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
+
+
+def build_custom(make: Callable[[], Any], config: Config) -> Any:
+    """The user's Keras model (with a defined input), seeded by ``config['seed']``, compiled as the others."""
+    keras = import_keras(config)
+    set_seed(keras, int(config.get("seed", 0)))
+    net = make()
+    if not isinstance(net, keras.Model):
+        raise ModelError(f"custom model {config['model']} returned a {type_name(net)}, not a keras.Model")
+    if not getattr(net, "inputs", None):
+        raise ModelError(
+            f"custom model {config['model']} has no defined input: build a Sequential or functional model "
+            "starting with keras.Input((H, W, C))"
+        )
+    net._fedplug_custom = True  # its native file is read back with load_weights: no architecture to deserialize
+    compile_model(keras, net, config)
     return net
+
+
+def native_variables(net: Any) -> list[tuple[str, Any]]:
+    """``(name, variable)`` of the float weights of a custom model, in Keras's order.
+
+    Named ``layers.<i>.<variable name>`` after the model's ``i``-th layer (``layers.0.kernel``,
+    ``layers.1.moving_mean``): Keras's own layer names carry a per-process counter
+    (``conv2d_3``), which would differ between the server and the nodes.
+    """
+    named: list[tuple[str, Any]] = []
+    for i, layer in enumerate(net.layers):
+        variables = [v for v in layer.weights if "float" in str(v.dtype)]
+        clash = len({v.name for v in variables}) < len(variables)
+        named += [(f"layers.{i}.{j}.{v.name}" if clash else f"layers.{i}.{v.name}", v) for j, v in enumerate(variables)]
+    return named
 
 
 def _image_input(keras: ModuleType, spec: DataSpec) -> Any:

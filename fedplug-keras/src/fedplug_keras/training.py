@@ -12,7 +12,8 @@ so the Keras model itself stays the plain quickstart architecture.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,17 @@ class KerasImplementation(Implementation):
     def build_model(self, model: str, spec: DataSpec, config: Config) -> Any:
         return nets.build(model, spec, config)
 
+    def build_custom(self, make: Callable[[], Any], spec: DataSpec, config: Config) -> Any:
+        return nets.build_custom(make, config)
+
+    def get_native_weights(self, model: Any) -> Weights:
+        """Keras's own layouts (kernels ``(in, out)``, ``(kh, kw, in, out)``) under ``layers.<i>.<name>``."""
+        return {name: np.array(variable.numpy(), dtype=np.float32) for name, variable in nets.native_variables(model)}
+
+    def set_native_weights(self, model: Any, weights: Weights) -> None:
+        for name, variable in nets.native_variables(model):
+            variable.assign(np.asarray(weights[name], dtype=variable.dtype))
+
     def get_weights(self, model: Any) -> Weights:
         """The model's weights in the canonical layout, as fresh float32 arrays."""
         weights: Weights = {}
@@ -140,5 +152,10 @@ class KerasImplementation(Implementation):
         """
         from keras.saving import load_model  # Keras is imported: ``model`` exists
 
+        if getattr(model, "_fedplug_custom", False):  # the user's layers need no deserializing: weights only
+            with warnings.catch_warnings():  # the saved optimizer state is skipped: each round restarts it
+                warnings.simplefilter("ignore")
+                model.load_weights(path)
+            return model
         model.set_weights(load_model(path, compile=False, safe_mode=True).get_weights())
         return model

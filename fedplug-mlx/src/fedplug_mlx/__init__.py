@@ -32,6 +32,10 @@ class MlxBackend(fedplug.Backend):
         "fraction-train": 1.0,
         "fraction-evaluate": 1.0,
     }
+    custom_models = (
+        "an mlx.nn.Module taking float32 images channels-last (N, H, W, C) in [0, 1] (or what its own "
+        "native_input(x) makes of numpy (N, C, H, W)) and returning logits (N, num_classes)"
+    )
     quickstart_dataset = "ylecun/mnist"
     file_suffix = ".safetensors"
 

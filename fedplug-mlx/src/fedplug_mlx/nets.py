@@ -9,13 +9,16 @@ so that its first dense layer matches the canonical one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import pairwise
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from fedplug.backend import Config, DataSpec
+from fedplug.backend import Config, DataSpec, ModelError
+from fedplug.custom import type_name
 from fedplug.models import LENET_CONV, LENET_DENSE, hidden_dims, lenet_flat_features
 
 
@@ -80,5 +83,25 @@ def build(model: str, spec: DataSpec, config: Config) -> Net:
         net: Net = MLP((spec.num_features, *hidden_dims(config), spec.num_classes))
     else:
         net = LeNet(spec, str(config.get("pool", "max")))
+    mx.eval(net.parameters())
+    return net
+
+
+def channels_last(x: np.ndarray) -> mx.array:
+    """Images ``(N, C, H, W)`` as MLX's convolutions take them: ``(N, H, W, C)``."""
+    return mx.array(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+
+
+def build_custom(make: Callable[[], Any], config: Config) -> nn.Module:
+    """The user's ``mlx.nn.Module``, initialised from ``config['seed']``; it takes channels-last images.
+
+    A module that defines ``native_input(x)`` (numpy ``(N, C, H, W)`` -> its input) keeps it.
+    """
+    mx.random.seed(int(config.get("seed", 0)))
+    net = make()
+    if not isinstance(net, nn.Module):
+        raise ModelError(f"custom model {config['model']} returned a {type_name(net)}, not an mlx.nn.Module")
+    if not hasattr(net, "native_input"):
+        net.native_input = channels_last
     mx.eval(net.parameters())
     return net

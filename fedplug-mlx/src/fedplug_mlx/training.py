@@ -13,6 +13,7 @@ the running loss sums, as MLX's examples do; the sums are read on the host once 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,16 @@ class MlxImplementation(Implementation):
 
     def build_model(self, model: str, spec: DataSpec, config: Config) -> Net:
         return nets.build(model, spec, config)
+
+    def build_custom(self, make: Callable[[], Any], spec: DataSpec, config: Config) -> nn.Module:
+        return nets.build_custom(make, config)
+
+    def get_native_weights(self, model: nn.Module) -> Weights:
+        """MLX's own names (``conv1.weight``, ``layers.0.bias``) and layouts (conv ``(out, kh, kw, in)``)."""
+        return {name: np.array(value, dtype=np.float32) for name, value in tree_flatten(model.parameters())}
+
+    def set_native_weights(self, model: nn.Module, weights: Weights) -> None:
+        model.load_weights([(name, mx.array(np.asarray(value, np.float32))) for name, value in weights.items()])
 
     def get_weights(self, model: Net) -> Weights:
         """The parameters as fresh float32 numpy arrays in the canonical layout."""

@@ -31,6 +31,9 @@ class TorchBackend(fedplug.Backend):
         "fraction-train": 1.0,
         "fraction-evaluate": 1.0,
     }
+    custom_models = (
+        "a torch.nn.Module taking float32 images (N, C, H, W) in [0, 1] and returning logits (N, num_classes)"
+    )
     quickstart_dataset = "uoft-cs/cifar10"
     file_suffix = ".pt"
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedplug.backend import Config, DataSpec
+from fedplug.backend import Config, DataSpec, ModelError
+from fedplug.custom import type_name
 from fedplug.models import canonical_shapes
 
 
@@ -51,3 +55,23 @@ def build(model: str, spec: DataSpec, config: Config, device: torch.device) -> S
         torch.manual_seed(int(config.get("seed", 0)))
         net = SharedNet(model, spec, config)
     return net.to(device)
+
+
+def build_custom(make: Callable[[], Any], config: Config, device: torch.device) -> nn.Module:
+    """The user's ``nn.Module``, built from a forked RNG seeded with ``config['seed']``, on ``device``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(config.get("seed", 0)))
+        net = make()
+    if not isinstance(net, nn.Module):
+        raise ModelError(f"custom model {config['model']} returned a {type_name(net)}, not a torch.nn.Module")
+    if not any(True for _ in net.parameters()):
+        raise ModelError(f"custom model {config['model']} has no parameters to train")
+    return net.to(device)
+
+
+def native_names(net: nn.Module) -> list[str]:
+    """The ``state_dict`` keys that travel: parameters and float buffers (BatchNorm's running statistics).
+
+    Integer buffers (``num_batches_tracked``) are each node's own counters and stay on the node.
+    """
+    return [name for name, value in net.state_dict().items() if value.is_floating_point()]

@@ -7,8 +7,10 @@ import os
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # before torch loads: mute its C++ warnings (NNPACK's probe)
 
 import warnings
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -47,6 +49,18 @@ class TorchImplementation(Implementation):
 
     def build_model(self, model: str, spec: DataSpec, config: Config) -> nets.SharedNet:
         return nets.build(model, spec, config, device())
+
+    def build_custom(self, make: Callable[[], Any], spec: DataSpec, config: Config) -> nn.Module:
+        return nets.build_custom(make, config, device())
+
+    def get_native_weights(self, model: nn.Module) -> Weights:
+        """``state_dict`` entries under PyTorch's own names (``conv1.weight``, ``bn.running_mean``), float32."""
+        state = model.state_dict()
+        return {name: state[name].detach().cpu().numpy().astype(np.float32) for name in nets.native_names(model)}
+
+    def set_native_weights(self, model: nn.Module, weights: Weights) -> None:
+        tensors = {key: torch.from_numpy(np.array(value, np.float32)) for key, value in weights.items()}
+        model.load_state_dict(tensors, strict=False)  # the core checked names and shapes; int buffers stay
 
     def get_weights(self, model: nn.Module) -> Weights:
         return {key: value.cpu().numpy().copy() for key, value in model.state_dict().items()}
