@@ -153,7 +153,7 @@ def kill_after_round(
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     wait_for(lambda: processes_of(out) == [], 60, "the processes of the killed run to end")
-    return max(r["round"] for r in read_rounds(out))
+    return max(int(r["round"]) for r in read_rounds(out))
 
 
 def assert_killed_run_resumes_bit_identical(
