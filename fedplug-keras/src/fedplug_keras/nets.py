@@ -13,6 +13,7 @@ from typing import Any
 from fedplug.backend import Config, DataSpec, ModelError
 from fedplug.models import LENET_CONV, LENET_DENSE, hidden_dims, lenet_flat_features
 from fedplug_keras.framework import import_keras, set_seed
+from fedplug_keras.optimizers import compile_model
 
 CNN_CONV = (32, 64)
 CNN_DROPOUT = 0.5
@@ -31,11 +32,7 @@ def build(model: str, spec: DataSpec, config: Config) -> Any:
     else:
         body = _cnn(keras, spec)
     net = keras.Sequential(body, name=model)
-    net.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=float(config.get("lr", 0.001))),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
+    compile_model(keras, net, str(config.get("optimizer", "adam")))
     return net
 
 
