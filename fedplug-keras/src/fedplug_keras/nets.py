@@ -32,7 +32,7 @@ def build(model: str, spec: DataSpec, config: Config) -> Any:
     else:
         body = _cnn(keras, spec)
     net = keras.Sequential(body, name=model)
-    compile_model(keras, net, str(config.get("optimizer", "adam")))
+    compile_model(keras, net)
     return net
 
 

@@ -102,7 +102,7 @@ class KerasImplementation(Implementation):
         keras = import_keras(config)
         set_seed(keras, settings.round_seed)
         reseed(model, settings.round_seed)
-        optimizers.restart(keras, model, settings)
+        optimizers.restart(model, settings)
         inputs, losses, accuracies = model_inputs(model, x), [], []
         for epoch in range(settings.epochs):
             order = settings.order(len(y), epoch)
