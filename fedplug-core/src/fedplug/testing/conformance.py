@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-from fedplug.backend import Backend, DataSpec, Weights
+from fedplug.backend import Backend, DataSpec, Scalar, Weights
 from fedplug.config import CORE_DEFAULTS, ConfigError, check_supported, defaults_for, resolve
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.plugins import DEFAULT_PLUGINS, ENTRY_POINT_GROUP, get_registry
@@ -42,7 +42,7 @@ ODD_SPEC = DataSpec((3, 29, 31), 3)
 HEAVY_FRAMEWORKS = ("torch", "tensorflow", "keras", "jax", "flax", "mlx", "mxnet")
 SHARED_MODELS = ("mlp", "lenet")
 SAFE_FORMATS = "safetensors, Flax msgpack or numpy .npz (np.savez / np.load(allow_pickle=False))"
-OPTIMISER_KEYS = {
+OPTIMISER_KEYS: dict[str, dict[str, Scalar]] = {
     "momentum": {"optimizer": "sgd", "momentum": 0.9},
     "weight-decay": {"weight-decay": 0.05},
     "proximal-mu": {"proximal-mu": 1.0},
