@@ -101,9 +101,8 @@ def report(backend_name: str) -> None:
     for model_name in ("mlp", "lenet"):
         for case, overrides in OPTIMISER_CASES.items():
             declared = declared_case(backend, overrides)
-            gap = (
-                "declared unsupported"
-                if declared is None
-                else f"{reference_gap(backend, model_name, declared, models=models):.2e}"
-            )
+            if declared is None:
+                print(f"{backend_name} {model_name} {case}: declared unsupported")
+                continue
+            gap = reference_gap(backend, model_name, declared, models=models)
             print(f"{backend_name} {model_name} {case}: max |w - w_ref| = {gap:.2e}")
