@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
 
 import fedplug
-from fedplug.backend import OPERATIONS, BackendUnavailable
-from fedplug.config import ConfigError, check_supported, resolve
+from fedplug.backend import OPERATIONS, BackendUnavailable, Config, Scalar
+from fedplug.config import ConfigError, check_for_backend, check_supported, resolve
 from fedplug.numpy_backend import NumpyBackend
 
 pytestmark = pytest.mark.fast
@@ -107,6 +109,50 @@ def test_unsupported_keys_are_refused_in_one_line() -> None:
         resolve(backend, {"strategy": "fedprox"})
     with pytest.raises(ConfigError, match="backend 'noprox' does not support run-config 'momentum'"):
         resolve(backend, {"momentum": 0.9})
+
+
+def test_an_unsupported_choice_refuses_that_value_only() -> None:
+    class NoAdam(NumpyBackend):
+        name = "noadam"
+        unsupported = frozenset({"optimizer=adam"})
+
+    backend = NoAdam()
+    assert resolve(backend, {"optimizer": "sgd", "momentum": 0.9})["optimizer"] == "sgd"
+    with pytest.raises(ConfigError, match=r"^backend 'noadam' does not support optimizer=adam: choose another"):
+        resolve(backend, {"optimizer": "adam"})
+
+
+def test_a_backend_s_own_keys_live_in_its_namespace_and_are_checked_per_backend() -> None:
+    class Owner(NumpyBackend):
+        name = "owner"
+        defaults: ClassVar[Mapping[str, Scalar]] = {**NumpyBackend.defaults, "owner.flavour": "plain"}
+
+        def check_config(self, config: Config) -> None:
+            if config["owner.flavour"] not in ("plain", "fancy"):
+                raise ConfigError("run-config 'owner.flavour' must be plain or fancy")
+
+    owner, numpy = Owner(), NumpyBackend()
+    assert resolve(owner, {"owner.flavour": "fancy"})["owner.flavour"] == "fancy"
+    with pytest.raises(ConfigError, match=r"owner\.flavour' must be plain or fancy"):
+        resolve(owner, {"owner.flavour": "odd"})
+    with pytest.raises(ConfigError, match=r"unknown run-config key 'owner\.flavor'; did you mean 'owner\.flavour'"):
+        resolve(owner, {"owner.flavor": "fancy"})
+    with pytest.raises(ConfigError, match=r"run-config 'owner\.flavour' must be str"):
+        resolve(owner, {"owner.flavour": 3})
+    # a numpy server with owner nodes: the owner's keys join the config, checked against the owner
+    mixed = resolve(numpy, {"owner.flavour": "fancy"}, others=[owner])
+    assert mixed["owner.flavour"] == "fancy" and mixed["backend"] == "numpy"
+    assert resolve(numpy, {}, others=[owner])["owner.flavour"] == "plain"
+    with pytest.raises(ConfigError, match="must be plain or fancy"):
+        resolve(numpy, {"owner.flavour": "odd"}, others=[owner])
+    with pytest.raises(ConfigError, match=r"unknown run-config key 'owner\.flavour'"):
+        resolve(numpy, {"owner.flavour": "fancy"})  # no owner node takes part
+    # the per-backend check on a resolved config
+    check_for_backend(owner, mixed)
+    with pytest.raises(ConfigError, match=r"backend 'owner' has no run-config key 'owner\.colour'"):
+        check_for_backend(owner, {**mixed, "owner.colour": "red"})
+    with pytest.raises(ConfigError, match="backend 'owner' has no model 'cnn'"):
+        check_for_backend(owner, {**mixed, "model": "cnn"})
 
 
 def test_a_class_defining_every_operation_itself_gets_one_deprecation_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -46,6 +46,14 @@ SAYS = {
         "'mlp': changing 'lr' from 0.1 to",
         "'lenet': 'lr' = 0.1 gave other weights after a call with",
     ],
+    "test_optimizer_keys_honoured_or_declared": [
+        "'momentum' ({'optimizer': 'sgd', 'momentum': 0.9}) changed nothing in training",
+        "'optimizer=adam' ({'optimizer': 'adam'}) changed nothing in training",
+    ],
+    "test_train_matches_reference": [
+        "from the numpy reference's weights (tolerance 1e-05)",
+        "'lenet' trained with {'optimizer': 'adam', 'lr': 0.001} lands",
+    ],
     "test_proximal_term_applied": ["did not keep the weights nearer the round's start", "declare unsupported"],
     "test_evaluate_returns_standard_metrics": ["evaluate must return 'loss' as a Python float"],
     "test_same_seed_same_weights": ["differs between two runs with seed 42: seed the model init"],

@@ -171,7 +171,16 @@ def test_out_of_range_strategy_values_are_refused(overrides, message) -> None:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"seed": 0}, {"seed": 2**32 - 1}, {"momentum": 0.0}, {"momentum": 0.99}, {"lr": 1e-6}, {"num-supernodes": 10_000}],
+    [
+        {"seed": 0},
+        {"seed": 2**32 - 1},
+        {"momentum": 0.0},
+        {"momentum": 0.99},
+        {"lr": 1e-6},
+        {"num-supernodes": 10_000},
+        {"optimizer": "adam", "weight-decay": 1e-4},
+        {"weight-decay": 0},
+    ],
 )
 def test_run_config_values_at_the_edge_are_accepted(overrides) -> None:
     resolve(BACKEND, overrides)

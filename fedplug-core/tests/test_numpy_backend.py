@@ -7,8 +7,9 @@ import pytest
 
 from fedplug.backend import DataSpec
 from fedplug.config import resolve
-from fedplug.numpy_backend import Conv, NumpyBackend, Pool
+from fedplug.numpy_backend import Conv, NumpyBackend, Pool, ReferenceOptimizer
 from fedplug.testing import BackendConformance
+from fedplug.toolkit import TrainSettings
 
 pytestmark = pytest.mark.fast
 
@@ -77,3 +78,27 @@ def test_fedprox_term_pulls_towards_the_global_weights() -> None:
         end = BACKEND.get_weights(model)
         drift[mu] = sum(float(np.sum((end[k] - start[k]) ** 2)) for k in start)
     assert drift[10.0] < drift[0.0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # sgd: g = grad + wd * w; v = m * v + g; w -= lr * v
+        ({"optimizer": "sgd", "momentum": 0.9, "weight-decay": 0.1}, [0.94, 0.9016]),
+        # adam (wd 0): w -= lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - 0.9^t), v_hat = v / (1 - 0.999^t)
+        ({"optimizer": "adam"}, [0.9, 0.9 - 0.1 * (0.02 / 0.19) / ((0.00031225 / (1 - 0.999**2)) ** 0.5 + 1e-8)]),
+        # FedProx: g += mu * (w - w_start), w_start = 1
+        ({"optimizer": "sgd", "proximal-mu": 2.0}, [0.95, 0.95 + 0.025 - 0.1 * 2.0 * (0.95 - 1.0)]),
+    ],
+    ids=["sgd-momentum-decay", "adam", "fedprox"],
+)
+def test_reference_optimizer_is_the_documented_update(overrides: dict, expected: list[float]) -> None:
+    """Two hand-computed steps on one weight (w = 1, gradients 0.5 then -0.25, lr 0.1)."""
+    config = {"lr": 0.1, "batch-size": 1, "local-epochs": 1, "momentum": 0.0, **overrides}
+    settings = TrainSettings.from_config(config)
+    weight = np.ones(1, np.float32)
+    optimizer = ReferenceOptimizer(settings, [weight])
+    for grad, want in zip((0.5, -0.25), expected, strict=True):
+        optimizer.step([weight], [np.full(1, grad, np.float32)])
+        assert weight[0] == pytest.approx(want, abs=1e-6)
+    assert weight.dtype == np.float32

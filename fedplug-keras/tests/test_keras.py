@@ -20,7 +20,7 @@ from fedplug.config import ConfigError, resolve
 from fedplug.numpy_backend import Conv, Dense, Flatten, Pool, Relu
 from fedplug.testing import BackendConformance
 from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_results
-from fedplug_keras import KerasBackend, framework
+from fedplug_keras import KerasBackend, framework, optimizers
 
 GREY = DataSpec((1, 28, 28), 10)
 COLOUR = DataSpec((3, 32, 32), 3)
@@ -69,6 +69,7 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 def test_quickstart_defaults(backend: KerasBackend, config: dict) -> None:
     quickstart = {
         "model": "cnn",
+        "optimizer": "adam",  # the quickstart's compile("adam")
         "lr": 0.001,  # the seed's load_model default; its compile("adam") uses Adam's 0.001 too
         "batch-size": 32,
         "local-epochs": 1,
@@ -79,7 +80,7 @@ def test_quickstart_defaults(backend: KerasBackend, config: dict) -> None:
         "strategy": "fedavg",
         "partitioner": "iid",
         "test-fraction": 0.2,
-        "keras-backend": "tensorflow",
+        "keras.backend": "tensorflow",
     }
     assert {key: config[key] for key in quickstart} == quickstart
     assert backend.quickstart_dataset == "uoft-cs/cifar10"
@@ -105,21 +106,23 @@ def test_quickstart_model_and_optimizer(backend: KerasBackend, config: dict, ker
     assert (conv1.filters, conv1.kernel_size, conv2.filters, conv2.kernel_size) == (32, (3, 3), 64, (3, 3))
     assert net.layers[5].rate == 0.5
     assert dense.units == COLOUR.num_classes and dense.activation is keras.activations.linear  # logits
-    assert isinstance(net.optimizer, keras.optimizers.Adam)
-    assert float(net.optimizer.learning_rate) == pytest.approx(0.001)
+    assert isinstance(net.optimizer, optimizers.optimizer_class(keras))  # the contract's Adam, not Keras's
     assert isinstance(net.loss, keras.losses.SparseCategoricalCrossentropy)
+    backend.train(net, images(COLOUR, 8), labels(COLOUR, 8), {**config, "server-round": 1})
+    assert float(net.optimizer.learning_rate) == pytest.approx(0.001)
+    assert float(net.optimizer.hyper["adam"]) == 1.0
 
 
 def test_keras_backend_is_chosen_by_the_run_config(monkeypatch: pytest.MonkeyPatch, keras: ModuleType) -> None:
     assert keras.backend.backend() == "tensorflow"
-    with pytest.raises(ConfigError, match="keras-backend"):
-        framework.import_keras({"keras-backend": "mxnet"})
+    with pytest.raises(ConfigError, match=r"keras\.backend"):
+        framework.import_keras({"keras.backend": "mxnet"})
     with pytest.raises(BackendUnavailable, match="KERAS_BACKEND=jax"):
-        framework.import_keras({"keras-backend": "jax"})  # Keras is imported with TensorFlow already
+        framework.import_keras({"keras.backend": "jax"})  # Keras is imported with TensorFlow already
     monkeypatch.delitem(sys.modules, "keras")
     monkeypatch.setattr(framework, "is_installed", lambda module: False)
     with pytest.raises(BackendUnavailable, match=r"fedplug-keras\[torch\]"):
-        framework.import_keras({"keras-backend": "torch"})
+        framework.import_keras({"keras.backend": "torch"})
 
 
 def test_check_available_gives_install_hint(backend: KerasBackend, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -327,32 +330,40 @@ def test_keras_backend_from_the_run_config_reaches_every_client(run_fedplug: Any
         "--model",
         "lenet",
         "--run-config",
-        "keras-backend='jax'",
+        "keras.backend='jax'",
         env={"KERAS_BACKEND": "tensorflow"},
     )
     rounds = check_results(out, ".keras")
     assert rounds[-1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"]
-    assert json.loads((out / "config.json").read_text())["keras-backend"] == "jax"
+    assert json.loads((out / "config.json").read_text())["keras.backend"] == "jax"
 
 
 def test_unknown_keras_backend_is_refused_before_the_run(backend: KerasBackend) -> None:
-    with pytest.raises(ConfigError, match="run-config 'keras-backend' must be one of tensorflow, jax, torch"):
-        resolve(backend, {"keras-backend": "mxnet"})
-    assert backend.environment(resolve(backend, {"keras-backend": "torch"})) == {"KERAS_BACKEND": "torch"}
+    with pytest.raises(ConfigError, match=r"run-config 'keras\.backend' must be one of tensorflow, jax, torch"):
+        resolve(backend, {"keras.backend": "mxnet"})
+    assert backend.environment(resolve(backend, {"keras.backend": "torch"})) == {"KERAS_BACKEND": "torch"}
+    with pytest.raises(ConfigError, match=r"unknown run-config key 'keras\.backends'; did you mean 'keras\.backend'"):
+        resolve(backend, {"keras.backends": "jax"})
 
 
-def test_fedprox_is_refused_in_one_line_because_keras_declares_it_unsupported(tmp_path: Path) -> None:
+def test_the_former_keras_backend_key_is_refused_in_one_line_naming_the_new_one(tmp_path: Path) -> None:
     from fedplug.testing.runs import fedplug
 
     out = tmp_path / "never"
-    done = fedplug("run", "keras", "--strategy", "fedprox", "--out", str(out), env={"FEDPLUG_PLUGINS": "keras"})
+    done = fedplug(
+        "run", "keras", "--run-config", "keras-backend=jax", "--out", str(out), env={"FEDPLUG_PLUGINS": "keras"}
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     (line,) = done.stderr.splitlines()
-    assert line == (
-        "fedplug: error: backend 'keras' does not apply FedProx's proximal term (proximal-mu): "
-        "use another strategy (e.g. --strategy fedavg) or a backend that supports fedprox"
-    )
+    assert line == "fedplug: error: run-config 'keras-backend' is now 'keras.backend': write keras.backend='jax'"
     assert not out.exists(), "nothing may start"
+
+
+def test_fedprox_and_sgd_are_accepted(backend: KerasBackend) -> None:
+    """Keras applies FedProx's term and SGD now (the conformance suite checks how): the run checks accept them."""
+    assert "proximal-mu" not in backend.unsupported
+    config = resolve(backend, {"strategy": "fedprox", "optimizer": "sgd", "momentum": 0.9})
+    assert (config["strategy"], config["optimizer"]) == ("fedprox", "sgd")
 
 
 class TestConformance(BackendConformance):

@@ -24,6 +24,7 @@ from fedplug.numpy_backend import NumpyBackend
 from fedplug.plugins import get_backend
 from fedplug.testing import BackendConformance
 from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_results, fedplug
+from fedplug.toolkit import TrainSettings
 from fedplug_mlx import MlxBackend, availability
 
 GREY, COLOUR = DataSpec((1, 28, 28), 10), DataSpec((3, 32, 32), 3)
@@ -86,13 +87,15 @@ def test_sgd_takes_each_rounds_learning_rate(backend: MlxBackend, config: dict, 
 
     x, y = digits
     model = backend.build_model("mlp", GREY, config)
-    backend.train(model, x, y, {**config, "lr": 0.05, "server-round": 1})
-    trainer = training.trainer(model)
+    first = {**config, "lr": 0.05, "server-round": 1}
+    backend.train(model, x, y, first)
+    trainer = training.trainer(model, TrainSettings.from_config(first))
     assert type(trainer.optimizer) is optim.SGD and trainer.optimizer.momentum == 0.0
     assert trainer.optimizer.learning_rate.item() == pytest.approx(0.05)
     before = backend.get_weights(model)
-    backend.train(model, x, y, {**config, "lr": 0.0, "server-round": 2})
-    assert training.trainer(model) is trainer, "the trainer must be built once per model"
+    second = {**config, "lr": 0.0, "server-round": 2}
+    backend.train(model, x, y, second)
+    assert training.trainer(model, TrainSettings.from_config(second)) is trainer, "one trainer per model and optimiser"
     for key, value in backend.get_weights(model).items():
         np.testing.assert_array_equal(value, before[key], err_msg="lr=0 must leave the weights unchanged")
 
@@ -104,6 +107,7 @@ def test_compiled_step_traces_once_per_batch_shape() -> None:
         from fedplug import DataSpec
         from fedplug_mlx import MlxBackend, training
         from fedplug.config import resolve
+        from fedplug.toolkit import TrainSettings
         traces = []
         traced_loss = training.proximal_loss
         def counting_loss(*args):
@@ -119,10 +123,11 @@ def test_compiled_step_traces_once_per_batch_shape() -> None:
         for compiled in (True, False):
             model = backend.build_model("lenet", spec, config)
             start = backend.get_weights(model)
-            step = training.Trainer(model, compiled=compiled)
-            for server_round, lr in ((1, 0.1), (2, 0.05)):
+            step = training.Trainer(model, "sgd", 0.9, compiled=compiled)
+            for server_round, lr, decay in ((1, 0.1, 0.0), (2, 0.05, 0.01)):
                 backend.set_weights(model, start)
-                step.fit(model.native_input(x), training.labels(y), {**config, "lr": lr, "server-round": server_round})
+                round_config = {**config, "lr": lr, "weight-decay": decay, "server-round": server_round}
+                step.fit(model.native_input(x), training.labels(y), TrainSettings.from_config(round_config))
             runs[compiled] = backend.get_weights(model)
             if compiled:
                 print(len(traces))
@@ -130,7 +135,7 @@ def test_compiled_step_traces_once_per_batch_shape() -> None:
     """)
     assert done.returncode == 0, done.stderr[-2000:]
     traces, difference = done.stdout.split()
-    assert int(traces) == 2, "batches of 64 and a last one of 8: two traces, none for new weights or lr"
+    assert int(traces) == 2, "batches of 64 and a last one of 8: two traces, none for new weights, lr or decay"
     assert float(difference) < 1e-5, "the compiled step must compute what the plain one does"
 
 

@@ -23,6 +23,7 @@ from fedplug.backend import Backend, Config, Scalar, Weights
 from fedplug.config import resolve
 from fedplug.data import data_spec, load_centralized
 from fedplug.deploy import node_data, node_run_config
+from fedplug.node_backends import others
 from fedplug.plugins import get_backend
 from fedplug.records import from_record, to_record
 from fedplug.results import Results, default_out, plot_metrics, write_status
@@ -36,7 +37,7 @@ def backend_and_config(run_config: Config) -> tuple[Backend, dict[str, Scalar]]:
     """The backend named by the run config and the config completed with its defaults."""
     backend = get_backend(str(run_config.get("backend", "numpy")))
     backend.check_available()
-    return backend, resolve(backend, run_config)
+    return backend, resolve(backend, run_config, others(run_config))
 
 
 @cache

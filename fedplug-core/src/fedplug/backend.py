@@ -226,7 +226,8 @@ class Backend(abc.ABC):
 
     The core refuses a run that needs one of them, in one line, before anything starts:
     ``"proximal-mu"`` refuses ``--strategy fedprox``; any other key refuses a run config that
-    sets it to a non-zero value. Never ignore a key silently: declare it here instead.
+    sets it to a non-zero value; ``"key=value"`` refuses that value only (``"optimizer=adam"``).
+    Never ignore a key silently: declare it here instead.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -20,6 +20,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from fedplug import node_backends
 from fedplug.backend import Backend, BackendUnavailable, ModelError, Scalar
 from fedplug.config import ConfigError, defaults_for, parse_overrides, resolve
 from fedplug.plugins import UnknownBackend, get_registry
@@ -129,7 +130,7 @@ def prepare_run(backend: Backend, overrides: dict[str, Scalar]) -> dict[str, Sca
     from fedplug.data import DataError, check_data
     from fedplug.strategies import strategy_kwargs
 
-    config = resolve(backend, overrides)
+    config = resolve(backend, overrides, node_backends.others(overrides))
     if ":" in str(config["model"]):  # a custom model: every process imports it from its file, wherever it runs
         from fedplug.custom import locate
 
@@ -150,7 +151,7 @@ def check_before_data(backend: Backend, overrides: dict[str, Scalar]) -> None:
     from fedplug.data import DataError, data_spec
     from fedplug.strategies import check_strategy
 
-    config = resolve(backend, overrides)
+    config = resolve(backend, overrides, node_backends.others(overrides))
     check_strategy(config)
     check_partitioner(config, num_classes=None)
     if config["partitioner"] == "pathological":  # classes per node against the data's classes
@@ -347,7 +348,11 @@ def resume_config(folder: Path, rounds: int | None, backend: str | None) -> tupl
             f"{folder} holds a finished run ({saved.round} rounds): extend it with --rounds N (N > {saved.round})"
         )
     # the folder may have moved since: results go where it is now
-    config = resolve(chosen, {**stored, "num-server-rounds": planned, "out": str(folder.resolve())})
+    config = resolve(
+        chosen,
+        {**stored, "num-server-rounds": planned, "out": str(folder.resolve())},
+        node_backends.others(stored),
+    )
     return chosen, config
 
 

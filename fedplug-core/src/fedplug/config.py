@@ -2,7 +2,9 @@
 
 Keys are kebab-case and values scalars, exactly as Flower's run config. Keys
 ``strategy.<param>`` and ``partitioner.<param>`` pass parameters to the strategy
-and the flwr-datasets partitioner; they are checked against those classes.
+and the flwr-datasets partitioner; they are checked against those classes. A backend's
+own keys live in its namespace, ``<backend>.<key>`` (e.g. ``keras.backend``), and are
+checked by ``check_for_backend`` against each backend taking part.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import difflib
 import math
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from fedplug.backend import Backend, Config, ModelError, Scalar
 from fedplug.models import hidden_dims
+from fedplug.toolkit import OPTIMIZERS
 
 CORE_DEFAULTS: dict[str, Scalar] = {
     "backend": "numpy",
@@ -27,7 +30,10 @@ CORE_DEFAULTS: dict[str, Scalar] = {
     "fraction-evaluate": 1.0,
     "local-epochs": 1,
     "batch-size": 32,
+    "optimizer": "sgd",
     "lr": 0.1,
+    "momentum": 0.0,
+    "weight-decay": 0.0,
     "hidden-dims": "128",
     "pool": "max",
     "strategy": "fedavg",
@@ -48,6 +54,8 @@ CORE_DEFAULTS: dict[str, Scalar] = {
 """Defaults every backend starts from; a backend's ``defaults`` override and extend them."""
 
 PREFIXES = ("strategy.", "partitioner.")
+RENAMED = {"keras-backend": "keras.backend"}
+"""Former run-config keys -> their names now; the old name is refused with a one-line error naming the new one."""
 MAX_SEED = 2**32 - 1
 """Seeds are unsigned 32-bit integers: every framework's generator accepts them."""
 MAX_SUPERNODES = 10_000
@@ -118,32 +126,77 @@ def coerce(key: str, value: Scalar, default: Scalar) -> Scalar:
     return value
 
 
-def resolve(backend: Backend, overrides: Mapping[str, Scalar]) -> dict[str, Scalar]:
-    """Merge ``overrides`` over the backend's defaults and check every name, type and range."""
+def own_keys(backend: Backend) -> dict[str, Scalar]:
+    """The backend's own run-config keys, ``<name>.<key>``, with their defaults."""
+    return {key: value for key, value in backend.defaults.items() if key.startswith(f"{backend.name}.")}
+
+
+def resolve(backend: Backend, overrides: Mapping[str, Scalar], others: Iterable[Backend] = ()) -> dict[str, Scalar]:
+    """Merge ``overrides`` over the backend's defaults and check every name, type and range.
+
+    ``others`` are further backends taking part (nodes of a mixed federation): their own
+    keys (``<name>.<key>``) join the config with their defaults, and the config is checked
+    against each of them too (``check_for_backend``).
+    """
     config = defaults_for(backend)
+    others = [other for other in others if other.name != backend.name]
+    for other in others:
+        config.update({key: value for key, value in own_keys(other).items() if key not in config})
     for key, value in overrides.items():
         if key.startswith(PREFIXES):
             config[key] = value
             continue
+        if key in RENAMED:
+            raise ConfigError(f"run-config '{key}' is now '{RENAMED[key]}': write {RENAMED[key]}={value!r}")
         if key not in config:
             close = difflib.get_close_matches(key, list(config), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(config))}"
             raise ConfigError(f"unknown run-config key '{key}'{hint}")
         config[key] = coerce(key, value, config[key])
     check_values(backend, config)
+    for other in others:
+        check_for_backend(other, config)
     return config
 
 
-def check_values(backend: Backend, config: Config) -> None:
-    """Range and choice checks that a type check cannot make."""
-    if config["backend"] != backend.name:
-        raise ConfigError(f"run-config 'backend' is '{config['backend']}' but the backend is '{backend.name}'")
+def check_for_backend(backend: Backend, config: Config) -> None:
+    """Check a resolved run config against one backend taking part; raise ``ConfigError`` (one line).
+
+    Refuses a model the backend does not declare, a key of its namespace (``<name>.<key>``)
+    it does not know or of the wrong type, anything it declares in ``unsupported`` that the
+    config needs (``check_supported``), and what its own ``check_config`` refuses. Call it
+    once per backend whose nodes train in the run (``resolve`` does, for the backends it is given).
+    """
     if ":" in str(config["model"]):
         check_custom_model(backend, config)
     elif config["model"] not in backend.models:
         raise ConfigError(
             f"backend '{backend.name}' has no model '{config['model']}'; choose one of: {', '.join(backend.models)}"
         )
+    own = own_keys(backend)
+    for key, value in config.items():
+        if key.startswith(f"{backend.name}."):
+            if key not in own:
+                close = difflib.get_close_matches(key, list(own), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; its keys: {', '.join(sorted(own)) or 'none'}"
+                raise ConfigError(f"backend '{backend.name}' has no run-config key '{key}'{hint}")
+            coerce(key, value, own[key])
+    check_supported(backend, config)
+    try:
+        backend.check_config(config)
+    except ConfigError:
+        raise
+    except Exception as error:  # a plugin's bug, not the user's input: name the plugin
+        raise ConfigError(
+            f"backend '{backend.name}' failed to check the run config ({type(error).__name__}: {error}); "
+            "report this to the backend's authors"
+        ) from error
+
+
+def check_values(backend: Backend, config: Config) -> None:
+    """Range and choice checks that a type check cannot make; then ``check_for_backend(backend, config)``."""
+    if config["backend"] != backend.name:
+        raise ConfigError(f"run-config 'backend' is '{config['backend']}' but the backend is '{backend.name}'")
     for key, value in config.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"run-config '{key}' must be a finite number, got {value}")
@@ -185,8 +238,15 @@ def check_values(backend: Backend, config: Config) -> None:
         )
     if not float(config["lr"]) > 0.0:
         raise ConfigError(f"run-config 'lr' must be a positive number like 0.05, got {config['lr']}")
-    if "momentum" in config and not 0.0 <= float(config["momentum"]) < 1.0:
+    if config["optimizer"] not in OPTIMIZERS:
+        choices = ", ".join(OPTIMIZERS)
+        raise ConfigError(f"run-config 'optimizer' must be one of: {choices}; got '{config['optimizer']}'")
+    if not 0.0 <= float(config["momentum"]) < 1.0:
         raise ConfigError(f"run-config 'momentum' must be in [0, 1), e.g. 0.9, got {config['momentum']}")
+    if not float(config["weight-decay"]) >= 0.0:
+        raise ConfigError(
+            f"run-config 'weight-decay' must be 0 (off) or positive, e.g. 1e-4, got {config['weight-decay']}"
+        )
     if config["pool"] not in ("max", "avg"):
         raise ConfigError(f"run-config 'pool' must be 'max' or 'avg', got '{config['pool']}'")
     from fedplug.node_backends import KEY, parse
@@ -196,16 +256,7 @@ def check_values(backend: Backend, config: Config) -> None:
         hidden_dims(config)
     except ModelError as error:
         raise ConfigError(f"run-config 'hidden-dims': {error}") from error
-    check_supported(backend, config)
-    try:
-        backend.check_config(config)
-    except ConfigError:
-        raise
-    except Exception as error:  # a plugin's bug, not the user's input: name the plugin
-        raise ConfigError(
-            f"backend '{backend.name}' failed to check the run config ({type(error).__name__}: {error}); "
-            "report this to the backend's authors"
-        ) from error
+    check_for_backend(backend, config)
 
 
 def check_custom_model(backend: Backend, config: Config) -> None:
@@ -265,8 +316,21 @@ def check_partitioner(config: Config, num_classes: int | None) -> None:
 
 
 def check_supported(backend: Backend, config: Config) -> None:
-    """Refuse a run that needs something the backend declares in ``unsupported``."""
-    for key in sorted(backend.unsupported):
+    """Refuse a run that needs something the backend declares in ``unsupported``.
+
+    An entry ``"key"`` refuses a config that sets ``key`` to anything but 0/false/empty
+    (``"proximal-mu"``: ``--strategy fedprox``); an entry ``"key=value"`` refuses that value
+    only (``"optimizer=adam"``: a backend without Adam).
+    """
+    for entry in sorted(backend.unsupported):
+        key, has_value, value = entry.partition("=")
+        if has_value:
+            if str(config.get(key)) == value:
+                raise ConfigError(
+                    f"backend '{backend.name}' does not support {key}={value}: choose another '{key}' "
+                    "or a backend that supports it"
+                )
+            continue
         if key == "proximal-mu" and config.get("strategy") == "fedprox":
             raise ConfigError(
                 f"backend '{backend.name}' does not apply FedProx's proximal term (proximal-mu): "

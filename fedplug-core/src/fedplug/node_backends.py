@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from contextlib import suppress
 
 from fedplug.backend import Backend, BackendUnavailable, Config, Scalar
 
@@ -91,6 +92,19 @@ def taking_part(config: Config) -> list[str]:
     return list(dict.fromkeys([str(config["backend"]), *assignment(config).values()]))
 
 
+def others(config: Mapping[str, Scalar]) -> list[Backend]:
+    """The installed backends that ``node-backends`` names besides the server's, for ``config.resolve``'s
+    ``others`` (their own keys join the run config). Names that are unknown here are left to :func:`check`."""
+    from fedplug.plugins import UnknownBackend, get_backend
+
+    found = []
+    for name in dict.fromkeys(parse(str(config.get(KEY, ""))).values()):
+        if name != config.get("backend"):
+            with suppress(UnknownBackend):
+                found.append(get_backend(name))
+    return found
+
+
 def node_config_for(config: Config, backend: str) -> dict[str, Scalar]:
     """The run config as a node of ``backend`` runs it (see :func:`fedplug.deploy.node_run_config`)."""
     from fedplug.deploy import node_run_config
@@ -113,7 +127,7 @@ def check(config: dict[str, Scalar]) -> list[Backend]:
     environments that contradict each other. Writes the full assignment back into ``config``
     (``"0-1:torch,2-9:numpy"``), or ``""`` when every node runs the server's backend.
     """
-    from fedplug.config import resolve
+    from fedplug.config import check_for_backend
     from fedplug.plugins import UnknownBackend, get_backend
 
     nodes = int(config["num-supernodes"])
@@ -137,7 +151,7 @@ def check(config: dict[str, Scalar]) -> list[Backend]:
                     f"model every backend builds, e.g. --model mlp or --model lenet"
                 )
             try:
-                resolve(backend, node_config_for(config, name))
+                check_for_backend(backend, node_config_for(config, name))
             except ValueError as error:
                 raise _error(f"backend '{name}' of {where} refuses this run config: {error}") from error
         backends.append(backend)

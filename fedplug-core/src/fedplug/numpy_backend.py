@@ -1,11 +1,14 @@
-"""The built-in ``numpy`` backend: the shared models in pure NumPy, trained with SGD.
+"""The built-in ``numpy`` backend: the shared models in pure NumPy, trained with SGD or Adam.
 
 It registers through the same hook as any plugin, so fedplug-core alone is a
-working product and the core's tests need no ML framework.
+working product and the core's tests need no ML framework. It is also the reference:
+``ReferenceOptimizer`` defines the optimiser every backend implements, and the
+conformance suite compares every backend's predictions and training with this backend's.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -16,7 +19,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from fedplug.backend import Backend, Config, DataSpec, Framework, Implementation, Scalar, Weights
 from fedplug.hookspecs import hookimpl
 from fedplug.models import LENET_CONV, canonical_shapes
-from fedplug.toolkit import EVAL_BATCH, TrainSettings, metrics
+from fedplug.toolkit import ADAM_BETAS, ADAM_EPS, EVAL_BATCH, TrainSettings, metrics
 
 
 class Dense:
@@ -153,15 +156,59 @@ def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.
     return float(loss), grad / len(y)
 
 
+class ReferenceOptimizer:
+    """The optimiser of one ``train`` call, exactly as the contract defines it (``toolkit.TrainSettings``).
+
+    Every gradient ``g`` of a parameter ``w`` first gets ``weight_decay * w`` (coupled L2
+    decay) and FedProx's ``proximal_mu * (w - w_start)``; then
+
+    - ``sgd``: ``v = momentum * v + g``; ``w -= lr * v`` (``torch.optim.SGD``);
+    - ``adam``: ``m = b1 m + (1 - b1) g``; ``v = b2 v + (1 - b2) g^2``;
+      ``w -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``, ``t`` counting this
+      call's steps from 1 (``torch.optim.Adam``, betas 0.9/0.999, eps 1e-8).
+
+    State starts from zero at construction, once per ``train`` call. Arithmetic is float32,
+    like the frameworks' (Python scalars do not promote float32 arrays).
+    """
+
+    def __init__(self, settings: TrainSettings, params: list[np.ndarray]) -> None:
+        self.settings = settings
+        self.start = [p.copy() for p in params] if settings.proximal_mu > 0 else []
+        self.first = [np.zeros_like(p) for p in params]
+        self.second = [np.zeros_like(p) for p in params] if settings.optimizer == "adam" else []
+        self.steps = 0
+
+    def step(self, params: list[np.ndarray], grads: list[np.ndarray]) -> None:
+        """Update ``params`` in place from their mini-batch mean gradients ``grads``."""
+        s = self.settings
+        self.steps += 1
+        beta1, beta2 = ADAM_BETAS
+        for i, (param, g) in enumerate(zip(params, grads, strict=True)):
+            g = g.astype(param.dtype)
+            if s.weight_decay > 0:
+                g = g + s.weight_decay * param
+            if s.proximal_mu > 0:
+                g = g + s.proximal_mu * (param - self.start[i])
+            if s.optimizer == "sgd":
+                self.first[i] = s.momentum * self.first[i] + g
+                param -= s.lr * self.first[i]
+                continue
+            self.first[i] = beta1 * self.first[i] + (1 - beta1) * g
+            self.second[i] = beta2 * self.second[i] + (1 - beta2) * g * g
+            denominator = np.sqrt(self.second[i]) / math.sqrt(1 - beta2**self.steps) + ADAM_EPS
+            param -= s.lr / (1 - beta1**self.steps) * self.first[i] / denominator
+
+
 class NumpyBackend(Backend):
     name = "numpy"
-    description = "Built-in pure-NumPy MLP and LeNet with SGD: no framework needed"
+    description = "Built-in pure-NumPy MLP and LeNet with SGD or Adam: no framework needed"
     framework = Framework("numpy", "numpy")
     implementation = "fedplug.numpy_backend:NumpyImplementation"
     models = ("mlp", "lenet")
     defaults: ClassVar[Mapping[str, Scalar]] = {
         "model": "mlp",
         "hidden-dims": "128",
+        "optimizer": "sgd",
         "lr": 0.1,
         "momentum": 0.0,
         "batch-size": 32,
@@ -174,7 +221,7 @@ class NumpyBackend(Backend):
 
 
 class NumpyImplementation(Implementation):
-    """The reference: SGD with momentum and FedProx's term, in the core's example order."""
+    """The reference: ``ReferenceOptimizer`` (SGD or Adam, weight decay, FedProx), in the core's example order."""
 
     def build_model(self, model: str, spec: DataSpec, config: Config) -> NumpyModel:
         rng = np.random.default_rng(int(config.get("seed", 0)))
@@ -198,8 +245,7 @@ class NumpyImplementation(Implementation):
     def train(self, model: NumpyModel, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
         settings = TrainSettings.from_config(config)
         params = list(model.weights.values())
-        anchor = [p.copy() for p in params]
-        velocity = [np.zeros_like(p) for p in params]
+        optimizer = ReferenceOptimizer(settings, params)
         x = x.reshape(len(x), -1) if model.name == "mlp" else x
         loss_sum, correct = 0.0, 0
         for idx in settings.batches(len(y)):
@@ -207,11 +253,7 @@ class NumpyImplementation(Implementation):
             loss, grad = softmax_cross_entropy(logits, y[idx])
             loss_sum += loss * len(idx)
             correct += int((logits.argmax(axis=1) == y[idx]).sum())
-            for i, (param, g) in enumerate(zip(params, model.backward(grad))):
-                if settings.proximal_mu > 0:
-                    g = g + settings.proximal_mu * (param - anchor[i])
-                velocity[i] = settings.momentum * velocity[i] + g
-                param -= (settings.lr * velocity[i]).astype(param.dtype)
+            optimizer.step(params, model.backward(grad))
         return metrics(loss_sum, correct, len(y) * settings.epochs, len(y))
 
     def evaluate(self, model: NumpyModel, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:

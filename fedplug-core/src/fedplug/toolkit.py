@@ -4,7 +4,8 @@ Using these keeps a backend on the core's policies, so that backends agree with 
 other (and with the reference ``numpy`` backend) wherever the contract fixes a choice:
 
 - ``TrainSettings.from_config``: the training settings of one ``train`` call, read from
-  that call's config (the server may change them every round);
+  that call's config (the server may change them every round), with the optimiser
+  (``OPTIMIZERS``, ``ADAM_BETAS``, ``ADAM_EPS``) whose exact update the numpy reference defines;
 - ``example_order``: the core's order of a node's examples, one seeded permutation per
   node, round and epoch, from ``seed``, ``server-round`` and ``partition-id``;
 - ``metrics``: the metrics dict ``train`` and ``evaluate`` return, with Python types;
@@ -25,7 +26,10 @@ import numpy as np
 from fedplug.backend import Config
 
 __all__ = [
+    "ADAM_BETAS",
+    "ADAM_EPS",
     "EVAL_BATCH",
+    "OPTIMIZERS",
     "TrainSettings",
     "conv_from_canonical",
     "conv_to_canonical",
@@ -39,6 +43,12 @@ __all__ = [
 
 EVAL_BATCH = 1024
 """Examples per forward pass in ``evaluate`` and ``predict`` (no gradients, so larger than training's)."""
+OPTIMIZERS = ("sgd", "adam")
+"""Values of the run-config key ``optimizer``; ``fedplug.numpy_backend`` defines each update exactly."""
+ADAM_BETAS = (0.9, 0.999)
+"""Adam's decay rates of the first and second moment estimates (PyTorch's and Optax's defaults)."""
+ADAM_EPS = 1e-8
+"""Adam's epsilon, added to the bias-corrected ``sqrt(v_hat)`` (PyTorch's form; Keras's differs)."""
 
 
 def example_order(n: int, seed: int, server_round: int, partition_id: int, epoch: int) -> np.ndarray:
@@ -54,7 +64,20 @@ def example_order(n: int, seed: int, server_round: int, partition_id: int, epoch
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """The settings of one ``train`` call, read once from its config."""
+    """The settings of one ``train`` call, read once from its config.
+
+    The optimiser (the same in every backend; ``fedplug.numpy_backend.reference_step`` is its
+    definition), for each parameter ``w`` with mini-batch mean gradient ``g``:
+
+    - ``g += weight_decay * w + proximal_mu * (w - w_start)`` (coupled L2 decay, as
+      ``torch.optim``'s ``weight_decay``; FedProx's term, ``w_start`` the weights the call began with);
+    - ``sgd``: ``v = momentum * v + g``; ``w -= lr * v`` (``torch.optim.SGD``, no dampening, no Nesterov);
+    - ``adam``: ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``, step ``t`` from 1,
+      ``w -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)`` with ``ADAM_BETAS`` and
+      ``ADAM_EPS`` (``torch.optim.Adam``); ``momentum`` does not apply.
+
+    Optimiser state (``v``, ``m``, ``t``) starts from zero in every ``train`` call.
+    """
 
     lr: float
     momentum: float
@@ -64,12 +87,22 @@ class TrainSettings:
     seed: int
     server_round: int
     partition_id: int
+    optimizer: str = "sgd"
+    weight_decay: float = 0.0
 
     @classmethod
     def from_config(cls, config: Config) -> TrainSettings:
-        """Read ``lr``, ``momentum``, ``batch-size``, ``local-epochs``, ``proximal-mu``, ``seed``,
-        ``server-round`` and ``partition-id`` (absent optional keys are 0)."""
+        """Read ``optimizer``, ``lr``, ``momentum``, ``weight-decay``, ``batch-size``, ``local-epochs``,
+        ``proximal-mu``, ``seed``, ``server-round`` and ``partition-id`` (absent optional keys: ``sgd``, 0).
+
+        Raises ``ValueError`` for an ``optimizer`` not in ``OPTIMIZERS`` (the run-config checks
+        refuse it earlier, with a one-line message)."""
+        optimizer = str(config.get("optimizer", "sgd"))
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
         return cls(
+            optimizer=optimizer,
+            weight_decay=float(config.get("weight-decay", 0.0)),
             lr=float(config["lr"]),
             momentum=float(config.get("momentum", 0.0)),
             batch_size=int(config["batch-size"]),

@@ -24,6 +24,7 @@ class JaxBackend(fedplug.Backend):
     models = ("cnn", "mlp", "lenet")
     defaults: ClassVar[Mapping[str, Scalar]] = {
         "model": "cnn",
+        "optimizer": "sgd",
         "lr": 0.1,
         "momentum": 0.9,
         "batch-size": 64,

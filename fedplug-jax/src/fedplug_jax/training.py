@@ -3,7 +3,7 @@
 The steps are module-level ``nnx.jit`` functions: JAX caches one executable per model
 structure and batch shape, so every round and every partition reuses it. Batches
 have a fixed size; the last one is padded and its padding masked out, so no example
-is dropped and no partition size triggers a compile. Learning rate, momentum and the
+is dropped and no partition size triggers a compile. Learning rate, momentum, weight decay and the
 FedProx ``proximal-mu`` are arrays (optimizer state or step arguments), never
 compile-time constants. Each call moves its data to the device once per epoch and
 reads the accumulated metrics back once.
@@ -21,15 +21,31 @@ from typing import Any
 import numpy as np
 
 from fedplug.backend import Config, DataSpec, Implementation, Weights
-from fedplug.toolkit import TrainSettings, conv_from_canonical, conv_to_canonical, metrics
+from fedplug.toolkit import ADAM_BETAS, ADAM_EPS, TrainSettings, conv_from_canonical, conv_to_canonical, metrics
 from fedplug_jax import nets
 from fedplug_jax.framework import jax, jnp, nnx, optax, serialization
 from fedplug_jax.nets import Network
 
 EVAL_BATCH = 256
 """Batch size of evaluate and predict: one compiled shape for any data size."""
-SGD = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)
-"""The quickstart's SGD; train sets its hyper-parameters from the config on every call."""
+
+
+def sgd(learning_rate: float, momentum: float, weight_decay: float) -> optax.GradientTransformation:
+    """``torch.optim.SGD``: coupled L2 decay added to the gradient, then ``optax.sgd``'s momentum trace."""
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum))
+
+
+def adam(learning_rate: float, weight_decay: float) -> optax.GradientTransformation:
+    """``torch.optim.Adam``: coupled L2 decay added to the gradient, then ``optax.adam`` (eps outside the sqrt)."""
+    b1, b2 = ADAM_BETAS
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate, b1=b1, b2=b2, eps=ADAM_EPS))
+
+
+OPTIMIZERS = {
+    "sgd": optax.inject_hyperparams(sgd)(learning_rate=0.1, momentum=0.9, weight_decay=0.0),
+    "adam": optax.inject_hyperparams(adam)(learning_rate=0.001, weight_decay=0.0),
+}
+"""The contract's optimisers; ``train`` sets their hyper-parameters (arrays, not compile-time constants) every call."""
 
 
 def batch_sums(logits: jax.Array, y: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -50,7 +66,7 @@ def train_step(
     y: jax.Array,
     mask: jax.Array,
 ) -> jax.Array:
-    """One SGD step on the real examples of a padded batch; add its sums to ``totals``.
+    """One optimiser step on the real examples of a padded batch; add its sums to ``totals``.
 
     ``anchor`` holds the parameters at the start of the round, for FedProx's
     ``mu / 2 * ||w - anchor||^2`` (zero when ``mu`` is 0).
@@ -110,7 +126,7 @@ def parameters(model: Network) -> list[tuple[str, nnx.Param[jax.Array]]]:
 
 
 class JaxImplementation(Implementation):
-    """Flax NNX networks trained with Optax SGD (momentum, FedProx) in the core's example order."""
+    """Flax NNX networks trained with Optax SGD or Adam (weight decay, FedProx) in the core's example order."""
 
     def build_model(self, model: str, spec: DataSpec, config: Config) -> Network:
         return nets.build(model, spec, config)
@@ -154,12 +170,14 @@ class JaxImplementation(Implementation):
             variable[...] = value
 
     def train(self, model: Network, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        """SGD with momentum for ``local-epochs`` epochs, in the core's example order."""
+        """The contract's optimiser, fresh every call, for ``local-epochs`` epochs in the core's example order."""
         settings = TrainSettings.from_config(config)
-        optimizer = nnx.Optimizer(model, SGD, wrt=nnx.Param)
+        optimizer = nnx.Optimizer(model, OPTIMIZERS[settings.optimizer], wrt=nnx.Param)
         hyperparams = optimizer.opt_state.hyperparams
         hyperparams["learning_rate"][...] = jnp.float32(settings.lr)
-        hyperparams["momentum"][...] = jnp.float32(settings.momentum)
+        hyperparams["weight_decay"][...] = jnp.float32(settings.weight_decay)
+        if "momentum" in hyperparams:
+            hyperparams["momentum"][...] = jnp.float32(settings.momentum)
         mu = jnp.float32(settings.proximal_mu)
         anchor = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         labels = y.astype(np.int32)

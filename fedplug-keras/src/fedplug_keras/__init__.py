@@ -17,12 +17,13 @@ from fedplug_keras.framework import CONFIG_KEY, DEFAULT_BACKEND, check_choice, c
 
 class KerasBackend(Backend):
     name = "keras"
-    description = "Keras 3 on TensorFlow (or JAX/PyTorch): quickstart-tensorflow's CNN with Adam"
+    description = "Keras 3 on TensorFlow (or JAX/PyTorch): quickstart-tensorflow's CNN with Adam (or SGD)"
     framework = Framework("keras", "keras>=3")
     implementation = "fedplug_keras.training:KerasImplementation"
     models = ("cnn", "mlp", "lenet")
     defaults: ClassVar[Mapping[str, Scalar]] = {
         "model": "cnn",
+        "optimizer": "adam",
         "lr": 0.001,
         "batch-size": 32,
         "local-epochs": 1,
@@ -38,7 +39,6 @@ class KerasBackend(Backend):
     )
     quickstart_dataset = "uoft-cs/cifar10"
     file_suffix = ".keras"
-    unsupported = frozenset({"proximal-mu"})  # fit() has no FedProx term: fedplug refuses --strategy fedprox
 
     def check_available(self) -> None:
         check_installed()

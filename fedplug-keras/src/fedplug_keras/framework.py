@@ -1,7 +1,7 @@
 """Choose the framework Keras runs on, then import Keras quietly, once per process.
 
 Keras reads ``KERAS_BACKEND`` when it is first imported and never again, so the
-run-config key ``keras-backend`` (not the environment) decides it here, before
+run-config key ``keras.backend`` (not the environment) decides it here, before
 that first import. Keras is first imported here and nowhere else, unless something
 imported it earlier: TensorFlow imports Keras, and Flower's simulation imports
 TensorFlow when it is installed. That case is detected and explained.
@@ -23,7 +23,7 @@ from fedplug.backend import BackendUnavailable, Config
 from fedplug.config import ConfigError
 from fedplug.runtime import cpu_share
 
-CONFIG_KEY = "keras-backend"
+CONFIG_KEY = "keras.backend"
 DEFAULT_BACKEND = "tensorflow"
 EXTRAS = {"tensorflow": "tensorflow-cpu", "jax": "jax", "torch": "torch"}
 """Keras backend (also the import name of its framework) -> the fedplug-keras extra installing it."""
@@ -49,7 +49,7 @@ def check_installed() -> None:
 
 
 def check_choice(config: Config) -> str:
-    """The run config's ``keras-backend``, or ``ConfigError`` if Keras has no such backend."""
+    """The run config's ``keras.backend``, or ``ConfigError`` if Keras has no such backend."""
     wanted = str(config.get(CONFIG_KEY, DEFAULT_BACKEND))
     if wanted not in EXTRAS:
         raise ConfigError(f"run-config '{CONFIG_KEY}' must be one of {', '.join(EXTRAS)}, got '{wanted}'")
@@ -57,7 +57,7 @@ def check_choice(config: Config) -> str:
 
 
 def import_keras(config: Config) -> ModuleType:
-    """Keras running on the run config's ``keras-backend``, imported on first use."""
+    """Keras running on the run config's ``keras.backend``, imported on first use."""
     wanted = check_choice(config)
     keras = sys.modules.get("keras") or _first_import(wanted)
     active = keras.backend.backend()
@@ -65,7 +65,7 @@ def import_keras(config: Config) -> ModuleType:
         raise BackendUnavailable(
             f"Keras is already imported in this process with the '{active}' backend (TensorFlow imports "
             f"Keras, and Flower's simulation imports TensorFlow) and picks its backend once per process: "
-            f"also set KERAS_BACKEND={wanted} in the environment, or use keras-backend={active}"
+            f"also set KERAS_BACKEND={wanted} in the environment, or use {CONFIG_KEY}={active}"
         )
     _size_thread_pools(active)
     return keras
@@ -79,7 +79,7 @@ def set_seed(keras: ModuleType, seed: int) -> None:
 
 def _first_import(name: str) -> ModuleType:
     if not is_installed(name):
-        raise BackendUnavailable(f"keras-backend '{name}' needs {name}: pip install 'fedplug-keras[{EXTRAS[name]}]'")
+        raise BackendUnavailable(f"{CONFIG_KEY} '{name}' needs {name}: pip install 'fedplug-keras[{EXTRAS[name]}]'")
     os.environ["KERAS_BACKEND"] = name
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # C++ INFO/WARNING/ERROR: CUDA probes
     logging.getLogger("tensorflow").setLevel(logging.ERROR)

@@ -15,6 +15,7 @@ from fedplug.backend import Config, DataSpec, ModelError
 from fedplug.custom import type_name
 from fedplug.models import LENET_CONV, LENET_DENSE, hidden_dims, lenet_flat_features
 from fedplug_keras.framework import import_keras, set_seed
+from fedplug_keras.optimizers import compile_model
 
 CNN_CONV = (32, 64)
 CNN_DROPOUT = 0.5
@@ -33,17 +34,8 @@ def build(model: str, spec: DataSpec, config: Config) -> Any:
     else:
         body = _cnn(keras, spec)
     net = keras.Sequential(body, name=model)
-    compile_model(keras, net, config)
+    compile_model(keras, net)
     return net
-
-
-def compile_model(keras: ModuleType, net: Any, config: Config) -> None:
-    """Compile ``net`` once, as every model of the backend: the optimizer, cross-entropy on logits, accuracy."""
-    net.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=float(config.get("lr", 0.001))),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
 
 
 def build_custom(make: Callable[[], Any], config: Config) -> Any:
@@ -59,7 +51,7 @@ def build_custom(make: Callable[[], Any], config: Config) -> Any:
             "starting with keras.Input((H, W, C))"
         )
     net._fedplug_custom = True  # its native file is read back with load_weights: no architecture to deserialize
-    compile_model(keras, net, config)
+    compile_model(keras, net)
     return net
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from fedplug import toolkit
 from fedplug.backend import Config, DataSpec, Implementation, Weights
-from fedplug_keras import nets
+from fedplug_keras import nets, optimizers
 from fedplug_keras.framework import import_keras, set_seed
 
 FeatureMap = tuple[int, int, int] | None
@@ -63,14 +63,6 @@ def model_inputs(net: Any, x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
 
 
-def restart_optimizer(net: Any, lr: float) -> None:
-    """A fresh Adam at ``lr`` for this round, in place: zero its moments and step count."""
-    optimizer = net.optimizer
-    for variable in optimizer.variables:
-        variable.assign(np.zeros(variable.shape, dtype=variable.dtype))
-    optimizer.learning_rate.assign(lr)
-
-
 def reseed(net: Any, seed: int) -> None:
     """Make this call's randomness (shuffling, dropout) depend on ``seed`` only.
 
@@ -84,7 +76,7 @@ def reseed(net: Any, seed: int) -> None:
 
 
 class KerasImplementation(Implementation):
-    """Keras ``Sequential`` models compiled once, trained with Adam restarted every call."""
+    """Keras ``Sequential`` models compiled once, trained with the contract's optimiser restarted every call."""
 
     def build_model(self, model: str, spec: DataSpec, config: Config) -> Any:
         return nets.build(model, spec, config)
@@ -116,11 +108,13 @@ class KerasImplementation(Implementation):
             layer.set_weights([kernel, np.asarray(weights[f"layers.{i}.bias"])])
 
     def train(self, model: Any, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        """``local-epochs`` epochs of ``fit`` at the config's ``lr``, in the core's example order."""
+        """``local-epochs`` epochs of ``fit`` with the contract's optimiser (``optimizers.ContractOptimizer``,
+        restarted every call), FedProx's term included, in the core's example order."""
         settings = toolkit.TrainSettings.from_config(config)
-        set_seed(import_keras(config), settings.round_seed)
+        keras = import_keras(config)
+        set_seed(keras, settings.round_seed)
         reseed(model, settings.round_seed)
-        restart_optimizer(model, settings.lr)
+        optimizers.restart(model, settings)
         inputs, losses, accuracies = model_inputs(model, x), [], []
         for epoch in range(settings.epochs):
             order = settings.order(len(y), epoch)

@@ -17,14 +17,16 @@ from fedplug_mlx import availability
 
 class MlxBackend(fedplug.Backend):
     name = "mlx"
-    description = "Apple MLX (Metal on Apple silicon, CPU on Linux): MLP and LeNet with SGD"
+    description = "Apple MLX (Metal on Apple silicon, CPU on Linux): MLP and LeNet with SGD or Adam"
     framework = fedplug.Framework("mlx", "mlx" if platform.system() == "Darwin" else "mlx[cpu]")
     implementation = "fedplug_mlx.training:MlxImplementation"
     models = ("mlp", "lenet")
     defaults: ClassVar[dict[str, Scalar]] = {
         "model": "mlp",
         "hidden-dims": "32,32",
+        "optimizer": "sgd",
         "lr": 0.1,
+        "momentum": 0.0,
         "batch-size": 256,
         "local-epochs": 1,
         "num-server-rounds": 3,

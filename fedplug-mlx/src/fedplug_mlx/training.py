@@ -1,4 +1,4 @@
-"""The MLX implementation: one SGD step per model, built once and reused every round.
+"""The MLX implementation: one training step per model and optimiser, built once and reused every round.
 
 On a GPU (Metal, CUDA) the step is compiled with ``mx.compile``, capturing the model and
 optimizer state as implicit inputs and outputs (MLX's documented pattern), so weights
@@ -24,7 +24,15 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from fedplug.backend import Config, DataSpec, Implementation, Weights
-from fedplug.toolkit import EVAL_BATCH, TrainSettings, conv_from_canonical, conv_to_canonical, metrics
+from fedplug.toolkit import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    EVAL_BATCH,
+    TrainSettings,
+    conv_from_canonical,
+    conv_to_canonical,
+    metrics,
+)
 from fedplug_mlx import nets
 from fedplug_mlx.nets import Net
 
@@ -40,17 +48,40 @@ def proximal_loss(net: Net, x: mx.array, y: mx.array, anchor: Params, mu: mx.arr
     return loss + 0.5 * mu * sum(value for _, value in tree_flatten(drift)), logits
 
 
-class Trainer:
-    """The SGD optimizer and the training step of one model, compiled if ``compiled``."""
+def make_optimizer(kind: str, momentum: float) -> optim.Optimizer:
+    """The contract's optimiser: ``mlx.optimizers.SGD`` (momentum, no dampening) or ``Adam`` with bias
+    correction (PyTorch's form); the weight decay is added to the gradients by the step."""
+    if kind == "adam":
+        return optim.Adam(learning_rate=0.0, betas=list(ADAM_BETAS), eps=ADAM_EPS, bias_correction=True)
+    return optim.SGD(learning_rate=0.0, momentum=momentum)
 
-    def __init__(self, net: Net, compiled: bool) -> None:
+
+def zero_state(tree: dict[str, Any] | list[Any]) -> None:
+    """Zero every array of an optimizer state tree in place (moments, step), keeping its containers."""
+    for key, value in tree.items() if isinstance(tree, dict) else enumerate(tree):
+        if isinstance(value, mx.array):
+            tree[key] = mx.zeros_like(value)  # type: ignore[index]
+        else:
+            zero_state(value)
+
+
+class Trainer:
+    """One optimiser (``kind``, ``momentum``) and the training step of one model, compiled if ``compiled``.
+
+    The optimizer's state is zeroed at the start of every ``fit`` (no state across ``train``
+    calls); the learning rate (optimizer state), the weight decay and FedProx's ``mu`` (step
+    arguments) are arrays, so changing them reuses a compiled step.
+    """
+
+    def __init__(self, net: Net, kind: str, momentum: float, compiled: bool) -> None:
         self.net = net
-        self.optimizer = optim.SGD(learning_rate=0.0)
+        self.optimizer = make_optimizer(kind, momentum)
         self.optimizer.init(net.trainable_parameters())
         loss_and_grad = nn.value_and_grad(net, proximal_loss)
 
-        def step(x: mx.array, y: mx.array, anchor: Params, mu: mx.array) -> tuple[mx.array, mx.array]:
+        def step(x: mx.array, y: mx.array, anchor: Params, mu: mx.array, decay: mx.array) -> tuple[mx.array, mx.array]:
             (loss, logits), grads = loss_and_grad(net, x, y, anchor, mu)
+            grads = tree_map(lambda g, w: g + decay * w, grads, net.trainable_parameters())
             self.optimizer.update(net, grads)
             return loss * y.size, mx.sum(mx.argmax(logits, axis=1) == y)
 
@@ -59,33 +90,36 @@ class Trainer:
             step = mx.compile(step, inputs=state, outputs=state)
         self.step = step
 
-    def fit(self, x: mx.array, y: mx.array, config: Config) -> dict[str, float]:
-        """SGD for ``local-epochs`` over ``(x, y)`` in mini-batches of the core's example order."""
-        settings = TrainSettings.from_config(config)
+    def fit(self, x: mx.array, y: mx.array, settings: TrainSettings) -> dict[str, float]:
+        """The optimiser for ``local-epochs`` over ``(x, y)`` in mini-batches of the core's example order."""
+        zero_state(self.optimizer.state)
         self.optimizer.learning_rate = settings.lr
-        mu = mx.array(settings.proximal_mu)
+        mu, decay = mx.array(settings.proximal_mu), mx.array(settings.weight_decay)
         anchor = self.net.trainable_parameters()
         loss_sum, correct = mx.array(0.0), mx.array(0)
         for epoch in range(settings.epochs):
             order = mx.array(settings.order(y.size, epoch))
             for start in range(0, y.size, settings.batch_size):
                 batch = order[start : start + settings.batch_size]
-                batch_loss, batch_correct = self.step(x[batch], y[batch], anchor, mu)
+                batch_loss, batch_correct = self.step(x[batch], y[batch], anchor, mu, decay)
                 loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
                 mx.eval(loss_sum, correct, self.net.state, self.optimizer.state)
         return metrics(loss_sum.item(), correct.item(), y.size * settings.epochs, y.size)
 
 
-def trainer(net: Net) -> Trainer:
-    """The model's trainer, built on first use and kept on the model for later rounds.
+def trainer(net: Net, settings: TrainSettings) -> Trainer:
+    """The model's trainer for this call's optimiser, built on first use and kept on the model for later rounds.
 
-    The step is compiled where MLX computes on a GPU (Metal or CUDA), not on the CPU.
+    One per ``(optimizer, momentum)``: MLX's optimizers hold momentum as a constant of the
+    step. The step is compiled where MLX computes on a GPU (Metal or CUDA), not on the CPU.
     """
-    existing = net.__dict__.get("_fedplug_trainer")
-    if existing is None:
+    momentum = settings.momentum if settings.optimizer == "sgd" else 0.0
+    trainers: dict[tuple[str, float], Trainer] = net.__dict__.setdefault("_fedplug_trainers", {})
+    key = (settings.optimizer, momentum)
+    if key not in trainers:
         on_gpu = mx.default_device().type == mx.DeviceType.gpu
-        existing = net._fedplug_trainer = Trainer(net, compiled=on_gpu)
-    return existing
+        trainers[key] = Trainer(net, settings.optimizer, momentum, compiled=on_gpu)
+    return trainers[key]
 
 
 def labels(y: np.ndarray) -> mx.array:
@@ -129,7 +163,8 @@ class MlxImplementation(Implementation):
         model.load_weights(native, strict=True)
 
     def train(self, model: Net, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        return trainer(model).fit(model.native_input(x), labels(y), config)
+        settings = TrainSettings.from_config(config)
+        return trainer(model, settings).fit(model.native_input(x), labels(y), settings)
 
     def evaluate(self, model: Net, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
         scores, targets = logits(model, model.native_input(x)), labels(y)

@@ -19,7 +19,7 @@ from fedplug_mxnet.compat import INSTALL_HINT, numpy_supported
 
 class MXNetBackend(Backend):
     name = "mxnet"
-    description = "Apache MXNet Gluon (retired): hybridized MLP and LeNet with SGD, as quickstart-mxnet"
+    description = "Apache MXNet Gluon (retired): hybridized MLP and LeNet, SGD (as quickstart-mxnet) or Adam"
     framework = Framework("mxnet", "mxnet==1.9.1")
     implementation = "fedplug_mxnet.training:MXNetImplementation"
     models = ("mlp", "lenet")
@@ -28,7 +28,9 @@ class MXNetBackend(Backend):
         # (its second Trainer wins), batch 100, 2 epochs, 2 clients both sampled, 3 rounds
         "model": "mlp",
         "hidden-dims": "256,64",
+        "optimizer": "sgd",
         "lr": 0.01,
+        "momentum": 0.0,
         "batch-size": 100,
         "local-epochs": 2,
         "num-server-rounds": 3,

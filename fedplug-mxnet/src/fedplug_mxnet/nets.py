@@ -17,13 +17,12 @@ nn = mx.gluon.nn
 
 @dataclass
 class GluonModel:
-    """A hybridized network, its parameters in canonical order and its one trainer."""
+    """A hybridized network and its parameters in canonical order."""
 
     net: nn.HybridSequential
     params: dict[str, gluon.Parameter]
     """Canonical name -> Gluon parameter."""
     ctx: Any
-    trainer: gluon.Trainer
 
 
 def device() -> Any:
@@ -72,5 +71,4 @@ def build_model(model: str, spec: DataSpec, config: Config) -> GluonModel:
     params = dict(zip(shapes, net.collect_params().values(), strict=True))
     for key, param in params.items():
         assert param.shape == shapes[key], f"{key}: Gluon {param.shape} != canonical {shapes[key]}"
-    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": float(config.get("lr", 0.01))})
-    return GluonModel(net, params, ctx, trainer)
+    return GluonModel(net, params, ctx)

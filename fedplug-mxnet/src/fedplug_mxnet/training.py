@@ -7,16 +7,45 @@ device and read once at the end, so MXNet's asynchronous engine is never stalled
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fedplug.backend import Config, DataSpec, Implementation, Weights
-from fedplug.toolkit import EVAL_BATCH, TrainSettings, metrics
+from fedplug.toolkit import ADAM_BETAS, ADAM_EPS, EVAL_BATCH, TrainSettings, metrics
 from fedplug_mxnet import nets
 from fedplug_mxnet.nets import GluonModel, mx
 
 softmax_cross_entropy = mx.gluon.loss.SoftmaxCrossEntropyLoss()
+
+
+class ContractAdam(mx.optimizer.Adam):  # type: ignore[misc]
+    """MXNet's Adam with the contract's epsilon: added to the bias-corrected ``sqrt(v_hat)``, as ``torch.optim.Adam``.
+
+    MXNet folds both bias corrections into the learning rate, ``lr * sqrt(1 - b2^t) / (1 - b1^t)``,
+    and adds its epsilon to the uncorrected ``sqrt(v)``; an epsilon of ``eps * sqrt(1 - b2^t)``
+    makes that the contract's update exactly.
+    """
+
+    def update(self, index: Any, weight: Any, grad: Any, state: Any) -> None:
+        step = self._index_update_count.get(index, self.begin_num_update) + 1  # the step super() is about to count
+        self.epsilon = ADAM_EPS * math.sqrt(1.0 - self.beta2**step)
+        super().update(index, weight, grad, state)
+
+
+def make_trainer(model: GluonModel, settings: TrainSettings) -> mx.gluon.Trainer:
+    """A Gluon trainer with zero state for one ``train`` call: the contract's SGD (``mx.optimizer.SGD``,
+    momentum, coupled ``wd``) or Adam (``ContractAdam``)."""
+    if settings.optimizer == "adam":
+        beta1, beta2 = ADAM_BETAS
+        optimizer = ContractAdam(
+            learning_rate=settings.lr, beta1=beta1, beta2=beta2, epsilon=ADAM_EPS, wd=settings.weight_decay
+        )
+    else:
+        optimizer = mx.optimizer.SGD(learning_rate=settings.lr, momentum=settings.momentum, wd=settings.weight_decay)
+    return mx.gluon.Trainer(model.net.collect_params(), optimizer)
 
 
 def logits_on_device(model: GluonModel, x: np.ndarray) -> mx.nd.NDArray:
@@ -27,7 +56,7 @@ def logits_on_device(model: GluonModel, x: np.ndarray) -> mx.nd.NDArray:
 
 
 class MXNetImplementation(Implementation):
-    """Hybridized Gluon networks in the canonical layout (Gluon's own), SGD with FedProx's term."""
+    """Hybridized Gluon networks in the canonical layout (Gluon's own), the contract's SGD or Adam, FedProx's term."""
 
     def build_model(self, model: str, spec: DataSpec, config: Config) -> GluonModel:
         return nets.build_model(model, spec, config)
@@ -46,10 +75,11 @@ class MXNetImplementation(Implementation):
             param.set_data(mx.nd.array(weights[key], ctx=model.ctx, dtype="float32"))
 
     def train(self, model: GluonModel, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        """SGD on softmax cross-entropy for ``local-epochs``, with FedProx's term if ``proximal-mu`` > 0."""
+        """The contract's optimiser (a fresh trainer every call) on softmax cross-entropy for ``local-epochs``,
+        with FedProx's term if ``proximal-mu`` > 0."""
         settings = TrainSettings.from_config(config)
         mu, batch_size = settings.proximal_mu, settings.batch_size
-        model.trainer.set_learning_rate(settings.lr)
+        trainer = make_trainer(model, settings)
         params = list(model.params.values())
         anchor = [param.data().copy() for param in params] if mu > 0 else []
         data = mx.nd.array(x, ctx=model.ctx, dtype="float32")
@@ -69,7 +99,7 @@ class MXNetImplementation(Implementation):
                     # gradient of n * mu / 2 * ||w - w_start||^2 for a batch of n; step(n) divides by n
                     grad = param.grad()
                     grad += xb.shape[0] * mu * (param.data() - start_value)
-                model.trainer.step(xb.shape[0])
+                trainer.step(xb.shape[0])
                 total_loss += loss.sum()
                 correct += (logits.argmax(axis=1) == yb).sum()
         return metrics(total_loss.asscalar(), correct.asscalar(), len(y) * settings.epochs, len(y))

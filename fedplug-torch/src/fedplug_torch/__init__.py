@@ -22,6 +22,7 @@ class TorchBackend(fedplug.Backend):
     defaults: ClassVar[Mapping[str, Scalar]] = {
         "model": "lenet",
         "pool": "max",
+        "optimizer": "sgd",
         "lr": 0.001,
         "momentum": 0.9,
         "batch-size": 32,

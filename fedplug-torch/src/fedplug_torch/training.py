@@ -20,7 +20,7 @@ from torch import nn
 
 from fedplug.backend import Config, DataSpec, Implementation, Weights
 from fedplug.runtime import cpu_share
-from fedplug.toolkit import EVAL_BATCH, TrainSettings, metrics
+from fedplug.toolkit import ADAM_BETAS, ADAM_EPS, EVAL_BATCH, TrainSettings, metrics
 from fedplug_torch import nets
 
 
@@ -42,6 +42,17 @@ def to_device(array: np.ndarray, dtype: npt.DTypeLike, target: torch.device) -> 
     array = np.ascontiguousarray(array, dtype=dtype)
     tensor = torch.from_numpy(array) if array.flags.writeable else torch.tensor(array)
     return tensor.to(target)
+
+
+def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    """The contract's optimiser with zero state: ``torch.optim.SGD`` or ``Adam`` (the reference semantics)."""
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(
+            model.parameters(), lr=settings.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=settings.weight_decay
+        )
+    return torch.optim.SGD(
+        model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
 
 
 class TorchImplementation(Implementation):
@@ -69,14 +80,15 @@ class TorchImplementation(Implementation):
         model.load_state_dict({key: torch.tensor(np.asarray(value, np.float32)) for key, value in weights.items()})
 
     def train(self, model: nn.Module, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        """SGD with momentum on cross-entropy, in the core's example order.
+        """The contract's optimiser (``torch.optim.SGD`` or ``Adam``, fresh every call) on cross-entropy,
+        in the core's example order.
 
         A FedProx ``proximal-mu`` adds ``mu / 2 * ||w - w_round||^2`` to the objective (not to the reported loss).
         """
         settings = TrainSettings.from_config(config)
         target = next(model.parameters()).device
         inputs, labels = to_device(x, np.float32, target), to_device(y, np.int64, target)
-        optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
+        optimizer = make_optimizer(model, settings)
         mu = settings.proximal_mu
         anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
         loss_sum = torch.zeros((), device=target)

@@ -16,7 +16,9 @@ library's ``sqlite3``, so that importing it costs nothing. The mistakes, by chec
   (and returns numpy and float counts);
 - train_keeps_no_state, optimizer_keys_read_every_call: the lenet's ``train`` keeps the first
   call's ``lr`` and a call counter (which shifts its shuffling seed) on the model, and ignores
-  ``proximal-mu`` without declaring it in ``unsupported``;
+  ``proximal-mu`` and ``optimizer`` (always SGD) without declaring them in ``unsupported``;
+- optimizer_keys_honoured_or_declared, train_matches_reference: the mlp's ``train`` changes
+  nothing, the lenet's keeps its first ``lr``, shifts its order and ignores Adam and FedProx;
 - evaluate_returns_standard_metrics: numpy loss, ``eval_acc`` instead of ``accuracy``;
 - same_seed_same_weights: ``build_model`` ignores ``config['seed']``;
 - save_load_gives_identical_predictions: ``save``/``load`` use pickle;
@@ -67,7 +69,7 @@ class BrokenImplementation(NumpyImplementation):
             model.__dict__.setdefault("first_lr", config["lr"])  # read once, kept on the model
             model.__dict__["calls"] = model.__dict__.get("calls", 0) + 1
             kept = {"lr": model.__dict__["first_lr"], "seed": int(config["seed"]) + model.__dict__["calls"]}
-            return super().train(model, x, y, {**config, **kept, "proximal-mu": 0.0})
+            return super().train(model, x, y, {**config, **kept, "proximal-mu": 0.0, "optimizer": "sgd"})
         loss, _ = softmax_cross_entropy(self.predict(model, x), y)
         return {"loss": np.float64(loss), "num-examples": float(len(y))}
 
