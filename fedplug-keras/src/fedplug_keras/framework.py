@@ -118,11 +118,17 @@ def held_back_stderr(unless_imported: str = "") -> Iterator[None]:
 
 @functools.cache
 def _size_thread_pools(name: str) -> None:
-    """Give the framework this process's share of cores, once; let TensorFlow share GPUs."""
+    """Give the framework this process's share of cores, once; let TensorFlow share GPUs.
+
+    TensorFlow also runs its ops deterministically: with several threads, some of its CPU kernels
+    (reductions in gradients) sum in an order that varies from run to run, and a resumed run
+    would then not end bit-identical to an uninterrupted one.
+    """
     threads = cpu_share()
     if name == "tensorflow":
         import tensorflow as tf
 
+        tf.config.experimental.enable_op_determinism()
         try:
             for gpu in tf.config.list_physical_devices("GPU"):
                 tf.config.experimental.set_memory_growth(gpu, True)
