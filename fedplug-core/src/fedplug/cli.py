@@ -518,6 +518,8 @@ def _simulate(
     log_path = out / "simulation.log"  # Flower's, Ray's and the frameworks' chatter goes here
     (out / "status.json").unlink(missing_ok=True)
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # Ctrl-C and `kill -INT` stop the run even when a shell started it in the background (SIGINT ignored)
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     process = None
     try:
         with open(log_path, "ab") as log:

@@ -228,6 +228,7 @@ def die_with_parent() -> None:
     """End this simulation and everything it started when the ``fedplug`` command is gone, however it ended."""
     signal.signal(signal.SIGTERM, _end_group)
     signal.signal(signal.SIGHUP, _end_group)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the command's SIGINT, even if inherited ignored
     if sys.platform.startswith("linux"):
         with_errno = ctypes.CDLL(None, use_errno=True)
         with_errno.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -22,7 +22,7 @@ import numpy as np
 from fedplug import toolkit
 from fedplug.backend import Config, DataSpec, Implementation, Weights
 from fedplug_keras import nets, optimizers
-from fedplug_keras.framework import import_keras, set_seed
+from fedplug_keras.framework import held_back_stderr, import_keras, set_seed
 
 FeatureMap = tuple[int, int, int] | None
 """``(H, W, C)`` of the feature map a dense layer's input was flattened from, or None."""
@@ -118,9 +118,12 @@ class KerasImplementation(Implementation):
         inputs, losses, accuracies = model_inputs(model, x), [], []
         for epoch in range(settings.epochs):
             order = settings.order(len(y), epoch)
-            history = model.fit(
-                inputs[order], y[order], batch_size=settings.batch_size, epochs=1, shuffle=False, verbose=0
-            ).history
+            # tf.data's C++ runtime sometimes logs a benign graph-rewrite error while fit builds its input
+            # pipeline, past TF_CPP_MIN_LOG_LEVEL: shown only if fit fails
+            with held_back_stderr():
+                history = model.fit(
+                    inputs[order], y[order], batch_size=settings.batch_size, epochs=1, shuffle=False, verbose=0
+                ).history
             losses += history["loss"]
             accuracies += history["accuracy"]
         return {"loss": float(np.mean(losses)), "accuracy": float(np.mean(accuracies)), "num-examples": len(y)}

@@ -93,6 +93,20 @@ def processes_of(out: Path) -> list[str]:
     return found
 
 
+def end_processes_of(out: Path, *started: subprocess.Popen[Any]) -> None:
+    """SIGKILL ``started`` and every live process of the run writing ``out``: a failed test leaves none behind."""
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("FEDPLUG_RUN_DIR") == str(out.resolve()):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+
+
 def read_rounds(out: Path) -> list[Record]:
     """The rounds in ``out/metrics.json``, or [] while there are none (the file is written atomically)."""
     try:
