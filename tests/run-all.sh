@@ -24,11 +24,11 @@ echo "== test environment .venv"
   ./fedplug-core ./fedplug-torch "./fedplug-keras[tensorflow-cpu]" ./fedplug-jax ./fedplug-mlx \
   ./tests/plugins/fedplug-testplugins ./tests/plugins/fedplug-broken-example ./tests/plugins/fedplug-faulty \
   ./tests/plugins/fedplug-legacy-example \
-  pytest pytest-xdist psutil ruff
+  pytest pytest-xdist pytest-timeout psutil ruff
 
 echo "== test environment .venv-mxnet"
 "$PYTHON" -m venv --clear .venv-mxnet
-.venv-mxnet/bin/pip install "${PIP_FLAGS[@]}" ./fedplug-core ./fedplug-mxnet pytest psutil
+.venv-mxnet/bin/pip install "${PIP_FLAGS[@]}" ./fedplug-core ./fedplug-mxnet pytest pytest-timeout psutil
 export FEDPLUG_MXNET_VENV="$PWD/.venv-mxnet"
 
 echo "== tests in .venv"
