@@ -156,6 +156,43 @@ def quiet_logs(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def import_flower_simulation() -> None:
+    """Import Flower's Simulation Engine without importing TensorFlow.
+
+    ``flwr.simulation`` imports TensorFlow whenever it is installed, for a deprecated GPU helper that
+    fedplug does not use: seconds of start-up and hundreds of MB in the simulation process and in
+    every Ray worker, for runs that may not use TensorFlow at all. TensorFlow stays importable for
+    the backends that use it. Ray's workers run this before anything else (:func:`start_ray`).
+    """
+    if "flwr.simulation" in sys.modules or "tensorflow" in sys.modules:
+        return
+    sys.modules["tensorflow"] = None  # type: ignore[assignment]  # `import tensorflow` fails for this import
+    try:
+        import flwr.simulation  # noqa: F401
+    finally:
+        if sys.modules.get("tensorflow") is None:
+            del sys.modules["tensorflow"]
+
+
+def start_ray(**init_args: Any) -> None:
+    """Start Ray for Flower's Simulation Engine, as Flower's Ray backend would (it then uses this one).
+
+    The same runtime environment as Flower's (this process's ``sys.path`` for the workers), plus
+    fedplug's set-up of each worker process: :func:`import_flower_simulation`.
+    """
+    import ray
+
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    runtime_env = {
+        "env_vars": {"PYTHONPATH": pythonpath},
+        "worker_process_setup_hook": "fedplug.simulation.import_flower_simulation",  # not __name__: may be __main__
+    }
+    ray.init(runtime_env=runtime_env, **init_args)
+
+
 def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float) -> None:
     """Run the federation described by ``out/config.json`` on the Simulation Engine."""
     config: dict[str, Scalar] = json.loads((out / "config.json").read_text(encoding="utf-8"))
@@ -168,6 +205,7 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float) -
     os.environ.update(environment(config))
     # Flower keeps state under FLWR_HOME: point it away from the user's ~/.flwr
     flwr_home = os.environ["FLWR_HOME"] = tempfile.mkdtemp(prefix=FLWR_HOME_PREFIX)
+    import_flower_simulation()
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
@@ -181,14 +219,8 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float) -
     write_flower_app(out, config)  # the results' portable copy
     # the simulated nodes read the run config from the app folder: this one keeps absolute paths
     app_dir = write_flower_app(Path(os.environ["FLWR_HOME"]), config, portable=False)
-    backend_config: dict[str, Any] = {
-        "client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
-        "init_args": {
-            "include_dashboard": False,
-            "log_to_driver": verbose,
-            "logging_level": logging.INFO if verbose else logging.ERROR,
-        },
-    }
+    start_ray(include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
+    backend_config: dict[str, Any] = {"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus}}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(config))
     try:
         # Flower's own simulation runtime, as ``flwr run`` drives it for a Flower App folder

@@ -1,0 +1,23 @@
+"""A run imports only what it uses: no ML framework in the processes of a NumPy run.
+
+With every backend installed, Flower's Simulation Engine would import TensorFlow (and with it
+Keras and JAX) in the simulation process and in every Ray worker: seconds of start-up and
+hundreds of MB each, for runs that never use them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def test_a_numpy_run_imports_no_framework_in_any_of_its_processes(run_fedplug, tmp_path: Path) -> None:
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    run_fedplug(
+        "probe", "--rounds", "1", "--nodes", "2", "--run-config", "hidden-dims='16'",
+        env={"FEDPLUG_PLUGINS": "probe", "FEDPLUG_PROBE_DIR": str(probes)},
+    )  # fmt: skip
+    seen = {path.stem: json.loads(path.read_text()) for path in probes.glob("*.json")}
+    assert len(seen) >= 2, f"the probe ran in too few processes: {seen}"  # the ServerApp's and a Ray worker
+    assert all(frameworks == [] for frameworks in seen.values()), seen
