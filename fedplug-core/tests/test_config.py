@@ -73,6 +73,7 @@ def test_int_is_accepted_for_float() -> None:
         ({"batch-sise": 3}, "did you mean 'batch-size'?"),
         ({"model": "resnet"}, "has no model 'resnet'; choose one of: mlp, lenet"),
         ({"num-supernodes": 0}, "'num-supernodes' must be at least 1"),
+        ({"eval-every": 0}, "'eval-every' must be at least 1"),
         ({"fraction-train": 1.5}, "'fraction-train' must be between 0 and 1"),
         ({"pool": "min"}, "'pool' must be 'max' or 'avg'"),
         ({"test-fraction": 1.0}, "'test-fraction' must be between 0 and 1"),

@@ -12,11 +12,15 @@ import pytest
 from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, assert_same_run, fedplug, read_rounds
 
 QUIET = {"FEDPLUG_PLUGINS": ""}
-SMALL = ["--nodes", "4", "--fraction-train", "0.5", "--run-config", "hidden-dims='16'"]
+SMALL = ["--nodes", "4", "--fraction-train", "0.5"]
+ARGS = {  # the fedadam runs also evaluate only every 4th round (and the last)
+    "fedavg": [*SMALL, "--run-config", "hidden-dims='16'", "--strategy", "fedavg", "--seed", "3"],
+    "fedadam": [*SMALL, "--run-config", "hidden-dims='16' eval-every=4", "--strategy", "fedadam", "--seed", "3"],
+}
 
 
 def run(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    done = fedplug("run", "numpy", "--out", str(out), *SMALL, *args, env=QUIET)
+    done = fedplug("run", "numpy", "--out", str(out), *args, env=QUIET)
     assert done.returncode == 0, f"fedplug run failed:\n{done.stdout}\n{done.stderr}"
     return done
 
@@ -33,19 +37,19 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     runs = {}
     for strategy in ("fedavg", "fedadam"):
         runs[strategy] = root / strategy
-        run(runs[strategy], "--rounds", "6", "--strategy", strategy, "--seed", "3")
+        run(runs[strategy], "--rounds", "6", *ARGS[strategy])
     return runs
 
 
 def test_same_seed_gives_the_same_bits_and_another_seed_does_not(reference, tmp_path: Path) -> None:
     again = tmp_path / "again"
-    run(again, "--rounds", "6", "--strategy", "fedavg", "--seed", "3")
+    run(again, "--rounds", "6", *ARGS["fedavg"])
     assert_same_run(reference["fedavg"], again, "model.npz")
     rounds = read_rounds(again)
     assert all(len(r["train-partitions"]) == 2 for r in rounds[1:])  # fraction 0.5 of 4 nodes
     assert len({tuple(r["train-partitions"]) for r in rounds[1:]}) > 1, "every round drew the same nodes"
     other = tmp_path / "other-seed"
-    run(other, "--rounds", "2", "--strategy", "fedavg", "--seed", "4")
+    run(other, "--rounds", "2", *ARGS["fedavg"], "--seed", "4")
     assert not np.array_equal(
         weights(other / "weights.npz")["layers.0.weight"], weights(again / "weights.npz")["layers.0.weight"]
     )
@@ -53,11 +57,18 @@ def test_same_seed_gives_the_same_bits_and_another_seed_does_not(reference, tmp_
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
 def test_killed_run_resumes_bit_identical(reference, strategy: str) -> None:
-    args = [*SMALL, "--rounds", "6", "--strategy", strategy, "--seed", "3"]
+    args = [*ARGS[strategy], "--rounds", "6"]
     resumed = assert_killed_run_resumes_bit_identical("numpy", reference[strategy], args, "model.npz", QUIET, after=3)
     killed = reference[strategy].with_name(f"{strategy}-killed")
     assert "round   6" in resumed.stdout and "round   1" not in resumed.stdout  # only the new rounds run
     assert json.loads((killed / "config.json").read_text())["num-server-rounds"] == 6
+
+
+def test_eval_every_evaluates_the_initial_model_every_nth_round_and_the_last(reference) -> None:
+    rounds = read_rounds(reference["fedadam"])  # eval-every=4 over 6 rounds (its killed twin resumes identical)
+    assert [r["round"] for r in rounds if "centralized-accuracy" in r] == [0, 4, 6]
+    assert [r["round"] for r in rounds if "evaluate-accuracy" in r] == [4, 6]
+    assert all("train-accuracy" in r for r in rounds[1:])
 
 
 def test_resume_refuses_what_would_change_the_experiment(reference, tmp_path: Path) -> None:

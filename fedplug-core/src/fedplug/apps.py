@@ -9,6 +9,7 @@ Simulation Engine (``fedplug run``) and on the Deployment Engine, where a Flower
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from functools import cache
 from pathlib import Path
@@ -26,8 +27,8 @@ from fedplug.deploy import node_data, node_run_config
 from fedplug.node_backends import others
 from fedplug.plugins import get_backend
 from fedplug.records import from_record, to_record
-from fedplug.results import Results, default_out, plot_metrics, write_status
-from fedplug.rounds import NODE_RECORD, RoundLoop, RunFailed, resume_state
+from fedplug.results import Results, default_out, mark, plot_metrics, write_status
+from fedplug.rounds import NODE_RECORD, TIMING_RECORD, RoundLoop, RunFailed, resume_state
 from fedplug.strategies import make_strategy, sampling
 
 log = logging.getLogger("fedplug.apps")
@@ -66,6 +67,7 @@ def _failed(msg: Message, step: str, error: Exception) -> Message:
 
 
 def _client_step(msg: Message, context: Context, step: str) -> Message:
+    called, started = time.time(), time.perf_counter()
     try:
         # this node's backend: its node config's (fedplug supernode), else its partition's in node-backends,
         # else the run's; a simulation worker keeps one session per backend (mixed-framework federations)
@@ -84,6 +86,7 @@ def _client_step(msg: Message, context: Context, step: str) -> Message:
                     "test-examples": len(part.y_test),
                 }
             )
+            content[TIMING_RECORD] = _timing(called, started)
             return Message(content=content, reply_to=msg)
         backend.set_weights(model, from_record(cast(ArrayRecord, msg.content["arrays"])))
         sent = cast(dict[str, Scalar], dict(msg.content.get("config", ConfigRecord())))
@@ -94,9 +97,15 @@ def _client_step(msg: Message, context: Context, step: str) -> Message:
         else:
             metrics = backend.evaluate(model, part.x_test, part.y_test, step_config)
         content["metrics"] = MetricRecord(dict(metrics.items()))
+        content[TIMING_RECORD] = _timing(called, started)
     except Exception as error:
         return _failed(msg, step, error)
     return Message(content=content, reply_to=msg)
+
+
+def _timing(called: float, started: float) -> ConfigRecord:
+    """When this node's step began (wall clock) and how long its own work took: for the per-round overhead."""
+    return ConfigRecord({"called": called, "seconds": time.perf_counter() - started})
 
 
 client_app = ClientApp()
@@ -144,6 +153,7 @@ def main(grid: Grid, context: Context) -> None:
     backend, config = backend_and_config(context.run_config)
     model = backend.build_model(str(config["model"]), data_spec(config), config)
     out = Path(str(config["out"])) if config["out"] else default_out(backend.name)
+    mark(out, "server-start")
     strategy = make_strategy(config)
     evaluation = CentralEvaluation(backend, config, model)
     try:
@@ -151,6 +161,7 @@ def main(grid: Grid, context: Context) -> None:
     except RunFailed as error:
         write_status(out, "failed", str(error))
         raise
+    mark(out, "rounds-done")
     backend.set_weights(model, from_record(arrays))
     backend.save(model, out / f"model{backend.file_suffix}")
     plot_metrics(out, title=f"fedplug {backend.name} · {config['model']} · {config['strategy']}")

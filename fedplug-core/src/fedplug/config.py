@@ -41,6 +41,7 @@ CORE_DEFAULTS: dict[str, Scalar] = {
     "partitioner": "iid",
     "test-fraction": 0.2,
     "centralized-eval": True,
+    "eval-every": 1,
     "seed": 42,
     "round-timeout": 600.0,
     "max-failed-rounds": 3,
@@ -202,7 +203,7 @@ def check_values(backend: Backend, config: Config) -> None:
             raise ConfigError(f"run-config '{key}' must be a finite number, got {value}")
         if isinstance(value, str) and not _encodable(value):
             raise ConfigError(f"run-config '{key}' is not valid Unicode: {value!r}")
-    for key in ("num-server-rounds", "num-supernodes", "local-epochs", "batch-size"):
+    for key in ("num-server-rounds", "num-supernodes", "local-epochs", "batch-size", "eval-every"):
         if int(config[key]) < 1:
             raise ConfigError(f"run-config '{key}' must be at least 1, got {config[key]}")
     if not 0.0 < float(config["round-timeout"]) < float("inf"):

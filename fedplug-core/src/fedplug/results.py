@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +36,9 @@ METRIC_COLUMNS = (
     "centralized-loss",
     "centralized-accuracy",
     "seconds",
+    "train-slowest-seconds",
+    "evaluate-slowest-seconds",
+    "compute-seconds",
 )
 progress_log = logging.getLogger("fedplug.progress")
 """Each finished round is logged here with ``extra={"record": {...}}``; the CLI shows it."""
@@ -104,6 +108,24 @@ class Results:
 
     def save_weights(self, weights: Weights) -> None:
         save_npz(self.out / "weights.npz", weights)
+
+    def mark(self, event: str, at: float | None = None) -> None:
+        mark(self.out, event, at)
+
+
+def mark(out: Path, event: str, at: float | None = None) -> None:
+    """Record when ``event`` happened (wall clock, now by default) in ``out/timeline.json``.
+
+    The start-up and shutdown steps of a run, for ``benchmarks/``: written by the simulation
+    process and its ServerApp (one writer at a time), a later event of the same name replaces it.
+    """
+    path = out / "timeline.json"
+    try:
+        events = json.loads(path.read_text())
+    except (OSError, ValueError):
+        events = {}
+    events[event] = time.time() if at is None else at
+    write_atomic(path, strict_json(events))
 
 
 def write_metrics(out: Path, rounds: list[dict[str, Any]]) -> None:

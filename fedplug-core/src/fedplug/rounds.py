@@ -43,6 +43,10 @@ from fedplug.validation import all_finite, check_metrics, check_weights, clip_up
 log = logging.getLogger("fedplug.rounds")
 NODE_RECORD = "node"
 """Key of the ConfigRecord a node returns to the discovery query."""
+TIMING_RECORD = "timing"
+"""Key of the ConfigRecord in which a node reports when its step began and how long its own work took."""
+TIMING_KEYS = ("seconds", "train-slowest-seconds", "evaluate-slowest-seconds", "compute-seconds")
+"""Timings in a round's record: everything else is the same for two runs of one config and seed."""
 NON_FINITE = "non-finite"
 """How the reasons of replies with NaN or infinite weights or metrics begin."""
 JOIN_TIMEOUT = 120.0
@@ -108,6 +112,23 @@ def _note_exchange(
     )
 
 
+def _node_timing(reply: Message) -> tuple[float, float]:
+    """(when the node's step began, how long its own work took) as the node reports them, or (0, 0)."""
+    if reply.has_error() or TIMING_RECORD not in reply.content:
+        return 0.0, 0.0
+    timing = reply.content[TIMING_RECORD]
+    try:
+        return float(timing["called"]), float(timing["seconds"])  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        return 0.0, 0.0
+
+
+def _note_timing(record: dict[str, Any], kind: str, seconds: list[float]) -> None:
+    """The slowest node's own time in the ``kind`` step, and the nodes' summed time in the round."""
+    record[f"{kind}-slowest-seconds"] = round(max(seconds, default=0.0), 4)
+    record["compute-seconds"] = round(record.get("compute-seconds", 0.0) + sum(seconds), 4)
+
+
 def _note_metrics(record: dict[str, Any], kind: str, metrics: Any) -> None:
     record.update({f"{kind}-{k}": float(v) for k, v in metrics.items() if k in ("loss", "accuracy")})
 
@@ -140,12 +161,14 @@ class RoundLoop:
         self.timeout = float(config["round-timeout"])
         self.clip_norm = float(config["clip-norm"])
         self.max_failed = int(config["max-failed-rounds"])
+        self.eval_every = int(config["eval-every"])
         self.outlier_factor = float(config["outlier-factor"])
         self.dtypes: dict[str, Any] = {}  # of the global model, set by run()
         self.nodes: dict[int, NodeInfo] = {}  # by node id
         self.unusable: dict[int, str] = {}  # nodes that could not answer the query (e.g. their data fails)
         self.new_unusable: list[dict[str, Any]] = []  # not yet in a round's record
         self.failed_in_a_row = 0
+        self.node_seconds: list[float] = []  # each replying node's own time in the last exchange
 
     # -- nodes ----------------------------------------------------------------------
 
@@ -159,7 +182,11 @@ class RoundLoop:
                 )
                 for node in unknown
             ]
-            for reply in self.grid.send_and_receive(messages, timeout=max(self.timeout, JOIN_TIMEOUT)):
+            replies = list(self.grid.send_and_receive(messages, timeout=max(self.timeout, JOIN_TIMEOUT)))
+            called = [_node_timing(reply)[0] for reply in replies]
+            if not self.nodes and any(called):
+                self.results.mark("first-client-call", min(t for t in called if t))
+            for reply in replies:
                 node = reply.metadata.src_node_id
                 if reply.has_error() or NODE_RECORD not in reply.content:
                     reason = _reason(reply) if reply.has_error() else "no node record in its reply"
@@ -210,6 +237,7 @@ class RoundLoop:
         replies = {
             reply.metadata.src_node_id: reply for reply in self.grid.send_and_receive(messages, timeout=self.timeout)
         }
+        self.node_seconds = [_node_timing(reply)[1] for reply in replies.values()]
         reference = from_record(arrays) if train else {}
         good: list[tuple[int, Message]] = []
         failures: list[dict[str, Any]] = []
@@ -291,6 +319,8 @@ class RoundLoop:
         for server_round in range(first, last + 1):
             started = time.monotonic()
             record: dict[str, Any] = {"round": server_round}
+            # evaluation (federated and centralized): round 0, every eval-every-th round and the last
+            evaluated = server_round % self.eval_every == 0 or server_round == last
             if server_round > 0:
                 try:
                     arrays = self._train(server_round, arrays, record)
@@ -299,10 +329,11 @@ class RoundLoop:
                     record["seconds"] = round(time.monotonic() - started, 3)
                     self.results.add_round(record)
                     raise
-                self._evaluate(server_round, arrays, record)
+                if evaluated:
+                    self._evaluate(server_round, arrays, record)
             self._note_unusable(record)
             weights = from_record(arrays)
-            central = self.evaluate(server_round, weights)
+            central = self.evaluate(server_round, weights) if evaluated else None
             if central:
                 record.update({f"centralized-{k}": v for k, v in central.items()})
             record["seconds"] = round(time.monotonic() - started, 3)
@@ -331,6 +362,7 @@ class RoundLoop:
             return self._skip(server_round, arrays, record, [], self.sampling.min_available_nodes)
         replies, failures = self._exchange(server_round, drawn, arrays, train=True)
         _note_exchange(record, "train", drawn, replies, failures)
+        _note_timing(record, "train", self.node_seconds)
         needed = max(1, min(self.sampling.min_train_nodes, len(drawn)))
         if len(replies) < needed:
             return self._skip(server_round, arrays, record, failures, needed)
@@ -382,6 +414,7 @@ class RoundLoop:
             return
         replies, failures = self._exchange(server_round, drawn, arrays, train=False)
         _note_exchange(record, "evaluate", drawn, replies, failures)
+        _note_timing(record, "evaluate", self.node_seconds)
         if replies:
             metrics = self.strategy.aggregate_evaluate(server_round, replies)
             if metrics is not None:

@@ -27,6 +27,8 @@ from typing import Any, Protocol
 import psutil
 import pytest
 
+from fedplug.rounds import TIMING_KEYS
+
 __all__ = [
     "RESULT_FILES",
     "RunFedplug",
@@ -126,7 +128,7 @@ def assert_same_run(a: Path, b: Path, native: str | None = None) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs between two runs of one seed"
 
     def without_timings(out: Path) -> list[Record]:
-        return [{k: v for k, v in record.items() if k != "seconds"} for record in read_rounds(out)]
+        return [{k: v for k, v in record.items() if k not in TIMING_KEYS} for record in read_rounds(out)]
 
     assert without_timings(a) == without_timings(b), "metrics differ between two runs of one seed"
 
