@@ -139,6 +139,10 @@ CASES = [
     case("resources", "--client-cpus -1", "--client-cpus must be a positive number"),
     case("resources", "--client-cpus nan", "--client-cpus must be a positive number"),
     case("resources", "--client-cpus 100000", "cores; use at most"),
+    case("ray cluster", "--ray-address localhost", "--ray-address must be auto or HOST:PORT of a Ray head"),
+    case("ray cluster", "--ray-address 127.0.0.1:9", "no Ray cluster answers at 127.0.0.1:9: start one with"),
+    case("ray cluster", "--ray-address auto --superlink 127.0.0.1:9092", "--ray-address is for the Simulation Engine"),
+    case("counts", rc("eval-every=0"), "'eval-every' must be at least 1"),
     case("resources", "--client-gpus -1", "--client-gpus must be 0 or a positive number"),
     case("resources", "--client-gpus 1", "this machine has no NVIDIA GPU", env={"PATH": "/nonexistent"}),
     case("resources", "--client-gpus 100000", "GPU"),  # no GPU here, or fewer GPUs than that anywhere

@@ -290,6 +290,22 @@ def check_backend_available(backend: Backend) -> None:
         )
 
 
+def check_ray_address(address: str, superlink: str | None) -> None:
+    """``--ray-address``: ``auto`` or the HOST:PORT of a Ray head that answers, for a simulation."""
+    from fedplug import deploy
+
+    if superlink is not None:
+        fail("--ray-address is for the Simulation Engine; a run on a SuperLink uses the SuperNodes", code=2)
+    if address == "auto":
+        return
+    try:
+        host, port = deploy.split_address(address)
+    except deploy.DeployError:
+        fail(f"--ray-address must be auto or HOST:PORT of a Ray head (e.g. 127.0.0.1:6379), got '{address}'", 2)
+    if not deploy.port_open(host, port, timeout=3.0):
+        fail(f"no Ray cluster answers at {address}: start one with `ray start --head --port {port}`", code=2)
+
+
 def gpu_share(client_cpus: float) -> float:
     """GPUs per client so that the clients running in parallel share the machine's NVIDIA GPUs."""
     gpus = count_gpus()
@@ -400,6 +416,12 @@ def run(
         float | None,
         typer.Option(help="GPUs per simulated client (default: parallel clients share the GPUs; 0 without GPU)."),
     ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Simulate on a running Ray cluster: auto, or HOST:PORT of its head (ray start --head); left running."
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")] = False,
     superlink: Annotated[
         str | None,
@@ -431,6 +453,8 @@ def run(
     if resume is not None and superlink is not None:
         fail("--resume continues a simulation; a run on a SuperLink cannot be resumed yet", code=2)
     check_resources(client_cpus, client_gpus)
+    if ray_address is not None:
+        check_ray_address(ray_address, superlink)
     if resume is not None:
         changed = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
         changed += ["--run-config"] * bool(run_config) + ["--out"] * (out is not None)
@@ -474,7 +498,7 @@ def run(
         share_run_data(config, out)  # the run's other processes read the checked data and partitions from here
     except DataError as error:  # a resumed run whose dataset changed or went away
         fail(str(error), code=2)
-    code = _simulate(chosen, config, out, client_cpus, client_gpus, verbose, resumed=resume is not None)
+    code = _simulate(chosen, config, out, client_cpus, client_gpus, verbose, resume is not None, ray_address)
     if code:
         raise typer.Exit(code)
 
@@ -487,6 +511,7 @@ def _simulate(
     client_gpus: float | None,
     verbose: bool,
     resumed: bool,
+    ray_address: str | None = None,
 ) -> int:
     """Run the simulation process for ``out``, report its rounds and how it ended; return the exit code."""
     from fedplug.data import remove_run_data
@@ -513,6 +538,7 @@ def _simulate(
         "--client-gpus",
         str(client_gpus),
         *(["--verbose"] if verbose else []),
+        *(["--ray-address", ray_address] if ray_address else []),
     ]
     started = time.monotonic()
     log_path = out / "simulation.log"  # Flower's, Ray's and the frameworks' chatter goes here

@@ -26,6 +26,7 @@ from typing import Any
 
 from fedplug.backend import Scalar
 from fedplug.privacy import NO_TELEMETRY_ENV
+from fedplug.results import mark
 
 QUIET_ENV = {
     "RAY_DEDUP_LOGS": "0",
@@ -175,10 +176,13 @@ def import_flower_simulation() -> None:
 
 
 def start_ray(**init_args: Any) -> None:
-    """Start Ray for Flower's Simulation Engine, as Flower's Ray backend would (it then uses this one).
+    """Start Ray for Flower's Simulation Engine, as Flower's Ray backend would (it then uses this one),
+    or connect to a running Ray cluster (``address``: ``auto`` or its head's HOST:PORT).
 
     The same runtime environment as Flower's (this process's ``sys.path`` for the workers), plus
-    fedplug's set-up of each worker process: :func:`import_flower_simulation`.
+    fedplug's set-up of each worker process: :func:`import_flower_simulation`. A cluster this run
+    connected to keeps running when the run ends: ``ray.shutdown`` only disconnects from it, and its
+    processes are not in this run's process group.
     """
     import ray
 
@@ -193,8 +197,9 @@ def start_ray(**init_args: Any) -> None:
     ray.init(runtime_env=runtime_env, **init_args)
 
 
-def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float) -> None:
+def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float, ray_address: str = "") -> None:
     """Run the federation described by ``out/config.json`` on the Simulation Engine."""
+    mark(out, "simulation-start")
     config: dict[str, Scalar] = json.loads((out / "config.json").read_text(encoding="utf-8"))
     os.environ.update(ALWAYS_ENV)
     quiet_logs(verbose)
@@ -219,7 +224,13 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float) -
     write_flower_app(out, config)  # the results' portable copy
     # the simulated nodes read the run config from the app folder: this one keeps absolute paths
     app_dir = write_flower_app(Path(os.environ["FLWR_HOME"]), config, portable=False)
-    start_ray(include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
+    start_ray(
+        address=ray_address or None,
+        include_dashboard=False,
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.ERROR,
+    )
+    mark(out, "engine-ready")
     backend_config: dict[str, Any] = {"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus}}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(config))
     try:
@@ -241,6 +252,7 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float) -
         if ray.is_initialized():
             ray.shutdown()
         shutil.rmtree(flwr_home, ignore_errors=True)
+        mark(out, "engine-stopped")
 
 
 PARENT_ENV = "FEDPLUG_PARENT_PID"
@@ -274,6 +286,7 @@ def main(argv: list[str]) -> int:
     out, verbose = Path(argv[0]), "--verbose" in argv
     cpus = float(argv[argv.index("--client-cpus") + 1]) if "--client-cpus" in argv else 1.0
     gpus = float(argv[argv.index("--client-gpus") + 1]) if "--client-gpus" in argv else 0.0
+    ray_address = argv[argv.index("--ray-address") + 1] if "--ray-address" in argv else ""
     from fedplug.display import RoundPrinter
     from fedplug.results import progress_log, read_status, write_status
 
@@ -281,7 +294,7 @@ def main(argv: list[str]) -> int:
     progress_log.setLevel(logging.INFO)
     progress_log.propagate = False
     try:
-        simulate(out, verbose, cpus, gpus)
+        simulate(out, verbose, cpus, gpus, ray_address)
     except KeyboardInterrupt:
         write_status(out, "interrupted")
         return 130
