@@ -1,0 +1,202 @@
+"""Time `fedplug run` step by step: start-up, rounds, per-round overhead, teardown, memory, efficiency.
+
+    python benchmarks/bench.py numpy -- --rounds 5 --nodes 10     # one run config
+    python benchmarks/bench.py --suite defaults                    # every installed backend's default run
+    python benchmarks/bench.py --suite scale                       # numpy, 100 / 1,000 / 10,000 nodes
+
+Each run is a real ``fedplug run`` (Flower's Simulation Engine) in a fresh results folder. The
+figures come from what every run records: ``timeline.json`` (when the engine was ready, when the
+first ClientApp was called, when the rounds were done, when the engine stopped) and
+``metrics.json`` (each round's wall time, the slowest node's own train and evaluate time, the
+nodes' summed time), plus the whole process tree's memory, sampled here every 0.2 s.
+
+- startup: command start to Ray ready; first-call: Ray ready to the first ClientApp call
+- first-round: round 1's wall time (it includes the workers' start-up: imports, data)
+- per-round: mean wall time of rounds 2..N; overhead: the same minus the slowest node's own
+  train and evaluate time (what Flower, the messages, server-side evaluation and results writing cost)
+- teardown: rounds done to the command's exit; total: command start to exit
+- peak-rss: the largest sum of resident memory over every process of the run (Ray's included)
+- efficiency: the nodes' summed own time / (rounds' wall time x cores)
+
+Results go to ``benchmarks/results/<name>.json`` with a description of the machine; a table is printed.
+This is not part of the test suite: run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+FEDPLUG = str(Path(sys.executable).with_name("fedplug"))
+FIRST_PARTY = ("numpy", "torch", "keras", "jax", "mlx", "mxnet")
+SCALE = [100, 1000, 10000]
+"""Node counts of the scale series: numpy backend, 10% of the nodes per round, 5 rounds."""
+
+
+def suite(name: str) -> list[tuple[str, list[str]]]:
+    """(backend, extra arguments) of every run of a named suite."""
+    if name == "defaults":
+        listed = subprocess.run([FEDPLUG, "list", "--json"], capture_output=True, text=True, check=True).stdout
+        ok = {entry["name"] for entry in json.loads(listed) if entry["status"] == "ok"}
+        return [(backend, []) for backend in FIRST_PARTY if backend in ok]
+    if name == "scale":
+        return [
+            ("numpy", ["--nodes", str(n), "--rounds", "5", "--fraction-train", "0.1", "--fraction-evaluate", "0.1"])
+            for n in SCALE
+        ]
+    raise SystemExit(f"unknown suite '{name}': choose defaults or scale")
+
+
+class TreeMemory(threading.Thread):
+    """Samples the summed resident memory of a process and all its descendants; keeps the peak."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.root, self.interval, self.peak, self.stopped = psutil.Process(pid), interval, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            total = 0
+            try:
+                processes = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            for process in processes:
+                try:
+                    total += process.memory_info().rss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            self.peak = max(self.peak, total)
+            self.stopped.wait(self.interval)
+
+
+def measure(backend: str, args: list[str], work: Path) -> dict[str, Any]:
+    """One ``fedplug run BACKEND ARGS``, timed."""
+    out = work / f"{backend}-{len(list(work.iterdir()))}"
+    command = [FEDPLUG, "run", backend, "--out", str(out), *args]
+    started = time.time()
+    with open(work / "output.txt", "ab") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=output)
+        memory = TreeMemory(process.pid)
+        memory.start()
+        code = process.wait()
+    ended = time.time()
+    memory.stopped.set()
+    memory.join()
+    if code != 0:
+        raise SystemExit(f"fedplug run {backend} {' '.join(args)} failed ({code}): see {work / 'output.txt'}")
+    timeline = json.loads((out / "timeline.json").read_text())
+    rounds = [r for r in json.loads((out / "metrics.json").read_text())["rounds"] if r["round"] > 0]
+    config = json.loads((out / "config.json").read_text())
+    later = rounds[1:] or rounds
+    overheads = [r["seconds"] - r.get("train-slowest-seconds", 0) - r.get("evaluate-slowest-seconds", 0) for r in later]
+    cores = psutil.cpu_count() or 1
+    kinds = ("centralized-accuracy", "evaluate-accuracy")
+    accuracy = next((r[k] for r in reversed(rounds) for k in kinds if k in r), None)
+    return {
+        "backend": backend,
+        "args": args,
+        "model": config["model"],
+        "nodes": config["num-supernodes"],
+        "rounds": len(rounds),
+        "startup": timeline["engine-ready"] - started,
+        "first-call": timeline["first-client-call"] - timeline["engine-ready"],
+        "first-round": rounds[0]["seconds"],
+        "per-round": sum(r["seconds"] for r in later) / len(later),
+        "overhead": sum(overheads) / len(overheads),
+        "teardown": ended - timeline["rounds-done"],
+        "total": ended - started,
+        "peak-rss-mb": memory.peak / 2**20,
+        "efficiency": sum(r.get("compute-seconds", 0) for r in rounds) / (sum(r["seconds"] for r in rounds) * cores),
+        "accuracy": accuracy,
+    }
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = platform.processor()
+    with open("/proc/cpuinfo") if Path("/proc/cpuinfo").is_file() else open(os.devnull) as info:
+        cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    versions = {}
+    for name in ("fedplug-core", "flwr", "ray", "numpy", "torch", "tensorflow-cpu", "keras", "jax", "mlx"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "cpu": cpu,
+        "cores": psutil.cpu_count(),
+        "memory-gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "system": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+COLUMNS = {
+    "backend": ("backend", "{}"),
+    "nodes": ("nodes", "{}"),
+    "startup": ("start-up s", "{:.1f}"),
+    "first-call": ("1st call s", "{:.1f}"),
+    "first-round": ("round 1 s", "{:.1f}"),
+    "per-round": ("per round s", "{:.2f}"),
+    "overhead": ("overhead s", "{:.2f}"),
+    "teardown": ("teardown s", "{:.1f}"),
+    "total": ("total s", "{:.1f}"),
+    "peak-rss-mb": ("peak MB", "{:.0f}"),
+    "efficiency": ("efficiency", "{:.0%}"),
+    "accuracy": ("accuracy", "{:.2%}"),
+}
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    """A Markdown table of the runs (the README's)."""
+    lines = ["| " + " | ".join(label for label, _ in COLUMNS.values()) + " |", "|" + "---:|" * len(COLUMNS)]
+    for run in runs:
+        cells = ["-" if run.get(key) is None else form.format(run[key]) for key, (_, form) in COLUMNS.items()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("backend", nargs="?", help="one run: the backend (arguments for fedplug run after --)")
+    parser.add_argument("--suite", choices=["defaults", "scale"], help="a named series of runs instead")
+    parser.add_argument("--name", help="results file name (default: the suite's, or 'run')")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each config; the median run is kept")
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    options = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if bool(options.suite) == bool(options.backend):
+        parser.error("give a backend or --suite")
+    configs = suite(options.suite) if options.suite else [(options.backend, extra)]
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="fedplug-bench-") as folder:
+        for backend, args in configs:
+            timed = [measure(backend, args, Path(folder)) for _ in range(options.repeat)]
+            timed.sort(key=lambda run: run["total"])
+            runs.append(timed[len(timed) // 2])
+            print(table(runs[-1:]).splitlines()[-1], flush=True)
+    name = options.name or options.suite or "run"
+    results = HERE / "results" / f"{name}.json"
+    results.parent.mkdir(exist_ok=True)
+    results.write_text(json.dumps({"machine": machine(), "runs": runs}, indent=2) + "\n")
+    print(f"\n{table(runs)}\n\n{results}")
+
+
+if __name__ == "__main__":
+    main()
