@@ -299,7 +299,7 @@ def test_a_supernode_killed_in_round_2_is_counted_and_the_run_completes(federati
     victim = federation.nodes[-1]
     command = [
         FEDPLUG, "run", "numpy", "--superlink", federation.address, "--ca-cert", "certs/ca.crt", "--rounds", "2",
-        "--fraction-evaluate", "0", "--run-config", "hidden-dims='32' round-timeout=60", "--out", str(out),
+        "--fraction-evaluate", "0", "--run-config", "hidden-dims='32' round-timeout=25", "--out", str(out),
     ]  # fmt: skip
     output = federation.folder / "kill-run.out"
     with open(output, "wb") as file:

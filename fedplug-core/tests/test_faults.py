@@ -21,7 +21,7 @@ SCENARIOS = {
     "none": "",
     "raise-nan-huge": "faulty.faults='0:raise,4:nan,8:huge'",
     "shape-dtype-liar": "faulty.faults='1:shape,5:dtype,9:liar'",
-    "slow": "faulty.faults='2:slow,3:slow,7:slow' faulty.rounds='1' faulty.delay=40.0 round-timeout=20.0",
+    "slow": "faulty.faults='2:slow,3:slow,7:slow' faulty.rounds='1' faulty.delay=24.0 round-timeout=12.0",
 }
 EXPECTED_REASONS = {
     "raise-nan-huge": {
@@ -30,7 +30,7 @@ EXPECTED_REASONS = {
         8: "outlier",
     },
     "shape-dtype-liar": {1: "wrong shape", 5: "wrong dtype", 9: "claims 1000000000 examples"},
-    "slow": {2: "no reply within round-timeout (20 s)", 3: "no reply within round-timeout", 7: "no reply within"},
+    "slow": {2: "no reply within round-timeout (12 s)", 3: "no reply within round-timeout", 7: "no reply within"},
 }
 
 

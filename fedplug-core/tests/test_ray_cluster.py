@@ -67,15 +67,15 @@ def end_group(leader: subprocess.Popen[bytes]) -> None:
 
 def test_a_run_on_a_running_ray_cluster_leaves_the_cluster_running(ray_head: tuple[str, Path], run_fedplug) -> None:
     address, folder = ray_head
-    for runs, name in enumerate(("-first", "-second"), start=1):  # the second finds the cluster as the first left it
-        _, out = run_fedplug(
-            "numpy", "--rounds", "2", "--nodes", "3", "--run-config", "hidden-dims='16'", "--ray-address", address,
-            env={"FEDPLUG_PLUGINS": ""}, name=name,
-        )  # fmt: skip
-        rounds = check_results(out, ".npz")
-        assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[2]["train-nodes"] == 3
-        assert rounds[2]["centralized-accuracy"] > rounds[0]["centralized-accuracy"]
-        assert processes_of(out) == [], "processes of the run outlived it"
-        # each run's driver (the simulation process) connected to this cluster: the cluster logged it
-        drivers = list(folder.glob("session_latest/logs/python-core-driver-*.log"))
-        assert len(drivers) == runs, f"{runs} runs, {len(drivers)} drivers connected to the cluster"
+    _, out = run_fedplug(
+        "numpy", "--rounds", "2", "--nodes", "3", "--run-config", "hidden-dims='16'", "--ray-address", address,
+        env={"FEDPLUG_PLUGINS": ""},
+    )  # fmt: skip
+    rounds = check_results(out, ".npz")
+    assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[2]["train-nodes"] == 3
+    assert rounds[2]["centralized-accuracy"] > rounds[0]["centralized-accuracy"]
+    assert processes_of(out) == [], "processes of the run outlived it"
+    # the run's driver (its simulation process) connected to this cluster, which logged it and still answers
+    assert len(list(folder.glob("session_latest/logs/python-core-driver-*.log"))) == 1
+    host, port = address.split(":")
+    assert port_open(host, int(port)), "the cluster stopped answering"

@@ -300,7 +300,8 @@ def test_tensorflow_backend_is_explicit_and_quiet() -> None:
 
 
 def test_fedplug_run_two_rounds(run_fedplug: Any) -> None:
-    args = ("--rounds", "2", "--nodes", "2")
+    # the quickstart's CNN and Adam; half of 4 nodes train and evaluate each round (as the quickstart samples)
+    args = ("--rounds", "2", "--nodes", "4", "--fraction-train", "0.5", "--fraction-evaluate", "0.5")
     proc, out = run_fedplug("keras", *args)
     rounds = check_results(out, ".keras")
     assert [r["round"] for r in rounds] == [0, 1, 2]

@@ -119,6 +119,7 @@ def mark(out: Path, event: str, at: float | None = None) -> None:
     The start-up and shutdown steps of a run, for ``benchmarks/``: written by the simulation
     process and its ServerApp (one writer at a time), a later event of the same name replaces it.
     """
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "timeline.json"
     try:
         events = json.loads(path.read_text())
