@@ -11,7 +11,8 @@ first ClientApp was called, when the rounds were done, when the engine stopped) 
 nodes' summed time), plus the whole process tree's memory, sampled here every 0.2 s.
 
 - startup: command start to Ray ready; first-call: Ray ready to the first ClientApp call
-- first-round: round 1's wall time (it includes the workers' start-up: imports, data)
+- first-round: round 1's wall time (it includes the workers' start-up: imports, data);
+  to-first-round: command start to the end of round 1
 - per-round: mean wall time of rounds 2..N; overhead: the same minus the slowest node's own
   train and evaluate time (what Flower, the messages, server-side evaluation and results writing cost)
 - teardown: rounds done to the command's exit; total: command start to exit
@@ -46,17 +47,34 @@ SCALE = [100, 1000, 10000]
 """Node counts of the scale series: numpy backend, 10% of the nodes per round, 5 rounds."""
 
 
-def suite(name: str) -> list[tuple[str, list[str]]]:
+def scale_dataset(folder: Path, copies: int = 5) -> Path:
+    """The embedded training digits repeated ``copies`` times as a local parquet file (60,000 rows):
+    the embedded 12,000 are too few for 10,000 nodes of at least 2 examples each."""
+    from importlib import resources
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with resources.files("fedplug.data").joinpath("mnist.npz").open("rb") as file, np.load(file) as npz:
+        images, labels = np.tile(npz["train_images"], (copies, 1, 1)), np.tile(npz["train_labels"], copies)
+    rows = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), images.shape[2])
+    column = pa.FixedSizeListArray.from_arrays(rows, images.shape[1])
+    path = folder / "mnist-x5.parquet"
+    pq.write_table(pa.table({"image": column, "label": pa.array(labels.astype(np.int64))}), path)
+    return path
+
+
+def suite(name: str, folder: Path) -> list[tuple[str, list[str]]]:
     """(backend, extra arguments) of every run of a named suite."""
     if name == "defaults":
         listed = subprocess.run([FEDPLUG, "list", "--json"], capture_output=True, text=True, check=True).stdout
         ok = {entry["name"] for entry in json.loads(listed) if entry["status"] == "ok"}
         return [(backend, []) for backend in FIRST_PARTY if backend in ok]
     if name == "scale":
-        return [
-            ("numpy", ["--nodes", str(n), "--rounds", "5", "--fraction-train", "0.1", "--fraction-evaluate", "0.1"])
-            for n in SCALE
-        ]
+        data = ["--dataset", str(scale_dataset(folder)), "--run-config", "centralized-eval=false"]
+        tenth = ["--fraction-train", "0.1", "--fraction-evaluate", "0.1"]
+        return [("numpy", ["--nodes", str(n), "--rounds", "5", *tenth, *data]) for n in SCALE]
     raise SystemExit(f"unknown suite '{name}': choose defaults or scale")
 
 
@@ -99,7 +117,8 @@ def measure(backend: str, args: list[str], work: Path) -> dict[str, Any]:
     if code != 0:
         raise SystemExit(f"fedplug run {backend} {' '.join(args)} failed ({code}): see {work / 'output.txt'}")
     timeline = json.loads((out / "timeline.json").read_text())
-    rounds = [r for r in json.loads((out / "metrics.json").read_text())["rounds"] if r["round"] > 0]
+    records = json.loads((out / "metrics.json").read_text())["rounds"]
+    rounds = [r for r in records if r["round"] > 0]
     config = json.loads((out / "config.json").read_text())
     later = rounds[1:] or rounds
     overheads = [r["seconds"] - r.get("train-slowest-seconds", 0) - r.get("evaluate-slowest-seconds", 0) for r in later]
@@ -115,6 +134,7 @@ def measure(backend: str, args: list[str], work: Path) -> dict[str, Any]:
         "startup": timeline["engine-ready"] - started,
         "first-call": timeline["first-client-call"] - timeline["engine-ready"],
         "first-round": rounds[0]["seconds"],
+        "to-first-round": timeline["server-start"] - started + records[0]["seconds"] + rounds[0]["seconds"],
         "per-round": sum(r["seconds"] for r in later) / len(later),
         "overhead": sum(overheads) / len(overheads),
         "teardown": ended - timeline["rounds-done"],
@@ -153,6 +173,7 @@ COLUMNS = {
     "startup": ("start-up s", "{:.1f}"),
     "first-call": ("1st call s", "{:.1f}"),
     "first-round": ("round 1 s", "{:.1f}"),
+    "to-first-round": ("to round 1 s", "{:.1f}"),
     "per-round": ("per round s", "{:.2f}"),
     "overhead": ("overhead s", "{:.2f}"),
     "teardown": ("teardown s", "{:.1f}"),
@@ -183,9 +204,9 @@ def main() -> None:
     options = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if bool(options.suite) == bool(options.backend):
         parser.error("give a backend or --suite")
-    configs = suite(options.suite) if options.suite else [(options.backend, extra)]
     runs = []
     with tempfile.TemporaryDirectory(prefix="fedplug-bench-") as folder:
+        configs = suite(options.suite, Path(folder)) if options.suite else [(options.backend, extra)]
         for backend, args in configs:
             timed = [measure(backend, args, Path(folder)) for _ in range(options.repeat)]
             timed.sort(key=lambda run: run["total"])
