@@ -13,8 +13,11 @@ nodes' summed time), plus the whole process tree's memory, sampled here every 0.
 - startup: command start to Ray ready; first-call: Ray ready to the first ClientApp call
 - first-round: round 1's wall time (it includes the workers' start-up: imports, data);
   to-first-round: command start to the end of round 1
-- per-round: mean wall time of rounds 2..N; overhead: the same minus the slowest node's own
-  train and evaluate time (what Flower, the messages, server-side evaluation and results writing cost)
+- per-round: mean wall time of rounds 2..N (of round 1 in a one-round run); overhead: the same minus
+  the slowest node's own train and evaluate time (what Flower, Ray, the messages, server-side
+  evaluation and results writing cost, when every node has a core); overhead/cores: the same minus
+  the larger of that and the nodes' summed own time over the cores (with more nodes than cores,
+  nodes run one after another)
 - teardown: rounds done to the command's exit; total: command start to exit
 - peak-rss: the largest sum of resident memory over every process of the run (Ray's included)
 - efficiency: the nodes' summed own time / (rounds' wall time x cores)
@@ -103,7 +106,7 @@ class TreeMemory(threading.Thread):
 
 def measure(backend: str, args: list[str], work: Path) -> dict[str, Any]:
     """One ``fedplug run BACKEND ARGS``, timed."""
-    out = work / f"{backend}-{len(list(work.iterdir()))}"
+    out = work / f"{backend}-{len(list(work.glob(f'{backend}-*')))}"
     command = [FEDPLUG, "run", backend, "--out", str(out), *args]
     started = time.time()
     with open(work / "output.txt", "ab") as output:
@@ -121,8 +124,11 @@ def measure(backend: str, args: list[str], work: Path) -> dict[str, Any]:
     rounds = [r for r in records if r["round"] > 0]
     config = json.loads((out / "config.json").read_text())
     later = rounds[1:] or rounds
-    overheads = [r["seconds"] - r.get("train-slowest-seconds", 0) - r.get("evaluate-slowest-seconds", 0) for r in later]
     cores = psutil.cpu_count() or 1
+    slowest = [r.get("train-slowest-seconds", 0) + r.get("evaluate-slowest-seconds", 0) for r in later]
+    overheads = [r["seconds"] - s for r, s in zip(later, slowest)]
+    # with more nodes than cores, nodes run one after another: their summed time over the cores bounds the round
+    parallel = [r["seconds"] - max(s, r.get("compute-seconds", 0) / cores) for r, s in zip(later, slowest)]
     kinds = ("centralized-accuracy", "evaluate-accuracy")
     accuracy = next((r[k] for r in reversed(rounds) for k in kinds if k in r), None)
     return {
@@ -137,6 +143,7 @@ def measure(backend: str, args: list[str], work: Path) -> dict[str, Any]:
         "to-first-round": timeline["server-start"] - started + records[0]["seconds"] + rounds[0]["seconds"],
         "per-round": sum(r["seconds"] for r in later) / len(later),
         "overhead": sum(overheads) / len(overheads),
+        "overhead-parallel": sum(parallel) / len(parallel),
         "teardown": ended - timeline["rounds-done"],
         "total": ended - started,
         "peak-rss-mb": memory.peak / 2**20,
@@ -151,7 +158,8 @@ def machine() -> dict[str, Any]:
     with open("/proc/cpuinfo") if Path("/proc/cpuinfo").is_file() else open(os.devnull) as info:
         cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
     versions = {}
-    for name in ("fedplug-core", "flwr", "ray", "numpy", "torch", "tensorflow-cpu", "keras", "jax", "mlx"):
+    names = ("fedplug-core", "flwr", "ray", "numpy", "torch", "tensorflow-cpu", "keras", "jax", "flax", "mlx", "mxnet")
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -176,6 +184,7 @@ COLUMNS = {
     "to-first-round": ("to round 1 s", "{:.1f}"),
     "per-round": ("per round s", "{:.2f}"),
     "overhead": ("overhead s", "{:.2f}"),
+    "overhead-parallel": ("overhead/cores s", "{:.2f}"),
     "teardown": ("teardown s", "{:.1f}"),
     "total": ("total s", "{:.1f}"),
     "peak-rss-mb": ("peak MB", "{:.0f}"),
