@@ -1,8 +1,9 @@
 """A NumPy backend that records, for each process it runs in, which ML frameworks are imported there.
 
 With ``FEDPLUG_PROBE_DIR`` set, every ``train`` and ``evaluate`` call writes
-``<dir>/<pid>.json``: the frameworks in ``sys.modules`` of that process (the server's
-simulation process and each Ray worker). Without it, it is the NumPy backend.
+``<dir>/<pid>.json`` about that process (the server's simulation process or a Ray worker):
+``frameworks``, those in ``sys.modules``; ``worker``, whether it is a Ray worker; ``blas-threads``,
+the threads of NumPy's BLAS (threadpoolctl). Without it, it is the NumPy backend.
 """
 
 import json
@@ -19,7 +20,13 @@ FRAMEWORKS = ("tensorflow", "keras", "torch", "jax", "mlx", "mxnet")
 def record() -> None:
     folder = os.environ.get("FEDPLUG_PROBE_DIR")
     if folder:
-        seen = sorted(name for name in FRAMEWORKS if name in sys.modules)
+        from threadpoolctl import threadpool_info
+
+        seen = {
+            "frameworks": sorted(name for name in FRAMEWORKS if name in sys.modules),
+            "worker": Path(sys.argv[0]).name == "default_worker.py",  # Ray's worker process entry point
+            "blas-threads": [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"],
+        }
         Path(folder, f"{os.getpid()}.json").write_text(json.dumps(seen))
 
 
