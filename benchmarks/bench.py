@@ -149,11 +149,12 @@ def measure(backend: str, args: list[str], work: Path) -> dict[str, Any]:
         "peak-rss-mb": memory.peak / 2**20,
         "efficiency": sum(r.get("compute-seconds", 0) for r in rounds) / (sum(r["seconds"] for r in rounds) * cores),
         "accuracy": accuracy,
+        "evaluate-accuracy": next((r["evaluate-accuracy"] for r in reversed(rounds) if "evaluate-accuracy" in r), None),
     }
 
 
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
+def machine(load: tuple[float, float, float] | None = None) -> dict[str, Any]:
+    """What the figures were measured on (with ``load``, the load average before the runs)."""
     cpu = platform.processor()
     with open("/proc/cpuinfo") if Path("/proc/cpuinfo").is_file() else open(os.devnull) as info:
         cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
@@ -172,6 +173,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": versions,
         "date": time.strftime("%Y-%m-%d"),
+        **({"load-average-before": [round(value, 2) for value in load]} if load else {}),
     }
 
 
@@ -213,7 +215,7 @@ def main() -> None:
     options = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if bool(options.suite) == bool(options.backend):
         parser.error("give a backend or --suite")
-    runs = []
+    runs, load = [], os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="fedplug-bench-") as folder:
         configs = suite(options.suite, Path(folder)) if options.suite else [(options.backend, extra)]
         for backend, args in configs:
@@ -224,7 +226,7 @@ def main() -> None:
     name = options.name or options.suite or "run"
     results = HERE / "results" / f"{name}.json"
     results.parent.mkdir(exist_ok=True)
-    results.write_text(json.dumps({"machine": machine(), "runs": runs}, indent=2) + "\n")
+    results.write_text(json.dumps({"machine": machine(load), "runs": runs}, indent=2) + "\n")
     print(f"\n{table(runs)}\n\n{results}")
 
 

@@ -1,0 +1,1 @@
+"""mlxexample: A Flower / MLX app."""
