@@ -69,7 +69,9 @@ def test_one_federation_of_torch_jax_and_mxnet_nodes_from_two_environments(tmp_p
     port, mark = free_port(), uuid.uuid4().hex
     address = f"127.0.0.1:{port}"
     base_env = {k: v for k, v in os.environ.items() if k != "FEDPLUG_PLUGINS"}
-    env = {**base_env, "FLWR_TELEMETRY_ENABLED": "0", MARK: mark, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    # plain Flower commands keep their apps under FLWR_HOME (default ~/.flwr): this test's own, never the user's
+    env = {**base_env, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0", MARK: mark,
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     # the MXNet environment's own commands first on its PATH: its SuperNode starts its own SuperExec
     mx_env = {**env, "PATH": f"{mxnet / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     started: list[tuple[subprocess.Popen[bytes], Path]] = []
@@ -153,6 +155,8 @@ def test_one_federation_of_torch_jax_and_mxnet_nodes_from_two_environments(tmp_p
         assert ran.returncode == 0 and ran.stdout.startswith("1."), ran.stdout + ran.stderr
         assert not np.__version__.startswith("1.")
         assert (out / "model.pt").is_file()
+        # the plain Flower nodes installed the run's app in this test's FLWR_HOME (not in the user's ~/.flwr)
+        assert list((tmp_path / "flwr-home" / "apps").iterdir()), "the Flower nodes did not use the test's FLWR_HOME"
     finally:
         for process, _ in started:  # Ctrl-C, as a person would
             with suppress(ProcessLookupError):
