@@ -232,6 +232,38 @@ def test_rounds_reuse_one_graph_and_restart_adam(backend: KerasBackend, config: 
     assert [entry[2:] for entry in seen] == [first[2:]] * len(sizes), "graph or optimizer state grew"
 
 
+def test_later_calls_trace_nothing_and_take_each_calls_lr(
+    backend: KerasBackend, config: dict, grey_cnn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given numpy arrays, Keras on TensorFlow maps its input pipeline through functions it traces every call."""
+    import tensorflow as tf
+
+    net, x, y = grey_cnn, images(GREY, 70), labels(GREY, 70)
+    start = backend.get_weights(net)
+    backend.train(net, x, y, {**config, "server-round": 1, "lr": 0.01})
+    backend.evaluate(net, x, y, config)
+    backend.predict(net, x[:5])
+    steps = traced_functions(net.train_function) + traced_functions(net.test_function)
+    traces = sum(f.experimental_get_tracing_count() for f in steps)
+    mapped: list[object] = []
+    original_map = tf.data.Dataset.map
+
+    def counting_map(dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        mapped.append(args[0] if args else kwargs.get("map_func"))
+        return original_map(dataset, *args, **kwargs)
+
+    monkeypatch.setattr(tf.data.Dataset, "map", counting_map)
+    backend.set_weights(net, start)
+    backend.train(net, x, y, {**config, "server-round": 2, "lr": 0.0})
+    unchanged = backend.get_weights(net)
+    backend.evaluate(net, x, y, config)
+    backend.predict(net, x[:5])
+    assert mapped == [], "each call traced tf.data functions for its input pipeline"
+    assert sum(f.experimental_get_tracing_count() for f in steps) == traces, "a later call retraced a step"
+    for key, value in unchanged.items():
+        np.testing.assert_array_equal(value, start[key], err_msg="lr=0 must leave the weights unchanged")
+
+
 def test_train_depends_only_on_weights_data_and_config(backend: KerasBackend, config: dict, grey_cnn: Any) -> None:
     """A process trains many nodes in turn: earlier calls must not change a later one's result."""
     net = grey_cnn
