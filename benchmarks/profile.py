@@ -44,21 +44,24 @@ def rounds_done(out: Path) -> int:
         return -1
 
 
-def processes(root: psutil.Process) -> tuple[psutil.Process, psutil.Process]:
-    """The run's simulation process and one of its Ray workers serving ClientApps."""
-    simulation = worker = None
-    for process in root.children(recursive=True):
-        try:
-            line = " ".join(process.cmdline())
-        except psutil.Error:
-            continue
-        if "fedplug.simulation" in line and simulation is None:
-            simulation = process
-        if "ClientAppActor" in line and worker is None:
-            worker = process
-    if simulation is None or worker is None:
-        raise SystemExit("the run's simulation process or Ray worker was not found")
-    return simulation, worker
+def processes(root: psutil.Process, timeout: float = 120) -> tuple[psutil.Process, psutil.Process]:
+    """The run's simulation process and one of its Ray workers serving ClientApps (once they have started)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        simulation = worker = None
+        for process in root.children(recursive=True):
+            try:
+                line = " ".join(process.cmdline())
+            except psutil.Error:
+                continue
+            if "fedplug.simulation" in line and simulation is None:
+                simulation = process
+            if "ClientAppActor" in line and worker is None:
+                worker = process
+        if simulation is not None and worker is not None:
+            return simulation, worker
+        time.sleep(0.2)
+    raise SystemExit("the run's simulation process or Ray worker was not found")
 
 
 def record(pid: int, seconds: float, idle: bool, path: Path) -> subprocess.Popen[bytes]:
