@@ -183,8 +183,8 @@ def worker_threads(client_cpus: float) -> str:
     Ray sets this variable when it runs an actor's first task, which is too late for a library loaded
     earlier: NumPy's OpenBLAS reads it when NumPy is imported, and the worker's set-up imports NumPy
     (with Flower). Without it every worker's BLAS starts one thread per core of the machine, and two
-    workers on two cores make each small matrix product up to 10 times slower (measured with the 1,000-node
-    scale run: 97 ms per node step against 3 ms). Set in the runtime environment, it is in place before
+    workers on two cores make each small matrix product several times slower (the 1,000-node scale run:
+    97 ms per node step, 8 to 14 ms with this). Set in the runtime environment, it is in place before
     any import.
     """
     return os.environ.get("OMP_NUM_THREADS") or str(max(1, math.floor(client_cpus)))
