@@ -235,7 +235,7 @@ def test_jax_starts_quietly_with_threads_from_cpu_share_and_a_compilation_cache(
 
 
 def test_fedplug_run_jax_learns(run_fedplug) -> None:
-    args = ("--rounds", "2", "--nodes", "2", "--fraction-train", "1", "--fraction-evaluate", "1")
+    args = ("--rounds", "2", "--nodes", "4", "--fraction-train", "0.5", "--fraction-evaluate", "0.5")
     proc, out = run_fedplug("jax", *args)
     rounds = check_results(out, ".msgpack")
     assert rounds[-1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"] + 0.2, rounds

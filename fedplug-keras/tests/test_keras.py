@@ -332,8 +332,8 @@ def test_tensorflow_backend_is_explicit_and_quiet() -> None:
 
 
 def test_fedplug_run_two_rounds(run_fedplug: Any) -> None:
-    # the quickstart's CNN and Adam; half of 4 nodes train and evaluate each round (as the quickstart samples)
-    args = ("--rounds", "2", "--nodes", "4", "--fraction-train", "0.5", "--fraction-evaluate", "0.5")
+    # the quickstart's CNN and Adam; 2 of 8 nodes train and evaluate each round (sampled, as in the quickstart)
+    args = ("--rounds", "2", "--nodes", "8", "--fraction-train", "0.25", "--fraction-evaluate", "0.25")
     proc, out = run_fedplug("keras", *args)
     rounds = check_results(out, ".keras")
     assert [r["round"] for r in rounds] == [0, 1, 2]
@@ -361,9 +361,9 @@ def test_keras_backend_from_the_run_config_reaches_every_client(run_fedplug: Any
         "--nodes",
         "2",
         "--model",
-        "lenet",
+        "mlp",
         "--run-config",
-        "keras.backend='jax'",
+        "keras.backend='jax' hidden-dims='16'",
         env={"KERAS_BACKEND": "tensorflow"},
     )
     rounds = check_results(out, ".keras")
