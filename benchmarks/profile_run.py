@@ -1,8 +1,8 @@
 """Profile a running ``fedplug run`` with py-spy: where a round's wall time and CPU go, thread by thread.
 
-    python benchmarks/profile.py numpy --name per-round-10-nodes -- --nodes 10 --rounds 60
-    python benchmarks/profile.py numpy --after-round 2 --name scale-1000-nodes -- --nodes 1000 --rounds 8 \\
-        --fraction-train 0.1 --fraction-evaluate 0.1
+    python benchmarks/profile_run.py numpy --name per-round-10-nodes -- --nodes 10 --rounds 80
+    python benchmarks/profile_run.py numpy --after-round 2 --name scale-1000-nodes-later-rounds -- \\
+        --nodes 1000 --rounds 12 --fraction-train 0.1 --fraction-evaluate 0.1
 
 It starts the run, waits until ``--after-round`` rounds are finished (start-up is not what is profiled),
 then samples for ``--seconds`` the simulation process (the ServerApp and Flower's Simulation Engine
@@ -30,9 +30,8 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
+from bench import FEDPLUG, HERE
 
-HERE = Path(__file__).resolve().parent
-FEDPLUG = str(Path(sys.executable).with_name("fedplug"))
 PY_SPY = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
