@@ -199,7 +199,7 @@ def test_partitioner_values_are_checked_against_the_classes() -> None:
 def test_flower_app_toml_holds_any_unicode(tmp_path) -> None:
     import tomllib
 
-    from fedplug.simulation import write_flower_app
+    from fedplug.flower_app import write_flower_app
 
     config = resolve(BACKEND, {"label-column": 'étiquette 🏷️ "quoted" \\ back', "strategy.proximal-mu": 0.1})
     config["out"] = str(tmp_path / "résultats 🚀")

@@ -26,8 +26,8 @@ import psutil
 import pytest
 
 from fedplug.config import resolve
+from fedplug.flower_app import write_flower_app
 from fedplug.numpy_backend import NumpyBackend
-from fedplug.simulation import write_flower_app
 
 FEDPLUG = str(Path(sys.executable).with_name("fedplug"))
 FLWR = str(Path(sys.executable).with_name("flwr"))
@@ -331,7 +331,7 @@ def test_certificates_chain_names_and_node_keys(tmp_path: Path) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from fedplug.certificates import check_private_key, check_public_key, create_federation_files
+    from fedplug.deployment.certificates import check_private_key, check_public_key, create_federation_files
 
     files = create_federation_files(tmp_path / "certs", ["coordinator.example.org", "10.0.0.5"], 2)
     ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())

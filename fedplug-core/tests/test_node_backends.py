@@ -16,10 +16,10 @@ import pytest
 from fedplug import node_backends, plugins
 from fedplug.backend import BackendUnavailable, Config, Scalar
 from fedplug.config import ConfigError, resolve
-from fedplug.deploy import node_run_config
 from fedplug.display import backends_line, round_line
+from fedplug.flower_app import write_flower_app
+from fedplug.node_backends import node_run_config
 from fedplug.numpy_backend import NumpyBackend
-from fedplug.simulation import write_flower_app
 from fedplug.testing.runs import cli
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedplug.deploy import port_open
+from fedplug.deployment.network import port_open
 from fedplug.testing.runs import check_results, processes_of, wait_for
 
 

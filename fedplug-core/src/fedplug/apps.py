@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from functools import cache
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,39 +20,14 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedplug.backend import Backend, Config, Scalar, Weights
-from fedplug.config import resolve
 from fedplug.data import data_spec, load_centralized
-from fedplug.deploy import node_data, node_run_config
-from fedplug.node_backends import others
-from fedplug.plugins import get_backend
+from fedplug.node import backend_and_config, identity, node_data, session
 from fedplug.records import from_record, to_record
 from fedplug.results import Results, default_out, mark, plot_metrics, write_status
 from fedplug.rounds import NODE_RECORD, TIMING_RECORD, RoundLoop, RunFailed, resume_state
 from fedplug.strategies import make_strategy, sampling
 
 log = logging.getLogger("fedplug.apps")
-
-
-def backend_and_config(run_config: Config) -> tuple[Backend, dict[str, Scalar]]:
-    """The backend named by the run config and the config completed with its defaults."""
-    backend = get_backend(str(run_config.get("backend", "numpy")))
-    backend.check_available()
-    return backend, resolve(backend, run_config, others(run_config))
-
-
-@cache
-def _session(run_config: tuple[tuple[str, Scalar], ...]) -> tuple[Backend, dict[str, Scalar], Any]:
-    """Backend, config and model of this process: built once, reused every round."""
-    backend, config = backend_and_config(dict(run_config))
-    model = backend.build_model(str(config["model"]), data_spec(config), config)
-    return backend, config, model
-
-
-def _node(context: Context) -> tuple[int, int]:
-    if "partition-id" not in context.node_config:
-        # a deployed node with its own data (fedplug supernode --data FILE): its node id stands for a partition
-        return context.node_id % 2**31, 0
-    return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
 
 
 def _failed(msg: Message, step: str, error: Exception) -> Message:
@@ -69,11 +43,8 @@ def _failed(msg: Message, step: str, error: Exception) -> Message:
 def _client_step(msg: Message, context: Context, step: str) -> Message:
     called, started = time.time(), time.perf_counter()
     try:
-        # this node's backend: its node config's (fedplug supernode), else its partition's in node-backends,
-        # else the run's; a simulation worker keeps one session per backend (mixed-framework federations)
-        run_config = node_run_config(context.run_config, context.node_config)
-        backend, config, model = _session(tuple(sorted(run_config.items())))
-        partition_id, num_partitions = _node(context)
+        backend, config, model = session(context.run_config, context.node_config)
+        partition_id, num_partitions = identity(context.node_config, context.node_id)
         part = node_data(config, context.node_config)
         content = RecordDict()
         if step == "query":

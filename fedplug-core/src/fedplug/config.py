@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from fedplug.backend import Backend, Config, ModelError, Scalar
+from fedplug.custom import split
+from fedplug.errors import ConfigError
 from fedplug.models import hidden_dims
 from fedplug.toolkit import OPTIMIZERS
 
@@ -68,8 +70,41 @@ PARTITIONER_CHOICES: dict[str, tuple[str, ...]] = {
 _PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
 
 
-class ConfigError(ValueError):
-    """A run-config key or value is wrong; the message says what to write instead."""
+NODE_BACKENDS = "node-backends"
+"""The run-config key of a mixed federation: ``PARTITIONS:BACKEND`` entries separated by commas."""
+_NODE_ENTRY = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?:\s*([A-Za-z_][A-Za-z0-9_]*)\s*$")
+NODE_BACKENDS_EXAMPLE = "'0-1:torch,2-3:jax,4:mlx'"
+
+
+def node_backends_error(message: str) -> ConfigError:
+    return ConfigError(f"run-config '{NODE_BACKENDS}': {message}")
+
+
+def parse_node_backends(text: str) -> dict[int, str]:
+    """``"0-1:torch,2:jax"`` as ``{0: "torch", 1: "torch", 2: "jax"}``; ConfigError if malformed or overlapping."""
+    mapping: dict[int, str] = {}
+    named: dict[int, str] = {}  # partition -> the entry that named it
+    if not text.strip():
+        return mapping
+    for entry in text.split(","):
+        match = _NODE_ENTRY.match(entry)
+        if match is None:
+            raise node_backends_error(
+                f"cannot read {entry.strip()!r}; write PARTITIONS:BACKEND entries separated by commas, "
+                f"PARTITIONS a partition id or a range I-J, e.g. {NODE_BACKENDS_EXAMPLE}"
+            )
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        if last < first:
+            raise node_backends_error(f"range {first}-{last} in {entry.strip()!r} runs backwards; write {last}-{first}")
+        for partition in range(first, last + 1):
+            if partition in named:
+                raise node_backends_error(
+                    f"partition {partition} is named twice ({named[partition]!r} and {entry.strip()!r}); "
+                    "name each partition once"
+                )
+            named[partition], mapping[partition] = entry.strip(), match.group(3)
+    return mapping
 
 
 def parse_overrides(text: str) -> dict[str, Scalar]:
@@ -250,9 +285,7 @@ def check_values(backend: Backend, config: Config) -> None:
         )
     if config["pool"] not in ("max", "avg"):
         raise ConfigError(f"run-config 'pool' must be 'max' or 'avg', got '{config['pool']}'")
-    from fedplug.node_backends import KEY, parse
-
-    parse(str(config.get(KEY, "")))  # its syntax; the backends are checked where the nodes run
+    parse_node_backends(str(config.get(NODE_BACKENDS, "")))  # its syntax; the backends: node_backends.check
     try:
         hidden_dims(config)
     except ModelError as error:
@@ -262,8 +295,6 @@ def check_values(backend: Backend, config: Config) -> None:
 
 def check_custom_model(backend: Backend, config: Config) -> None:
     """A custom ``model`` (``module:factory``): well formed, and the backend takes custom models."""
-    from fedplug.custom import split
-
     if not backend.custom_models:
         raise ConfigError(
             f"backend '{backend.name}' cannot federate custom models ({config['model']}); "

@@ -9,49 +9,17 @@ own node config ``backend`` wins over both. Every backend builds the shared ``ml
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
 
 from fedplug.backend import Backend, BackendUnavailable, Config, Scalar
+from fedplug.config import NODE_BACKENDS, PREFIXES, check_for_backend, defaults_for, node_backends_error
+from fedplug.config import parse_node_backends as parse
+from fedplug.custom import check_same_backend
+from fedplug.plugins import UnknownBackend, get_backend
 
-KEY = "node-backends"
-"""The run-config key: ``PARTITIONS:BACKEND`` entries separated by commas."""
-_ENTRY = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?:\s*([A-Za-z_][A-Za-z0-9_]*)\s*$")
-EXAMPLE = "'0-1:torch,2-3:jax,4:mlx'"
-
-
-def _error(message: str) -> Exception:
-    from fedplug.config import ConfigError
-
-    return ConfigError(f"run-config '{KEY}': {message}")
-
-
-def parse(text: str) -> dict[int, str]:
-    """``"0-1:torch,2:jax"`` as ``{0: "torch", 1: "torch", 2: "jax"}``; ConfigError if malformed or overlapping."""
-    mapping: dict[int, str] = {}
-    named: dict[int, str] = {}  # partition -> the entry that named it
-    if not text.strip():
-        return mapping
-    for entry in text.split(","):
-        match = _ENTRY.match(entry)
-        if match is None:
-            raise _error(
-                f"cannot read {entry.strip()!r}; write PARTITIONS:BACKEND entries separated by commas, "
-                f"PARTITIONS a partition id or a range I-J, e.g. {EXAMPLE}"
-            )
-        first = int(match.group(1))
-        last = int(match.group(2)) if match.group(2) is not None else first
-        if last < first:
-            raise _error(f"range {first}-{last} in {entry.strip()!r} runs backwards; write {last}-{first}")
-        for partition in range(first, last + 1):
-            if partition in named:
-                raise _error(
-                    f"partition {partition} is named twice ({named[partition]!r} and {entry.strip()!r}); "
-                    "name each partition once"
-                )
-            named[partition], mapping[partition] = entry.strip(), match.group(3)
-    return mapping
+KEY = NODE_BACKENDS
+"""The run-config key: ``PARTITIONS:BACKEND`` entries separated by commas (syntax: :func:`parse`)."""
 
 
 def compact(assignment: Mapping[int, str]) -> str:
@@ -95,8 +63,6 @@ def taking_part(config: Config) -> list[str]:
 def others(config: Mapping[str, Scalar]) -> list[Backend]:
     """The installed backends that ``node-backends`` names besides the server's, for ``config.resolve``'s
     ``others`` (their own keys join the run config). Names that are unknown here are left to :func:`check`."""
-    from fedplug.plugins import UnknownBackend, get_backend
-
     found = []
     for name in dict.fromkeys(parse(str(config.get(KEY, ""))).values()):
         if name != config.get("backend"):
@@ -105,10 +71,29 @@ def others(config: Mapping[str, Scalar]) -> list[Backend]:
     return found
 
 
-def node_config_for(config: Config, backend: str) -> dict[str, Scalar]:
-    """The run config as a node of ``backend`` runs it (see :func:`fedplug.deploy.node_run_config`)."""
-    from fedplug.deploy import node_run_config
+def node_run_config(run_config: Config, node_config: Config) -> dict[str, Scalar]:
+    """The run config as this node runs it: its own backend and data columns.
 
+    The node's backend is its node config's ``backend``, else its partition's entry in the
+    run config's ``node-backends``, else the run config's ``backend``. Backends share the
+    ``mlp`` and ``lenet`` weight layouts, so a node may train with another framework than
+    the ServerApp's; keys the node's backend does not know are dropped.
+    """
+    config = dict(run_config)
+    for key in ("image-column", "label-column"):
+        if node_config.get(key):
+            config[key] = node_config[key]
+    backend = backend_of(config, node_config)
+    if backend != config.get("backend"):
+        check_same_backend(config, backend)  # a custom model's weights have no canonical layout
+        known = defaults_for(get_backend(backend))
+        config = {k: v for k, v in config.items() if k in known or k.startswith(PREFIXES)}
+        config["backend"] = backend
+    return config
+
+
+def node_config_for(config: Config, backend: str) -> dict[str, Scalar]:
+    """The run config as a node of ``backend`` runs it (:func:`node_run_config`)."""
     return node_run_config(config, {"backend": backend})
 
 
@@ -127,14 +112,13 @@ def check(config: dict[str, Scalar]) -> list[Backend]:
     environments that contradict each other. Writes the full assignment back into ``config``
     (``"0-1:torch,2-9:numpy"``), or ``""`` when every node runs the server's backend.
     """
-    from fedplug.config import check_for_backend
-    from fedplug.plugins import UnknownBackend, get_backend
-
     nodes = int(config["num-supernodes"])
     mapping = parse(str(config.get(KEY, "")))
     beyond = sorted(p for p in mapping if p >= nodes)
     if beyond:
-        raise _error(f"partition {beyond[0]} is not a node of this run: it has {nodes} nodes, ids 0-{nodes - 1}")
+        raise node_backends_error(
+            f"partition {beyond[0]} is not a node of this run: it has {nodes} nodes, ids 0-{nodes - 1}"
+        )
     backends: list[Backend] = []
     for name in taking_part(config):
         where = _nodes_of(config, name)
@@ -143,17 +127,17 @@ def check(config: dict[str, Scalar]) -> list[Backend]:
             if name != config["backend"]:
                 backend.check_available()
         except (UnknownBackend, BackendUnavailable) as error:
-            raise _error(f"{error} ({where})") from error
+            raise node_backends_error(f"{error} ({where})") from error
         if name != config["backend"]:
             if config["model"] not in backend.models:
-                raise _error(
+                raise node_backends_error(
                     f"backend '{name}' ({where}) has no model '{config['model']}'; in a mixed federation choose a "
                     f"model every backend builds, e.g. --model mlp or --model lenet"
                 )
             try:
                 check_for_backend(backend, node_config_for(config, name))
             except ValueError as error:
-                raise _error(f"backend '{name}' of {where} refuses this run config: {error}") from error
+                raise node_backends_error(f"backend '{name}' of {where} refuses this run config: {error}") from error
         backends.append(backend)
     environment(config, backends)
     full = assignment(config)
@@ -163,8 +147,6 @@ def check(config: dict[str, Scalar]) -> list[Backend]:
 
 def environment(config: Config, backends: Iterable[Backend] | None = None) -> dict[str, str]:
     """The environment variables of every taking-part backend, merged; ConfigError if two contradict."""
-    from fedplug.plugins import get_backend
-
     merged: dict[str, str] = {}
     setter: dict[str, str] = {}
     for backend in backends if backends is not None else [get_backend(n) for n in taking_part(config)]:
@@ -173,7 +155,7 @@ def environment(config: Config, backends: Iterable[Backend] | None = None) -> di
         )
         for variable, value in wanted.items():
             if variable in merged and merged[variable] != value:
-                raise _error(
+                raise node_backends_error(
                     f"backends '{setter[variable]}' and '{backend.name}' need {variable}={merged[variable]} and "
                     f"{variable}={value} in one simulation; run them in separate federations"
                 )

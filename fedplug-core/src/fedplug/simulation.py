@@ -1,8 +1,9 @@
 """Run the fedplug apps on Flower's Simulation Engine (Ray), quietly, in a child process.
 
-``fedplug run`` starts ``python -m fedplug.simulation OUT`` in its own process group and
-kills that group when the run ends, fails or is interrupted, so no Ray process outlives
-the command. If the command itself dies without a chance to clean up (SIGKILL), the
+:func:`launch` (``fedplug run``, ``fedplug.run()``) starts ``python -m fedplug.simulation OUT``
+under the process supervisor (:mod:`fedplug.deployment.processes`), which ends its process
+group and every process it started when the run ends, fails or is interrupted, so no Ray
+process outlives the command. If the command itself dies without a chance to clean up (SIGKILL), the
 kernel tells this process (Linux's parent-death signal) and it kills its own group.
 The child writes a Flower App (``OUT/flower-app/pyproject.toml``: the apps
 and the resolved run config) and hands it to the Simulation Engine, exactly as
@@ -21,11 +22,13 @@ import signal
 import sys
 import tempfile
 import warnings
-from contextlib import suppress
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fedplug.backend import Scalar
+from fedplug.deployment.processes import FLWR_HOME_PREFIX, supervised
+from fedplug.flower_app import write_flower_app
 from fedplug.privacy import NO_TELEMETRY_ENV
 from fedplug.results import mark
 
@@ -42,110 +45,6 @@ ALWAYS_ENV = {
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 """Set in the simulation process (and so in Ray's workers) always."""
-FLWR_HOME_PREFIX = "fedplug-flwr-"
-"""Flower's state of a run goes to a temporary folder of this prefix, removed when the run ends."""
-
-
-def pinned_requirements(backend: str) -> list[str]:
-    """The distributions a run needs, pinned to the versions running now."""
-    from importlib import metadata
-
-    from packaging.requirements import Requirement
-
-    from fedplug.plugins import get_registry
-
-    entry = get_registry().backends[backend]
-    names = ["flwr", "fedplug-core", entry.distribution]
-    with suppress(Exception):  # the framework, when it is an installed distribution
-        names.append(Requirement(entry.backend.framework.requirement).name)
-    pinned: dict[str, str] = {}
-    for name in names:
-        with suppress(metadata.PackageNotFoundError):
-            pinned.setdefault(metadata.distribution(name).metadata["Name"].lower(), metadata.version(name))
-    return [f"{name}=={version}" for name, version in pinned.items()]
-
-
-def portable_config(config: dict[str, Scalar]) -> dict[str, Scalar]:
-    """``config`` without the writing machine's absolute paths.
-
-    ``out`` becomes empty (the ServerApp writes ``./fedplug-runs/<time>-<backend>`` where it
-    runs) and a local dataset path becomes relative to the current directory.
-    """
-    portable = dict(config)
-    portable["out"] = ""
-    dataset = str(config.get("dataset", ""))
-    if dataset and Path(dataset).is_absolute():
-        portable["dataset"] = os.path.relpath(dataset)
-    return portable
-
-
-def carry_module(app_dir: Path, config: dict[str, Scalar], relative: bool) -> str:
-    """Copy a custom model's module (file, or top-level package) into the app; its ``model-file`` there.
-
-    Flower puts an app's folder on ``sys.path`` when it loads it, so the module imports by name
-    on any SuperLink and SuperNode; ``relative`` gives the path inside the app (a portable app).
-    """
-    file = Path(str(config["model-file"]))
-    module = str(config["model"]).rpartition(":")[0]
-    if not file.is_file():  # a stored run whose module was moved: the app carries what it can
-        return str(config["model-file"])
-    parts = module.split(".")
-    depth = len(parts) - (0 if file.name == "__init__.py" else 1)
-    root = file.parents[depth]
-    top = root / parts[0]
-    if top.is_dir():
-        shutil.copytree(top, app_dir / parts[0], dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-    else:
-        shutil.copy2(file, app_dir / file.name)
-    return str(file.relative_to(root)) if relative else str(file)
-
-
-def write_flower_app(
-    out: Path,
-    config: dict[str, Scalar],
-    portable: bool = True,
-    serverapp: str = "fedplug.apps:server_app",
-) -> Path:
-    """Write a Flower App whose components are fedplug's apps and whose config is ``config``.
-
-    ``portable``: without absolute paths of this machine (:func:`portable_config`), so
-    that it runs with plain ``flwr run`` on any SuperLink; its dependencies are pinned to
-    the versions that run here.
-    """
-    import tomli_w
-
-    app_dir = out / "flower-app"
-    app_dir.mkdir(parents=True, exist_ok=True)
-    backend = str(config["backend"])
-    if portable:
-        config = portable_config(config)
-    if config.get("model-file"):
-        config = {**config, "model-file": carry_module(app_dir, config, relative=portable)}
-    project = {
-        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-        "project": {
-            "name": f"fedplug-{backend.replace('_', '-')}-run",
-            "version": "1.0.0",
-            "description": f"fedplug {backend} run: fedplug.apps with this run's config",
-            "license": "Apache-2.0",
-            "dependencies": pinned_requirements(backend),
-        },
-        "tool": {
-            "flwr": {
-                "app": {
-                    "publisher": "fedplug",
-                    "components": {"serverapp": serverapp, "clientapp": "fedplug.apps:client_app"},
-                    "config": dict(config),
-                }
-            }
-        },
-    }
-    header = (
-        "# A Flower App running fedplug's apps with this run's config.\n"
-        "# Deployment Engine: flwr run <this folder> <your-superlink-connection>\n"
-    )
-    (app_dir / "pyproject.toml").write_text(header + tomli_w.dumps(project), encoding="utf-8")
-    return app_dir
 
 
 def quiet_logs(verbose: bool) -> None:
@@ -298,6 +197,44 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float, r
         mark(out, "engine-stopped")
 
 
+def launch(
+    out: Path,
+    client_cpus: float,
+    client_gpus: float,
+    verbose: bool,
+    ray_address: str | None,
+    quiet: bool,
+    on_interrupt: Callable[[KeyboardInterrupt], None] = lambda stop: None,
+) -> int:
+    """Run the simulation of ``out/config.json`` in a supervised child process; return its exit code.
+
+    Its standard output (the round lines) is this process's; Flower's, Ray's and the frameworks'
+    logs go to ``out/simulation.log`` unless ``verbose``. Raises ``Stopped`` (a ``KeyboardInterrupt``)
+    on SIGINT, SIGTERM or SIGHUP, once the child and everything it started is gone (``on_interrupt`` is
+    called first, when the stopping begins).
+    """
+    from fedplug.data import remove_run_data
+
+    command = [sys.executable, "-m", "fedplug.simulation", str(out), "--client-cpus", str(client_cpus)]
+    command += ["--client-gpus", str(client_gpus)]
+    command += ["--verbose"] * verbose + ["--quiet"] * quiet + (["--ray-address", ray_address] if ray_address else [])
+    (out / "status.json").unlink(missing_ok=True)
+    env = {
+        "FEDPLUG_RUN_DIR": str(out.resolve()),  # marks every process of this run
+        PARENT_ENV: str(os.getpid()),  # the simulation ends itself if this process dies
+    }
+    try:
+        with supervised(extra_env=env) as group:
+            process = group.start(command, log=out / "simulation.log", keep_stdout=True, keep_stderr=verbose)
+            try:
+                return process.wait()
+            except KeyboardInterrupt as stop:
+                on_interrupt(stop)
+                raise
+    finally:
+        remove_run_data(out)
+
+
 PARENT_ENV = "FEDPLUG_PARENT_PID"
 """The pid of the ``fedplug`` command that started this simulation."""
 PR_SET_PDEATHSIG = 1
@@ -333,7 +270,8 @@ def main(argv: list[str]) -> int:
     from fedplug.display import RoundPrinter
     from fedplug.results import progress_log, read_status, write_status
 
-    progress_log.addHandler(RoundPrinter())
+    if "--quiet" not in argv:
+        progress_log.addHandler(RoundPrinter())
     progress_log.setLevel(logging.INFO)
     progress_log.propagate = False
     try:

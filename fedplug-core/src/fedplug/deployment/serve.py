@@ -1,0 +1,111 @@
+"""``fedplug superlink`` and ``fedplug supernode``: Flower's SuperLink and a SuperNode in the foreground.
+
+Each runs until Ctrl-C (or SIGTERM, SIGHUP), which stops it and every process it started
+(:mod:`fedplug.deployment.processes`). A SuperNode's node config names its own data file
+(``data=...``): the data never leaves its machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fedplug.backend import Scalar
+from fedplug.deployment.flower_cli import (
+    Security,
+    last_error,
+    read_text,
+    superlink_command,
+    superlink_files,
+    supernode_command,
+)
+from fedplug.deployment.network import port_open, wait_for
+from fedplug.deployment.processes import supervised
+
+
+def serve_superlink(
+    host: str,
+    port: int,
+    certificates: Path,
+    insecure: bool,
+    node_auth: bool,
+    database: Path | None,
+    log: Path,
+    echo: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> int:
+    """``fedplug superlink``: Flower's SuperLink in the foreground until Ctrl-C; returns the exit code."""
+    files = None if insecure else tuple(p.expanduser().resolve() for p in superlink_files(certificates))
+    if insecure:
+        warn(
+            "fedplug: WARNING: --insecure: no TLS and no SuperNode authentication. Everything between the "
+            "SuperLink, the SuperNodes and `fedplug run` travels unencrypted and any machine that reaches "
+            "this port can join. Use it only on a trusted lab network."
+        )
+    elif not node_auth:
+        warn("fedplug: WARNING: --no-node-auth: any SuperNode that trusts the CA can join, registered or not.")
+    shown = host if host not in ("0.0.0.0", "::") else "HOST"
+    ca = "--insecure" if insecure else f"--ca-cert {files[0]}"  # type: ignore[index]
+    with supervised() as group:
+        process = group.start(
+            superlink_command(host, port, files, node_auth and not insecure, database),  # type: ignore[arg-type]
+            log=log,
+        )
+        if not wait_for(lambda: port_open(host, port), timeout=120, process=process):
+            reason = last_error(log) or f"it did not open port {port}"
+            warn(f"fedplug: error: the SuperLink did not start: {reason} (log: {log})")
+            return 1
+        security = "TLS" if insecure is False else "no TLS"
+        auth = "SuperNode authentication on" if node_auth and not insecure else "SuperNode authentication off"
+        echo(f"fedplug: SuperLink ready on {host}:{port} · {security} · {auth} · Flower's log: {log}")
+        if node_auth and not insecure:
+            echo(f"  register each SuperNode:  fedplug register supernode-I.pub --superlink {shown}:{port} {ca}")
+        echo(f"  data owners join with:    fedplug supernode BACKEND --superlink {shown}:{port} {ca} --data PATH ...")
+        echo(f"  submit a run:             fedplug run BACKEND --superlink {shown}:{port} {ca}")
+        echo(f"  results are written here: {Path('fedplug-runs').resolve()}/<time>-<backend> (unless --out)")
+        echo(f"  open TCP port {port} to the data owners and to who submits runs, to no one else. Ctrl-C stops.")
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:
+            echo("fedplug: stopping the SuperLink ...")
+            return 130
+        reason = last_error(log) or f"exit code {code}"
+        warn(f"fedplug: error: the SuperLink stopped: {reason} (log: {log})")
+        return 1
+
+
+def serve_supernode(
+    backend_name: str,
+    superlink: str,
+    node_config: dict[str, Scalar],
+    security: Security,
+    key: Path | None,
+    runtime_port: int,
+    log: Path,
+    echo: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> int:
+    """``fedplug supernode``: Flower's SuperNode with this node's config until Ctrl-C or refusal."""
+    with supervised() as group:
+        process = group.start(supernode_command(superlink, security, key, node_config, runtime_port), log=log)
+        echo(f"fedplug: connecting to the SuperLink {superlink} (Flower's log: {log}) ...")
+        connected = wait_for(lambda: "SuperNode ID:" in read_text(log), timeout=1e9, process=process)
+        if connected:
+            node_id = read_text(log).split("SuperNode ID:", 1)[1].split()[0]
+            echo(f"fedplug: connected to {superlink} as SuperNode {node_id}; waiting for runs (Ctrl-C leaves)")
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:
+            echo("fedplug: leaving the federation ...")
+            return 130
+        reason = last_error(log) or f"exit code {code}"
+        if not connected:
+            hint = (
+                "is its public key registered on the SuperLink, and is --ca-cert the federation's CA?"
+                if not security.insecure
+                else "does the SuperLink run with --insecure?"
+            )
+            warn(f"fedplug: error: the SuperLink at {superlink} refused this SuperNode: {reason}; {hint} (log: {log})")
+        else:
+            warn(f"fedplug: error: the SuperNode stopped: {reason} (log: {log})")
+        return 1

@@ -1,0 +1,298 @@
+"""Planning a run: every check that can be made before anything starts, made once, and the resolved run config.
+
+:func:`plan_run` is the one pre-flight pipeline of ``fedplug run`` and ``fedplug.run()``.
+It resolves the run config once (core defaults, the backend's defaults, the user's
+overrides, the backends of ``node-backends``) and checks, in this order: the machine's
+resources and the Ray address, the backend, the results folder, the run config's names,
+types and ranges, the strategy and partitioner parameters, the dataset and every node's
+partition, the model against the data, and each backend of a mixed federation. A mistake
+raises a :class:`~fedplug.errors.FedplugError` whose message is one line; nothing has been
+started or written then. The result, a :class:`RunPlan`, is what the engines run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedplug import checkpoint, machine, node_backends
+from fedplug.backend import Backend, BackendUnavailable, ModelError, Scalar
+from fedplug.config import check_partitioner, resolve
+from fedplug.custom import is_custom, locate, no_native_output
+from fedplug.data import DataError, check_data, data_spec
+from fedplug.deployment.flower_cli import Security
+from fedplug.deployment.network import port_open, split_address
+from fedplug.errors import ConfigError, DeployError, UnavailableError
+from fedplug.models import canonical_shapes
+from fedplug.plugins import UnknownBackend, get_registry
+from fedplug.results import default_out
+from fedplug.strategies import check_strategy, strategy_kwargs
+
+RUNS_ROOT = Path("fedplug-runs")
+"""Where runs go without ``out``: one new folder each."""
+
+
+@dataclass(frozen=True)
+class Engine:
+    """Where a run executes: Flower's Simulation Engine on this machine, or a SuperLink's Deployment Engine."""
+
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+    ray_address: str | None = None
+    superlink: str | None = None
+    security: Security | None = None
+
+    @property
+    def deployed(self) -> bool:
+        return self.superlink is not None
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A checked run: its backend, its resolved run config, where its results go and which engine runs it.
+
+    ``out`` is the results folder on this machine (a simulation); on a SuperLink it is
+    ``None`` and ``config["out"]`` is a path on the SuperLink's machine, or empty.
+    """
+
+    backend: Backend
+    config: dict[str, Scalar]
+    engine: Engine
+    out: Path | None
+    resumed: bool = False
+
+
+def plan_run(
+    backend: str | None,
+    overrides: Mapping[str, Scalar],
+    *,
+    out: Path | None = None,
+    resume: Path | None = None,
+    client_cpus: float = 1.0,
+    client_gpus: float | None = None,
+    ray_address: str | None = None,
+    superlink: str | None = None,
+    ca_cert: Path | None = None,
+    insecure: bool = False,
+) -> RunPlan:
+    """Check everything a run needs before it starts; the :class:`RunPlan` to execute, or a one-line error.
+
+    ``overrides`` are run-config values over the backend's defaults. ``resume`` continues the
+    run in that results folder (only ``num-server-rounds`` may be given, to extend it). The
+    results folder of a simulation is created last, when every check has passed.
+    """
+    if superlink is not None:
+        if resume is not None:
+            raise ConfigError("--resume continues a simulation; a run on a SuperLink cannot be resumed yet")
+        if ray_address is not None:
+            raise ConfigError("--ray-address is for the Simulation Engine; a run on a SuperLink uses the SuperNodes")
+        return _plan_deployed(backend, dict(overrides), out, superlink, ca_cert, insecure)
+    machine.check_resources(client_cpus, client_gpus)
+    if ray_address is not None:
+        check_ray_address(ray_address)
+    engine = Engine(
+        client_cpus=client_cpus,
+        client_gpus=machine.gpu_share(client_cpus) if client_gpus is None else client_gpus,
+        ray_address=ray_address,
+    )
+    if resume is not None:
+        extra = sorted(set(overrides) - {"num-server-rounds"})
+        if extra:
+            raise ConfigError(
+                f"'{extra[0]}' would change the experiment: a resumed run keeps the config stored in {resume} "
+                "(only the number of rounds may extend it)"
+            )
+        if out is not None:
+            raise ConfigError(f"--out would change the experiment: a resumed run writes to {resume}")
+        rounds = overrides.get("num-server-rounds")
+        chosen, config = resume_config(resume, int(rounds) if rounds is not None else None, backend)
+        _check_node_backends(config)
+        return RunPlan(chosen, config, engine, resume, resumed=True)
+    if backend is None:
+        raise ConfigError("name a backend (fedplug run numpy), or continue a run with --resume DIR")
+    chosen = find_backend(backend)
+    check_backend_available(chosen)
+    check_out_folder(out if out is not None else RUNS_ROOT)
+    config = resolve_and_check(chosen, overrides)
+    check_model(chosen, config)
+    _check_node_backends(config)
+    folder = out or default_out(chosen.name, RUNS_ROOT)  # made now: every check has passed
+    config["out"] = str(folder.resolve())
+    return RunPlan(chosen, config, engine, folder)
+
+
+def _plan_deployed(
+    backend: str | None,
+    overrides: dict[str, Scalar],
+    out: Path | None,
+    superlink: str,
+    ca_cert: Path | None,
+    insecure: bool,
+) -> RunPlan:
+    """A run on a SuperLink: the nodes hold the data; the run config is checked here, as far as it can be."""
+    if backend is None:
+        raise ConfigError("name the server's backend (fedplug run numpy --superlink HOST:PORT)")
+    chosen = find_backend(backend)
+    check_backend_available(chosen)
+    split_address(superlink)
+    security = Security.of(ca_cert, insecure)
+    if "centralized-eval" not in overrides and "dataset" not in overrides:
+        # the data is on the nodes: the server has a held-out set only when the coordinator names one
+        overrides["centralized-eval"] = False
+    config = resolve_and_check(chosen, overrides, deployed=True)
+    if is_custom(config["model"]):  # the user's code runs on the SuperLink and the nodes: try it here first
+        check_model(chosen, config)
+    config["out"] = str(out) if out else ""  # a path on the SuperLink's machine, where the ServerApp runs
+    return RunPlan(chosen, config, Engine(superlink=superlink, security=security), None)
+
+
+def find_backend(name: str) -> Backend:
+    try:
+        return get_registry().get(name)
+    except UnknownBackend as error:
+        raise ConfigError(str(error)) from error
+
+
+def check_backend_available(backend: Backend) -> None:
+    """The backend's own check; a plugin that fails it with anything else is named in one line."""
+    try:
+        backend.check_available()
+    except BackendUnavailable as error:
+        raise UnavailableError(str(error)) from error
+    except (Exception, SystemExit) as error:
+        entry = get_registry().backends.get(backend.name)
+        origin = f"plugin '{entry.plugin}' ({entry.distribution} {entry.version})" if entry else "its plugin"
+        raise UnavailableError(
+            f"backend '{backend.name}' from {origin} failed its availability check with "
+            f"{type(error).__name__}: {error}; reinstall it or report this to its authors"
+        ) from error
+
+
+def check_ray_address(address: str) -> None:
+    """``auto``, or the HOST:PORT of a Ray head that answers."""
+    if address == "auto":
+        return
+    try:
+        host, port = split_address(address)
+    except DeployError:
+        raise ConfigError(
+            f"--ray-address must be auto or HOST:PORT of a Ray head (e.g. 127.0.0.1:6379), got '{address}'"
+        ) from None
+    if not port_open(host, port, timeout=3.0):
+        raise ConfigError(f"no Ray cluster answers at {address}: start one with `ray start --head --port {port}`")
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an ``out`` that cannot become this run's results folder, creating nothing."""
+    if not str(out).strip():
+        raise ConfigError("--out is empty; give a folder for the results, or leave --out out for ./fedplug-runs/")
+    try:
+        str(out).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"--out {str(out)!r} is not valid Unicode (undecodable bytes); choose another name") from None
+    try:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} is a file, not a folder; choose a folder for the results")
+        if (out / "config.json").exists():
+            raise ConfigError(f"{out} already holds a run; choose another --out, or continue it with --resume {out}")
+        existing = out.absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"--out {out} is inside {existing}, which is a file; choose a folder path")
+    except OSError as error:
+        raise ConfigError(f"cannot use --out {out}: {error.strerror or error}; choose another folder") from error
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fedplug-probe-", dir=existing))  # a real write test, even as root
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write --out {out}: {existing} refuses new folders ({error.strerror}); choose a writable one"
+        ) from error
+
+
+def resolve_and_check(backend: Backend, overrides: Mapping[str, Scalar], deployed: bool = False) -> dict[str, Scalar]:
+    """The run config, resolved once, with its strategy, partitioner and data checked.
+
+    ``deployed``: the nodes hold the data, so the partitioner and the partitions of
+    simulated nodes are not checked.
+    """
+    config = resolve(backend, overrides, node_backends.others(overrides))
+    if not deployed:
+        check_strategy(config)
+        check_partitioner(config, num_classes=None)
+    if is_custom(config["model"]):  # a custom model: every process imports it from its file, wherever it runs
+        config["model"], config["model-file"] = locate(str(config["model"]), Path.cwd())
+    if Path(str(config["dataset"])).expanduser().exists():  # Ray workers run elsewhere: absolute paths
+        config["dataset"] = str(Path(str(config["dataset"])).expanduser().resolve())
+    strategy_kwargs(config)
+    try:
+        if not deployed and config["partitioner"] == "pathological":  # classes per node against the data's
+            check_partitioner(config, num_classes=data_spec(config).num_classes)
+        check_data(config)  # the dataset and every node's partition, computed once for the whole run
+    except DataError as error:
+        raise ConfigError(str(error)) from error
+    return config
+
+
+def check_model(backend: Backend, config: dict[str, Scalar]) -> None:
+    """The model against the data spec, after the data is checked.
+
+    The shared models are checked by their canonical shapes, without importing a framework;
+    a backend's own models (e.g. ``cnn``) are built where they train: importing a framework
+    here would add seconds to every run. A custom model (``module:factory``) is built here,
+    once, with one dummy batch: the user's code may fail in many ways, all before anything starts.
+    """
+    try:
+        spec = data_spec(config)
+    except DataError as error:
+        raise ConfigError(str(error)) from error
+    try:
+        if config["model"] in ("mlp", "lenet"):
+            canonical_shapes(str(config["model"]), spec, config)
+        elif is_custom(config["model"]):
+            os.environ.update(backend.environment(config))
+            with no_native_output():
+                backend.build_model(str(config["model"]), spec, config)
+    except (ModelError, BackendUnavailable) as error:
+        raise ConfigError(str(error)) from error
+
+
+def _check_node_backends(config: dict[str, Scalar]) -> None:
+    """A mixed federation's backends: each known, available, building the model, accepting the run config."""
+    try:
+        node_backends.check(config)
+    except ModelError as error:
+        raise ConfigError(str(error)) from error
+    except ConfigError:
+        raise
+    except (Exception, SystemExit) as error:  # a plugin's bug in its own check or environment: name it
+        raise ConfigError(f"a backend of node-backends failed its checks ({type(error).__name__}: {error})") from error
+
+
+def resume_config(folder: Path, rounds: int | None, backend: str | None) -> tuple[Backend, dict[str, Scalar]]:
+    """The stored run config of ``folder`` to continue, with ``rounds`` if it extends the run."""
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder} is not a fedplug run folder (no config.json): give the --out of an earlier run")
+    stored = json.loads((folder / "config.json").read_text())
+    if backend is not None and backend != stored.get("backend"):
+        raise ConfigError(f"{folder} holds a '{stored.get('backend')}' run, not '{backend}': drop the backend argument")
+    chosen = find_backend(str(stored.get("backend")))
+    saved = checkpoint.latest(folder)
+    if saved is None:
+        raise ConfigError(f"{folder} has no checkpoint (it stopped before its first round finished): start it anew")
+    planned = int(stored["num-server-rounds"])
+    if rounds is not None:
+        if rounds <= saved.round:
+            raise ConfigError(f"{folder} has finished {saved.round} rounds already: --rounds must be more than that")
+        planned = rounds
+    if saved.round >= planned:
+        raise ConfigError(
+            f"{folder} holds a finished run ({saved.round} rounds): extend it with --rounds N (N > {saved.round})"
+        )
+    # the folder may have moved since: results go where it is now
+    overrides = {**stored, "num-server-rounds": planned, "out": str(folder.resolve())}
+    return chosen, resolve(chosen, overrides, node_backends.others(stored))
