@@ -24,7 +24,7 @@ echo "== test environment .venv"
   ./fedplug-core ./fedplug-torch "./fedplug-keras[tensorflow-cpu]" ./fedplug-jax ./fedplug-mlx \
   ./tests/plugins/fedplug-testplugins ./tests/plugins/fedplug-broken-example ./tests/plugins/fedplug-faulty \
   ./tests/plugins/fedplug-legacy-example \
-  pytest pytest-xdist pytest-timeout psutil ruff
+  pytest pytest-xdist pytest-timeout psutil ruff import-linter
 
 echo "== test environment .venv-mxnet"
 "$PYTHON" -m venv --clear .venv-mxnet
@@ -33,6 +33,8 @@ export FEDPLUG_MXNET_VENV="$PWD/.venv-mxnet"
 
 echo "== tests in .venv"
 .venv/bin/ruff check . && .venv/bin/ruff format --check .
+# the core's layers (root pyproject.toml [tool.importlinter]), on the installed fedplug
+.venv/bin/lint-imports --no-cache
 .venv/bin/python -m pytest -n 2 --dist loadfile --durations=25 "$@"
 
 echo "== tests in .venv-mxnet"

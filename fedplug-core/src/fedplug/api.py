@@ -136,13 +136,13 @@ def run(
     plan = plan_run(
         backend,
         overrides,
-        out=Path(out) if out is not None else None,
-        resume=Path(resume) if resume is not None else None,
+        out=_path("--out", out),
+        resume=_path("--resume", resume),
         client_cpus=client_cpus,
         client_gpus=client_gpus,
         ray_address=ray_address,
         superlink=superlink,
-        ca_cert=Path(ca_cert) if ca_cert is not None else None,
+        ca_cert=_path("--ca-cert", ca_cert),
         insecure=insecure,
     )
     if not plan.resumed:
@@ -150,6 +150,15 @@ def run(
     if plan.engine.deployed:
         return _run_deployed(plan, verbose, quiet, started)
     return _run_simulated(plan, verbose, quiet, started)
+
+
+def _path(flag: str, value: str | os.PathLike[str] | None) -> Path | None:
+    """A path argument; an empty one is a mistake (``Path("")`` would silently mean the current folder)."""
+    if value is None:
+        return None
+    if not os.fspath(value).strip():
+        raise ConfigError(f"{flag} is empty; give a path, or leave {flag} out")
+    return Path(value)
 
 
 def overrides_of(

@@ -17,10 +17,9 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from fedplug.backend import Backend
 from fedplug.config import defaults_for
 from fedplug.errors import FedplugError, one_line
-from fedplug.plugins import UnknownBackend, get_registry
+from fedplug.plugins import get_registry
 
 app = typer.Typer(
     name="fedplug",
@@ -50,13 +49,6 @@ def errors_as_exit() -> Iterator[None]:
         raise typer.Exit(stop.exit_code if isinstance(stop, Stopped) else 130) from None
 
 
-def backend_or_exit(name: str) -> Backend:
-    try:
-        return get_registry().get(name)
-    except UnknownBackend as error:
-        fail(str(error), code=2)
-
-
 @app.command("list")
 def list_backends(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
@@ -76,9 +68,11 @@ def info(backend: Annotated[str, typer.Argument(help="Backend name, e.g. torch."
     """Show a backend's models, quickstart dataset and default run config."""
     from rich.table import Table
 
+    from fedplug.availability import find_backend
     from fedplug.display import console
 
-    chosen = backend_or_exit(backend)
+    with errors_as_exit():
+        chosen = find_backend(backend)
     if chosen.notice:
         console.print(f"[yellow]{chosen.notice}[/]")
     console.print(f"[bold]{chosen.name}[/]: {chosen.description}")
@@ -135,7 +129,7 @@ def run(
             help="Mixed frameworks: other backends for some nodes, e.g. '0-1:torch,2-3:jax' (the others run BACKEND)."
         ),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Results folder (default: ./fedplug-runs/<time>-<backend>).")] = None,
+    out: Annotated[str | None, typer.Option(help="Results folder (default: ./fedplug-runs/<time>-<backend>).")] = None,
     resume: Annotated[
         Path | None,
         typer.Option(

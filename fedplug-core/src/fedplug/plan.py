@@ -20,15 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedplug import checkpoint, machine, node_backends
+from fedplug.availability import check_backend_available, find_backend
 from fedplug.backend import Backend, BackendUnavailable, ModelError, Scalar
 from fedplug.config import check_partitioner, resolve
 from fedplug.custom import is_custom, locate, no_native_output
 from fedplug.data import DataError, check_data, data_spec
 from fedplug.deployment.flower_cli import Security
 from fedplug.deployment.network import port_open, split_address
-from fedplug.errors import ConfigError, DeployError, UnavailableError
+from fedplug.errors import ConfigError, DeployError
 from fedplug.models import canonical_shapes
-from fedplug.plugins import UnknownBackend, get_registry
 from fedplug.results import default_out
 from fedplug.strategies import check_strategy, strategy_kwargs
 
@@ -148,28 +148,6 @@ def _plan_deployed(
         check_model(chosen, config)
     config["out"] = str(out) if out else ""  # a path on the SuperLink's machine, where the ServerApp runs
     return RunPlan(chosen, config, Engine(superlink=superlink, security=security), None)
-
-
-def find_backend(name: str) -> Backend:
-    try:
-        return get_registry().get(name)
-    except UnknownBackend as error:
-        raise ConfigError(str(error)) from error
-
-
-def check_backend_available(backend: Backend) -> None:
-    """The backend's own check; a plugin that fails it with anything else is named in one line."""
-    try:
-        backend.check_available()
-    except BackendUnavailable as error:
-        raise UnavailableError(str(error)) from error
-    except (Exception, SystemExit) as error:
-        entry = get_registry().backends.get(backend.name)
-        origin = f"plugin '{entry.plugin}' ({entry.distribution} {entry.version})" if entry else "its plugin"
-        raise UnavailableError(
-            f"backend '{backend.name}' from {origin} failed its availability check with "
-            f"{type(error).__name__}: {error}; reinstall it or report this to its authors"
-        ) from error
 
 
 def check_ray_address(address: str) -> None:

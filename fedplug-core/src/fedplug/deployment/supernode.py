@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedplug.availability import check_backend_available, find_backend
 from fedplug.backend import Scalar
 from fedplug.data import EMBEDDED, DataError
 from fedplug.deployment.certificates import check_private_key
@@ -11,7 +12,6 @@ from fedplug.deployment.flower_cli import Security
 from fedplug.deployment.network import split_address
 from fedplug.errors import ConfigError, DeployError
 from fedplug.node import describe_node
-from fedplug.plan import check_backend_available, find_backend
 
 
 def check_supernode(

@@ -1,0 +1,72 @@
+"""fedplug.run(): the Python API makes the CLI's checks, raises its one-line errors, and returns the run's metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import fedplug
+from fedplug.api import RunResult, overrides_of
+from fedplug.errors import ConfigError, FedplugError, RunError
+
+
+@pytest.mark.fast
+def test_keyword_arguments_become_run_config_keys() -> None:
+    overrides = overrides_of("strategy.proximal-mu=0.1", {"batch_size": 16, "lr": 0.05}, {"rounds": 2, "seed": None})
+    assert overrides == {"strategy.proximal-mu": 0.1, "batch-size": 16, "lr": 0.05, "num-server-rounds": 2}
+    assert overrides_of({"keras.backend": "jax"}, {}, {}) == {"keras.backend": "jax"}
+    with pytest.raises(ConfigError, match="must be a bool, int, float or string"):
+        overrides_of(None, {"lr": [0.1]}, {})  # type: ignore[dict-item]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"backend": "nosuch"}, "unknown backend 'nosuch'"),
+        ({"backend": "numpy", "lr": -1.0}, "run-config 'lr' must be a positive number"),
+        ({"backend": "numpy", "learning_rate": 0.1}, "unknown run-config key 'learning-rate'"),
+        ({"backend": "numpy", "strategy": "fedadam", "run_config": "strategy.beta-1=1"}, "'strategy.beta-1' must be"),
+        ({"backend": "numpy", "client_cpus": 0.0}, "--client-cpus must be a positive number"),
+        ({"backend": None}, "name a backend"),
+        ({"backend": "numpy", "superlink": "nocolon"}, "is not HOST:PORT"),
+    ],
+)
+def test_mistakes_raise_one_line_errors_before_anything_starts(
+    kwargs: dict[str, object], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FedplugError) as caught:
+        fedplug.api.run(**kwargs, quiet=True)  # type: ignore[arg-type]
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert caught.value.exit_code == 2
+    assert list(tmp_path.iterdir()) == [], "a refused run created files"
+
+
+@pytest.mark.fast
+def test_a_resumed_run_refuses_a_changed_experiment(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'lr' would change the experiment"):
+        fedplug.api.run(resume=tmp_path, lr=0.5, quiet=True)
+    with pytest.raises(ConfigError, match="is not a fedplug run folder"):
+        fedplug.api.run(resume=tmp_path, rounds=4, quiet=True)
+
+
+def test_a_run_returns_its_rounds_as_the_results_folder_holds_them(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = fedplug.api.run("numpy", rounds=2, nodes=2, out=out, quiet=True, hidden_dims="16", seed=7)
+    assert isinstance(result, RunResult) and result.status == "finished" and result.out == out
+    assert result.rounds == json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in result.rounds] == [0, 1, 2]
+    assert result.config["hidden-dims"] == "16" and result.config["seed"] == 7
+    assert result.accuracy == result.rounds[-1]["centralized-accuracy"] and result.accuracy is not None
+    assert [r for r, _ in result.metric("train-loss")] == [1, 2]
+    assert (out / "weights.npz").is_file() and json.loads((out / "status.json").read_text())["status"] == "finished"
+
+    # a run that starts and cannot finish raises RunError; its folder keeps what it wrote
+    diverged = tmp_path / "diverged"
+    with pytest.raises(RunError, match="training diverged") as caught:
+        fedplug.api.run("numpy", rounds=2, nodes=2, out=diverged, quiet=True, hidden_dims="16", lr=1e30)
+    assert caught.value.exit_code == 1 and caught.value.out == diverged
+    assert (diverged / "metrics.json").is_file()
