@@ -53,19 +53,27 @@ def test_a_resumed_run_refuses_a_changed_experiment(tmp_path: Path) -> None:
         fedplug.api.run(resume=tmp_path, rounds=4, quiet=True)
 
 
-def test_a_run_returns_its_rounds_as_the_results_folder_holds_them(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    result = fedplug.api.run("numpy", rounds=2, nodes=2, out=out, quiet=True, hidden_dims="16", seed=7)
-    assert isinstance(result, RunResult) and result.status == "finished" and result.out == out
+def test_the_documented_example_runs_and_returns_the_rounds_the_results_folder_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/api.md's example, as written: its result is the results folder's content."""
+    text = (Path(__file__).parents[2] / "docs" / "api.md").read_text()
+    example = text.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    exec(compile(example, "docs/api.md", "exec"), namespace)
+    result = namespace["result"]
+    assert isinstance(result, RunResult) and result.status == "finished"
+    out = tmp_path / "fedplug-runs" / "api-example"
+    assert Path(result.out).resolve() == out.resolve()
     assert result.rounds == json.loads((out / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in result.rounds] == [0, 1, 2]
-    assert result.config["hidden-dims"] == "16" and result.config["seed"] == 7
+    assert result.config["hidden-dims"] == "16" and result.config["strategy.fraction-evaluate"] == 1.0
     assert result.accuracy == result.rounds[-1]["centralized-accuracy"] and result.accuracy is not None
-    assert [r for r, _ in result.metric("train-loss")] == [1, 2]
-    assert (out / "weights.npz").is_file() and json.loads((out / "status.json").read_text())["status"] == "finished"
+    assert [r for r, _ in namespace["losses"]] == [1, 2]  # type: ignore[attr-defined]
+    assert json.loads((out / "status.json").read_text())["status"] == "finished"
 
-    # a run that starts and cannot finish raises RunError; its folder keeps what it wrote
-    diverged = tmp_path / "diverged"
+    diverged = tmp_path / "diverged"  # a run that starts and cannot finish raises RunError; its folder keeps it all
     with pytest.raises(RunError, match="training diverged") as caught:
         fedplug.api.run("numpy", rounds=2, nodes=2, out=diverged, quiet=True, hidden_dims="16", lr=1e30)
     assert caught.value.exit_code == 1 and caught.value.out == diverged
