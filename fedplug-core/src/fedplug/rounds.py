@@ -38,6 +38,7 @@ from fedplug.backend import Config, Weights
 from fedplug.node_backends import counts
 from fedplug.records import from_record, to_record
 from fedplug.results import Results
+from fedplug.strategies import Sampling
 from fedplug.validation import all_finite, check_metrics, check_weights, clip_update, update_norm
 
 log = logging.getLogger("fedplug.rounds")
@@ -66,17 +67,6 @@ class NodeInfo:
     backend: str
     train_examples: int
     test_examples: int
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How many nodes take part in a round: Flower's fractions and minimums."""
-
-    fraction_train: float
-    fraction_evaluate: float
-    min_train_nodes: int
-    min_evaluate_nodes: int
-    min_available_nodes: int
 
 
 class _DrawnNodes:
