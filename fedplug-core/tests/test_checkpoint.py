@@ -174,3 +174,13 @@ def test_state_of_another_strategy_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="momentum_vector that FedAdam does not declare"):
         checkpoint.restore_strategy(fedadam, saved.strategy["layout"], saved.strategy["arrays"])
     assert all(same(getattr(fedadam, k), v) for k, v in before.items())
+
+
+def test_a_checkpoint_of_the_earlier_layout_resumes(tmp_path: Path) -> None:
+    # fedplug before declared state wrote only the array-valued attributes, without "scalars"
+    moment = {k: v + 1 for k, v in WEIGHTS.items() if v.ndim}
+    layout = {"m_t": {"kind": "dict", "keys": list(moment)}, "v_t": {"kind": "dict", "keys": list(moment)}}
+    arrays = {f"{attr}/{i}": value for attr in ("m_t", "v_t") for i, value in enumerate(moment.values())}
+    resumed = strategy("fedadam")
+    checkpoint.restore_strategy(resumed, layout, arrays)
+    assert same(resumed.m_t, moment) and same(resumed.v_t, moment) and resumed.current_arrays is None

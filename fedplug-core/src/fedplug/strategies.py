@@ -1,10 +1,9 @@
 """Flower's built-in strategies by name, with their parameters taken from the run config.
 
-**The strategy samples nothing.** fedplug's round loop (``fedplug.rounds``) draws each
-round's nodes itself, from the seed, the round and the population, and shows a strategy's
-``configure_train``/``configure_evaluate`` only the drawn nodes; ``make_strategy`` builds
-every strategy to take all of them (fractions 1, minimums 0). The fractions and minimums
-of the run config become a ``Sampling`` (``sampling``), which the loop applies.
+The strategy samples nothing (the invariant is stated and kept in ``fedplug.rounds``):
+``make_strategy`` builds every strategy to take all the nodes the round loop shows it
+(fractions 1, minimums 0), and the run config's fractions and minimums become the
+``Sampling`` that the loop applies (``sampling``).
 
 **A strategy's state is declared.** ``STATE`` names, for each of the twelve strategies,
 the attributes that change from one round to the next (read from the installed Flower
