@@ -148,3 +148,42 @@ def test_failure_summary_counts_nodes_per_reason() -> None:
         {"round": 3, "train-failures": [{"partition": 3, "reason": "non-finite weights"}]},
     ]
     assert failure_summary(rounds) == ["2 nodes: non-finite weights", "1 node: x"]
+
+
+def test_a_round_record_writes_the_keys_values_and_order_of_metrics_json() -> None:
+    from fedplug.rounds import Exchange, NodeInfo, RoundRecord
+
+    nodes = [NodeInfo(11, 0, "torch", 100, 20), NodeInfo(12, 3, "jax", 100, 20), NodeInfo(13, 5, "torch", 100, 20)]
+    train = Exchange(nodes[:2], replies=["reply of 0"], failures=[{"partition": 3, "reason": "no reply"}])  # type: ignore[list-item]
+    train.node_seconds, train.metrics = [0.5, 0.25], {"loss": 0.5, "accuracy": 0.75}
+    evaluate = Exchange([nodes[0], nodes[2]], replies=["a", "b"], node_seconds=[0.125, 0.0625])  # type: ignore[list-item]
+    evaluate.metrics = {"loss": 0.25}
+    record = RoundRecord(4, train, evaluate, unusable=[{"node": 99, "reason": "broken"}], seconds=1.5)
+    record.centralized = {"loss": 0.125, "accuracy": 0.875}
+    written = record.to_json()
+    assert list(written.items()) == [
+        ("round", 4),
+        ("train-partitions", [0, 3]),
+        ("train-backends", {"torch": 1}),
+        ("partition-backends", {"0": "torch", "3": "jax", "5": "torch"}),
+        ("train-nodes", 1),
+        ("train-failed", 1),
+        ("train-failures", [{"partition": 3, "reason": "no reply"}]),
+        ("train-slowest-seconds", 0.5),
+        ("compute-seconds", 0.9375),
+        ("train-loss", 0.5),
+        ("train-accuracy", 0.75),
+        ("evaluate-partitions", [0, 5]),
+        ("evaluate-backends", {"torch": 2}),
+        ("evaluate-nodes", 2),
+        ("evaluate-failed", 0),
+        ("evaluate-failures", []),
+        ("evaluate-slowest-seconds", 0.125),
+        ("evaluate-loss", 0.25),
+        ("unusable-nodes", [{"node": 99, "reason": "broken"}]),
+        ("centralized-loss", 0.125),
+        ("centralized-accuracy", 0.875),
+        ("seconds", 1.5),
+    ]
+    skipped = RoundRecord(5, Exchange([]), skipped="no node available", seconds=0.25).to_json()
+    assert skipped == {"round": 5, "train-partitions": [], "skipped": "no node available", "seconds": 0.25}

@@ -24,7 +24,7 @@ from fedplug.data import data_spec, load_centralized
 from fedplug.node import backend_and_config, identity, node_data, session
 from fedplug.records import from_record, to_record
 from fedplug.results import Results, default_out, mark, plot_metrics, write_status
-from fedplug.rounds import NODE_RECORD, TIMING_RECORD, RoundLoop, RunFailed, resume_state
+from fedplug.rounds import NODE_RECORD, TIMING_RECORD, RoundLoop, RunFailed, resume
 from fedplug.strategies import make_strategy, sampling
 
 log = logging.getLogger("fedplug.apps")
@@ -143,13 +143,10 @@ def _run_rounds(
     grid: Grid, strategy: Any, config: Config, out: Path, initial: Weights, evaluation: CentralEvaluation
 ) -> ArrayRecord:
     """Round 0 (the initial model) and every round after it, or the rounds after the checkpoint in ``out``."""
-    resumed = resume_state(out, strategy)
+    resumed = resume(out, strategy)
+    results = Results(out, config, None if resumed is None else resumed.rounds)
+    loop = RoundLoop(grid, strategy, config, sampling(config), results, evaluation)
+    last = int(config["num-server-rounds"])
     if resumed is None:
-        loop = RoundLoop(grid, strategy, config, sampling(config), Results(out, config), evaluation)
-        first, weights = 0, initial
-    else:
-        done, weights, rounds, failed_in_a_row = resumed
-        loop = RoundLoop(grid, strategy, config, sampling(config), Results(out, config, rounds), evaluation)
-        loop.failed_in_a_row = failed_in_a_row
-        first = done + 1
-    return loop.run(to_record(weights), first, int(config["num-server-rounds"]))
+        return loop.run(to_record(initial), 0, last)
+    return loop.run(to_record(resumed.weights), resumed.round + 1, last, failed_in_a_row=resumed.failed_in_a_row)

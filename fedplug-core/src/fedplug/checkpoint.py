@@ -2,8 +2,10 @@
 
 After every finished round the server writes ``checkpoints/round-NNNN/`` in the results
 folder: ``weights.npz`` (the global model, canonical), ``strategy.npz`` (the strategy's
-array state: FedAdam's moments, FedAvgM's momentum, ...) and ``state.json`` (round,
-the metrics of every round so far, the strategy state's layout). The folder is written
+state, exactly the attributes ``fedplug.strategies.STATE`` declares for it: FedAdam's
+moments, FedAvgM's momentum, ...; numbers as 0-d arrays) and ``state.json`` (round, the
+metrics of every round so far, the strategy state's layout). A strategy that declares no
+state is refused, never saved in part. The folder is written
 under a temporary name and renamed, so a kill at any instant leaves either the previous
 complete checkpoint or the new one. Older checkpoints are removed once the new one is in
 place. Nothing is pickled.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +30,11 @@ from flwr.app import ArrayRecord
 from fedplug.backend import Weights
 from fedplug.records import to_record
 from fedplug.results import save_npz, strict_json
+from fedplug.strategies import state_names
 
 FOLDER = "checkpoints"
+NAME = re.compile(r"round-(\d+)")
+"""A complete checkpoint's folder: ``round-NNNN`` (four digits or more)."""
 
 
 @dataclass
@@ -40,53 +46,83 @@ class Checkpoint:
     extra: dict[str, Any]
 
 
+def _encode(where: str, value: Any) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """One state attribute: its JSON spec and its arrays (numpy and Python scalars as 0-d arrays)."""
+    if value is None:
+        return {"kind": "none", "keys": []}, []
+    if isinstance(value, bool | int | float) and not isinstance(value, np.generic):
+        return {"kind": "python", "keys": [""]}, [np.asarray(value)]
+    if isinstance(value, np.ndarray | np.generic):
+        return {"kind": "array", "keys": [""], "scalars": [isinstance(value, np.generic)]}, [np.asarray(value)]
+    if isinstance(value, ArrayRecord):
+        items, kind = [(k, v.numpy()) for k, v in value.items()], "arrayrecord"
+    elif isinstance(value, dict):
+        items, kind = list(value.items()), "dict"
+    elif isinstance(value, list):
+        items, kind = [(str(i), v) for i, v in enumerate(value)], "list"
+    else:
+        raise TypeError(f"{where} is a {type(value).__name__}: fedplug checkpoints arrays and numbers only")
+    for key, item in items:
+        if not isinstance(key, str) or not isinstance(item, np.ndarray | np.generic):
+            raise TypeError(f"{where}[{key!r}] is a {type(item).__name__}: fedplug checkpoints arrays and numbers only")
+    spec = {"kind": kind, "keys": [key for key, _ in items], "scalars": [isinstance(v, np.generic) for _, v in items]}
+    return spec, [np.asarray(v) for _, v in items]
+
+
+def _decode(spec: dict[str, Any], arrays: list[np.ndarray]) -> Any:
+    kind = spec["kind"]
+    if kind == "python":
+        return arrays[0].item()
+    # numpy scalars (a 0-d weight's moment is one) come back as numpy scalars of their dtype
+    values = [a[()] if scalar else a for a, scalar in zip(arrays, spec.get("scalars", [False] * len(arrays)))]
+    if kind == "none":
+        return None
+    if kind == "arrayrecord":
+        return to_record(dict(zip(spec["keys"], arrays)))
+    if kind == "dict":
+        return dict(zip(spec["keys"], values))
+    if kind == "list":
+        return values
+    if kind == "array":
+        return values[0]
+    raise ValueError(f"unknown kind of strategy state in the checkpoint: {kind!r}")
+
+
 def _state_layout(strategy: object) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The strategy's array-valued attributes: a JSON layout and the arrays by flat key."""
+    """The strategy's declared state (``fedplug.strategies.STATE``): a JSON layout and the arrays by flat key."""
     layout: dict[str, Any] = {}
     arrays: dict[str, np.ndarray] = {}
-    for attr, value in vars(strategy).items():
-        if isinstance(value, ArrayRecord):
-            items, kind = [(k, v.numpy()) for k, v in value.items()], "arrayrecord"
-        elif isinstance(value, dict) and all(isinstance(v, np.ndarray) for v in value.values()):
-            items, kind = list(value.items()), "dict"
-        elif isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
-            items, kind = [(str(i), v) for i, v in enumerate(value)], "list"
-        elif isinstance(value, np.ndarray):
-            items, kind = [("", value)], "array"
-        else:
-            continue
-        layout[attr] = {"kind": kind, "keys": [key for key, _ in items]}
-        arrays.update({f"{attr}/{i}": array for i, (_, array) in enumerate(items)})
+    for attr in state_names(strategy):
+        spec, values = _encode(f"{type(strategy).__name__}.{attr}", getattr(strategy, attr))
+        layout[attr] = spec
+        arrays.update({f"{attr}/{i}": array for i, array in enumerate(values)})
     return layout, arrays
 
 
 def restore_strategy(strategy: object, layout: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    """Set the array-valued attributes saved by ``save`` back on a freshly built strategy."""
+    """Set the state saved by ``save`` back on a freshly built strategy, by name."""
+    declared = state_names(strategy)
+    unknown = sorted(set(layout) - set(declared))
+    if unknown:
+        raise ValueError(
+            f"the checkpoint holds state {', '.join(unknown)} that {type(strategy).__name__} does not declare: "
+            "it was written for another strategy"
+        )
     for attr, spec in layout.items():
-        values = [arrays[f"{attr}/{i}"] for i in range(len(spec["keys"]))]
-        kind = spec["kind"]
-        if kind == "arrayrecord":
-            value: Any = to_record(dict(zip(spec["keys"], values)))
-        elif kind == "dict":
-            value = dict(zip(spec["keys"], values))
-        elif kind == "list":
-            value = values
-        else:
-            value = values[0]
-        setattr(strategy, attr, value)
+        setattr(strategy, attr, _decode(spec, [arrays[f"{attr}/{i}"] for i in range(len(spec["keys"]))]))
 
 
 def save(
     out: Path, round_: int, weights: Weights, strategy: object, rounds: list[dict[str, Any]], **extra: Any
 ) -> Path:
     """Write the checkpoint of ``round_`` atomically; keep only the newest one."""
+    layout, arrays = _state_layout(strategy)  # first: a strategy whose state cannot be saved leaves nothing
     root = out / FOLDER
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"round-{round_:04d}"
     tmp = root / f".round-{round_:04d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    layout, arrays = _state_layout(strategy)
     save_npz(tmp / "weights.npz", weights)
     save_npz(tmp / "strategy.npz", arrays)
     state = {"round": round_, "strategy": layout, "rounds": rounds, "extra": extra}
@@ -106,8 +142,9 @@ def save(
 def latest(out: Path) -> Checkpoint | None:
     """The newest complete checkpoint in ``out``, or None."""
     root = out / FOLDER
-    done = sorted(root.glob("round-[0-9][0-9][0-9][0-9]")) if root.is_dir() else []
-    for folder in reversed(done):
+    found = [(NAME.fullmatch(path.name), path) for path in root.iterdir()] if root.is_dir() else []
+    done = sorted((int(match[1]), path) for match, path in found if match)  # by number: round-10000 > round-9999
+    for _, folder in reversed(done):
         try:
             state = json.loads((folder / "state.json").read_text())
             with np.load(folder / "weights.npz", allow_pickle=False) as saved:

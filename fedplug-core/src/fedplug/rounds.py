@@ -1,14 +1,32 @@
 """The ServerApp's round loop: seeded sampling, screened replies, a fixed aggregation order.
 
-It drives one of Flower's strategies through its public methods (``configure_train``,
-``aggregate_train``, ``configure_evaluate``, ``aggregate_evaluate``) and the Grid's
-``send_and_receive``, as ``Strategy.start`` does, and adds what a trustworthy
-experiment needs and ``start`` does not have:
+``RoundLoop.run`` reads as Flower's ``Strategy.start``: per round, train (configure,
+send and receive, aggregate), evaluate, evaluate centrally; it returns the final model.
+It drives one of Flower's strategies through their public methods and the Grid's
+``send_and_receive``, and adds what a trustworthy experiment needs and ``start`` does not have:
 
-- Sampling depends only on the seed, the round and the partition ids (Flower samples
-  its random node ids with the global ``random``): the loop learns each node's
-  partition id with one query message, draws the round's partitions with its own
-  seeded generator, and shows the strategy only the drawn nodes.
+- **The strategy samples nothing.** Each round's nodes are drawn by ``draw`` from the
+  seed, the round and the population, and the strategy's ``configure_*`` sees only the
+  drawn nodes (``fedplug.strategies.make_strategy`` builds it to take all of them).
+  Flower samples its random node ids with the global ``random``; fedplug draws partitions.
+- **The population** that a round draws from is the partitions of the usable nodes, and
+  the loop knows it completely before it draws: it waits until every node the Grid lists
+  has answered the discovery query (or waited ``max(round-timeout, JOIN_TIMEOUT)`` for
+  it: then it is unusable, with that reason), so the draw never depends on which nodes
+  answered first. A node that cannot answer (its data or backend fails) is unusable for
+  the same reason on every machine, so:
+
+  - on the Simulation Engine, and for deployed nodes started with ``--partition-id I
+    --num-partitions N``, the population is the partitions ``0..N-1`` (the loop waits for
+    all N nodes, at most that long after it began) less the unusable nodes': the same in
+    every round and every run of one config and seed, however fast the machine.
+  - for deployed nodes with their own data (``fedplug supernode --data``, partition = node
+    id), the population of a round is the usable nodes that the SuperLink lists when the
+    round begins (the loop waits for ``min-available-nodes`` of them). Nodes join and leave
+    over time, so this population may differ between two runs; the draw from it does not.
+
+- **Discovery is separate** (``Discovery``): one query per node, sent once, its answer
+  (partition id, backend, data sizes) collected whenever it arrives.
 - Every reply is screened before the strategy sees it (``fedplug.validation``); a
   refused reply, an error reply and a missing reply (``round-timeout``) are failures of
   that node in that round, recorded with their reason.
@@ -18,6 +36,9 @@ experiment needs and ``start`` does not have:
   ``max-failed-rounds`` skipped rounds in a row, or if the global model stops being
   finite, the run stops with ``RunFailed``.
 - Each finished round leaves a checkpoint; ``resume`` continues from one exactly.
+
+Each round is recorded in a typed ``RoundRecord``; ``RoundRecord.to_json`` is the round's
+entry in ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +46,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +59,26 @@ from fedplug.backend import Config, Weights
 from fedplug.node_backends import counts
 from fedplug.records import from_record, to_record
 from fedplug.results import Results
+from fedplug.strategies import Sampling
 from fedplug.validation import all_finite, check_metrics, check_weights, clip_update, update_norm
+
+__all__ = [
+    "JOIN_TIMEOUT",
+    "NODE_RECORD",
+    "TIMING_KEYS",
+    "TIMING_RECORD",
+    "Discovery",
+    "Exchange",
+    "NodeInfo",
+    "Resumed",
+    "RoundLoop",
+    "RoundRecord",
+    "RunFailed",
+    "Sampling",
+    "draw",
+    "resume",
+    "sample",
+]
 
 log = logging.getLogger("fedplug.rounds")
 NODE_RECORD = "node"
@@ -50,11 +90,16 @@ TIMING_KEYS = ("seconds", "train-slowest-seconds", "evaluate-slowest-seconds", "
 NON_FINITE = "non-finite"
 """How the reasons of replies with NaN or infinite weights or metrics begin."""
 JOIN_TIMEOUT = 120.0
-"""Seconds the loop waits at least for nodes to answer the discovery query (their start-up included)."""
+"""Seconds the loop waits at least for a node to answer the discovery query (its start-up included)."""
+POLL_SECONDS = 0.2
+"""How often discovery looks for new nodes and answers while a round waits for them."""
 
 
 class RunFailed(RuntimeError):
     """The run cannot go on; the message says why, in one line."""
+
+
+# -- nodes ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -68,48 +113,15 @@ class NodeInfo:
     test_examples: int
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How many nodes take part in a round: Flower's fractions and minimums."""
-
-    fraction_train: float
-    fraction_evaluate: float
-    min_train_nodes: int
-    min_evaluate_nodes: int
-    min_available_nodes: int
-
-
-class _DrawnNodes:
-    """The Grid as a strategy's ``configure_*`` sees it: only the nodes fedplug drew."""
-
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = node_ids
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
+def query_message(node_id: int) -> Message:
+    """The discovery query to one node (Flower's ``Message`` needs a running ServerApp)."""
+    return Message(content=RecordDict({"config": ConfigRecord()}), dst_node_id=node_id, message_type=MessageType.QUERY)
 
 
 def _reason(message: Message) -> str:
     """An error reply's reason on one line."""
     text = " ".join(str(message.error.reason).split())
     return text[:300] or f"error code {message.error.code}"
-
-
-def _note_exchange(
-    record: dict[str, Any], kind: str, drawn: list[NodeInfo], replies: list[Message], failures: list[dict[str, Any]]
-) -> None:
-    """Which partitions took part in the ``kind`` (train or evaluate) step, which failed and why."""
-    record[f"{kind}-partitions"] = [info.partition for info in drawn]
-    failed = {failure["partition"] for failure in failures}
-    # mixed-framework federations: how many nodes of each backend replied usefully, which backend each partition ran
-    record[f"{kind}-backends"] = counts(info.backend for info in drawn if info.partition not in failed)
-    record.setdefault("partition-backends", {}).update({str(info.partition): info.backend for info in drawn})
-    record["partition-backends"] = dict(sorted(record["partition-backends"].items(), key=lambda item: int(item[0])))
-    record[f"{kind}-nodes"], record[f"{kind}-failed"], record[f"{kind}-failures"] = (
-        len(replies),
-        len(failures),
-        failures,
-    )
 
 
 def _node_timing(reply: Message) -> tuple[float, float]:
@@ -123,14 +135,133 @@ def _node_timing(reply: Message) -> tuple[float, float]:
         return 0.0, 0.0
 
 
-def _note_timing(record: dict[str, Any], kind: str, seconds: list[float]) -> None:
-    """The slowest node's own time in the ``kind`` step, and the nodes' summed time in the round."""
-    record[f"{kind}-slowest-seconds"] = round(max(seconds, default=0.0), 4)
-    record["compute-seconds"] = round(record.get("compute-seconds", 0.0) + sum(seconds), 4)
+class Discovery:
+    """Which node holds which partition: one query to each node the Grid lists, answers taken as they arrive.
 
+    A node that cannot answer (its data or backend fails) is unusable, with its reason. In a
+    partitioned federation (nodes declare ``num-partitions`` N > 0) a node whose partition is
+    outside ``0..N-1``, whose N differs from the first node's, or whose partition another node
+    holds already, is unusable too.
+    """
 
-def _note_metrics(record: dict[str, Any], kind: str, metrics: Any) -> None:
-    record.update({f"{kind}-{k}": float(v) for k, v in metrics.items() if k in ("loss", "accuracy")})
+    def __init__(self, grid: Grid, wait: float, query: Callable[[int], Message] = query_message) -> None:
+        self.grid, self.wait, self.query = grid, wait, query
+        self.nodes: dict[int, NodeInfo] = {}
+        """Usable nodes by partition."""
+        self.unusable: dict[int, str] = {}
+        """Why each unusable node (by node id) cannot take part."""
+        self.partitions: int | None = None
+        """N of a partitioned federation, 0 for nodes with their own data, None before the first answer."""
+        self.first_call: float | None = None
+        """When the first answering node began its answer (wall clock), as it reports it."""
+        self._asked: dict[int, float] = {}  # node id -> when its query was sent
+        self._pending: set[str] = set()  # ids of queries not answered yet
+        self._answered: set[int] = set()
+        self._reported: set[int] = set()  # unusable nodes that take_unusable has returned
+        self._started = 0.0  # when the first poll began
+
+    def _since_start(self) -> float:
+        return time.monotonic() - self._started
+
+    def poll(self) -> None:
+        """Ask the nodes listed since the last poll; take the answers that have arrived."""
+        self._started = self._started or time.monotonic()
+        listed = [node for node in self.grid.get_node_ids() if node not in self._asked]
+        if listed:
+            self._pending.update(self.grid.push_messages([self.query(node) for node in listed]))
+            now = time.monotonic()
+            self._asked.update(dict.fromkeys(listed, now))
+        if self._pending:
+            replies = list(self.grid.pull_messages(sorted(self._pending)))
+            self._pending.difference_update(reply.metadata.reply_to_message_id for reply in replies)
+            for reply in sorted(replies, key=lambda reply: reply.metadata.src_node_id):
+                self._take(reply)
+            called = [t for t in (_node_timing(reply)[0] for reply in replies) if t]
+            if self.first_call is None and called:
+                self.first_call = min(called)
+
+    def _take(self, reply: Message) -> None:
+        node = reply.metadata.src_node_id
+        self._answered.add(node)
+        reason = self._refusal(reply)
+        if reason is not None:
+            self.unusable.setdefault(node, reason)
+            return
+        self.unusable.pop(node, None)  # it had not answered in time: it takes part from now on
+        info = reply.content[NODE_RECORD]
+        partition = int(info["partition-id"])  # type: ignore[arg-type]
+        self.nodes[partition] = NodeInfo(
+            node,
+            partition,
+            str(info["backend"]),
+            int(info["train-examples"]),  # type: ignore[arg-type]
+            int(info["test-examples"]),  # type: ignore[arg-type]
+        )
+
+    def _refusal(self, reply: Message) -> str | None:
+        if reply.has_error():
+            return _reason(reply)
+        if NODE_RECORD not in reply.content:
+            return "no node record in its reply"
+        info = reply.content[NODE_RECORD]
+        partition, declared = int(info["partition-id"]), int(info.get("num-partitions", 0))  # type: ignore[arg-type]
+        if self.partitions is None:
+            self.partitions = declared
+        if declared != self.partitions:
+            return f"declares {declared} partitions, but the federation's first node declared {self.partitions}"
+        if declared and not 0 <= partition < declared:
+            return f"declares partition {partition}, outside 0..{declared - 1}"
+        if partition in self.nodes:
+            return f"declares partition {partition}, which node {self.nodes[partition].node_id} holds"
+        return None
+
+    def _waiting(self) -> bool:
+        """Whether a query sent less than ``wait`` seconds ago is unanswered."""
+        now = time.monotonic()
+        return any(now - sent < self.wait for node, sent in self._asked.items() if node not in self._answered)
+
+    def _give_up(self) -> None:
+        """Nodes whose query has waited ``wait`` seconds are unusable (an answer later makes them usable)."""
+        now = time.monotonic()
+        for node, sent in self._asked.items():
+            if node not in self._answered and now - sent >= self.wait and node not in self.unusable:
+                self.unusable[node] = f"no answer to the discovery query within {self.wait:g} s"
+
+    def population(self, needed: int) -> list[int]:
+        """The partitions a round draws from (see the module's docstring), once every listed node has answered.
+
+        Waits until each node the Grid lists has answered the query or waited ``wait`` seconds
+        for it; in a partitioned federation also until all N nodes are listed (for at most
+        ``wait`` seconds after discovery began), else until ``needed`` nodes are usable (for
+        at most ``wait`` seconds per round).
+        """
+        began = time.monotonic()
+
+        def complete() -> bool:
+            self.poll()
+            if self._waiting():
+                return False
+            if self.partitions:  # a partitioned federation: all N nodes, or as many as joined in time
+                return len(self._asked) >= self.partitions or self._since_start() >= self.wait
+            if self.partitions is None:  # no node has answered yet
+                return self._since_start() >= self.wait
+            return len(self.nodes) >= needed or time.monotonic() - began >= self.wait
+
+        while not complete():
+            if self._asked and not self.nodes and set(self.unusable) >= set(self._asked):
+                reasons = sorted(set(self.unusable.values()))
+                raise RunFailed(f"no node can take part: {'; '.join(reasons)[:400]}")
+            time.sleep(POLL_SECONDS)
+        self._give_up()
+        return sorted(self.nodes)
+
+    def take_unusable(self) -> list[dict[str, Any]]:
+        """The nodes found unusable since the last call, with their reasons."""
+        found = [
+            {"node": node, "reason": reason} for node, reason in self.unusable.items() if node not in self._reported
+        ]
+        self._reported.update(self.unusable)
+        return found
 
 
 def draw(partitions: list[int], fraction: float, minimum: int, seed: int, server_round: int, stream: int) -> list[int]:
@@ -141,6 +272,109 @@ def draw(partitions: list[int], fraction: float, minimum: int, seed: int, server
     rng = np.random.default_rng([seed, server_round, stream])
     chosen = rng.choice(len(partitions), size=count, replace=False)
     return sorted(partitions[i] for i in chosen)
+
+
+def sample(discovery: Discovery, sampling: Sampling, seed: int, server_round: int, train: bool) -> list[NodeInfo]:
+    """The nodes of a round's step, drawn by partition from the seed, the round and the population only."""
+    fraction, minimum = (
+        (sampling.fraction_train, sampling.min_train_nodes)
+        if train
+        else (sampling.fraction_evaluate, sampling.min_evaluate_nodes)
+    )
+    if fraction <= 0:
+        return []
+    population = discovery.population(sampling.min_available_nodes)
+    chosen = draw(population, fraction, minimum, seed, server_round, 0 if train else 1)
+    return [discovery.nodes[partition] for partition in chosen]
+
+
+class _DrawnNodes:
+    """The Grid as a strategy's ``configure_*`` sees it: only the nodes fedplug drew."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+
+# -- the round record ------------------------------------------------------------------
+
+
+@dataclass
+class Exchange:
+    """One step of a round, train or evaluate: the drawn nodes, their good replies, the failures and why."""
+
+    nodes: list[NodeInfo]
+    """The drawn nodes, in partition order."""
+    replies: list[Message] = field(default_factory=list)
+    """Good replies, in partition order: what the strategy aggregates."""
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    """``{"partition", "reason"}`` of every drawn node without a good reply, in partition order."""
+    node_seconds: list[float] = field(default_factory=list)
+    """Each replying node's own time."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The strategy's aggregated loss and accuracy."""
+
+    @property
+    def partitions(self) -> list[int]:
+        return [info.partition for info in self.nodes]
+
+
+@dataclass
+class RoundRecord:
+    """One round: what ``metrics.json`` and the checkpoint keep of it."""
+
+    round: int
+    train: Exchange | None = None
+    evaluate: Exchange | None = None
+    skipped: str | None = None
+    unusable: list[dict[str, Any]] = field(default_factory=list)
+    """Nodes found unusable during this round (``unusable-nodes``)."""
+    centralized: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The round's entry in ``metrics.json``: the keys, values and key order fedplug has always written."""
+        out: dict[str, Any] = {"round": self.round}
+        backends: dict[int, str] = {}
+        for kind, step in (("train", self.train), ("evaluate", self.evaluate)):
+            if step is None:
+                continue
+            out[f"{kind}-partitions"] = step.partitions
+            if step.nodes:  # a round without nodes to draw from records only that
+                failed = {failure["partition"] for failure in step.failures}
+                # mixed-framework federations: how many nodes of each backend replied usefully, which backend each
+                # partition ran (a key that keeps its place when the evaluate step adds to it)
+                out[f"{kind}-backends"] = counts(info.backend for info in step.nodes if info.partition not in failed)
+                backends.update({info.partition: info.backend for info in step.nodes})
+                out["partition-backends"] = {str(p): backends[p] for p in sorted(backends)}
+                out[f"{kind}-nodes"] = len(step.replies)
+                out[f"{kind}-failed"] = len(step.failures)
+                out[f"{kind}-failures"] = step.failures
+                out[f"{kind}-slowest-seconds"] = round(max(step.node_seconds, default=0.0), 4)
+                out["compute-seconds"] = round(out.get("compute-seconds", 0.0) + sum(step.node_seconds), 4)
+            if kind == "train" and self.skipped is not None:
+                out["skipped"] = self.skipped
+            out.update({f"{kind}-{name}": value for name, value in step.metrics.items()})
+        if self.unusable:
+            out["unusable-nodes"] = self.unusable
+        out.update({f"centralized-{name}": value for name, value in self.centralized.items()})
+        out["seconds"] = self.seconds
+        return out
+
+
+# -- the loop --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where a checkpointed run stands: its last round, global model, records and skipped rounds in a row."""
+
+    round: int
+    weights: Weights
+    rounds: list[dict[str, Any]]
+    failed_in_a_row: int
 
 
 class RoundLoop:
@@ -159,96 +393,126 @@ class RoundLoop:
         self.results, self.evaluate = results, evaluate
         self.seed = int(config["seed"])
         self.timeout = float(config["round-timeout"])
-        self.clip_norm = float(config["clip-norm"])
-        self.max_failed = int(config["max-failed-rounds"])
-        self.eval_every = int(config["eval-every"])
-        self.outlier_factor = float(config["outlier-factor"])
-        self.dtypes: dict[str, Any] = {}  # of the global model, set by run()
-        self.nodes: dict[int, NodeInfo] = {}  # by node id
-        self.unusable: dict[int, str] = {}  # nodes that could not answer the query (e.g. their data fails)
-        self.new_unusable: list[dict[str, Any]] = []  # not yet in a round's record
-        self.failed_in_a_row = 0
-        self.node_seconds: list[float] = []  # each replying node's own time in the last exchange
+        self.discovery = Discovery(grid, wait=max(self.timeout, JOIN_TIMEOUT))
+        self._marked = False  # the timeline has its first-client-call
 
-    # -- nodes ----------------------------------------------------------------------
+    def run(self, arrays: ArrayRecord, first: int, last: int, failed_in_a_row: int = 0) -> ArrayRecord:
+        """Run rounds ``first..last`` (round 0 only evaluates the initial model); return the final arrays."""
+        dtypes = {name: array.dtype for name, array in from_record(arrays).items()}
+        eval_every = int(self.config["eval-every"])
+        for server_round in range(first, last + 1):
+            started = time.monotonic()
+            record = RoundRecord(server_round)
+            # evaluation (federated and centralized): round 0, every eval-every-th round and the last
+            evaluated = server_round % eval_every == 0 or server_round == last
+            if server_round > 0:
+                # --- training: draw, configure, send and receive, screen, aggregate -------------
+                try:
+                    arrays, failed_in_a_row = self._train(server_round, arrays, record, failed_in_a_row, dtypes)
+                except RunFailed:  # keep the failed round's record (not its model) for the user
+                    record.unusable = self.discovery.take_unusable()
+                    record.seconds = round(time.monotonic() - started, 3)
+                    self.results.add_round(record.to_json())
+                    raise
+                # --- federated evaluation ----------------------------------------------------
+                if evaluated:
+                    self._evaluate(server_round, arrays, record)
+            record.unusable = self.discovery.take_unusable()
+            # --- centralized evaluation ------------------------------------------------------
+            weights = from_record(arrays)
+            record.centralized = (self.evaluate(server_round, weights) if evaluated else None) or {}
+            record.seconds = round(time.monotonic() - started, 3)
+            self._finish(server_round, weights, record, failed_in_a_row)
+        return arrays
 
-    def discover(self) -> dict[int, NodeInfo]:
-        """Ask every node not yet known for its partition id, backend and data sizes."""
-        unknown = [node for node in self.grid.get_node_ids() if node not in self.nodes]
-        if unknown:
-            messages = [
-                Message(
-                    content=RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type=MessageType.QUERY
-                )
-                for node in unknown
-            ]
-            replies = list(self.grid.send_and_receive(messages, timeout=max(self.timeout, JOIN_TIMEOUT)))
-            called = [_node_timing(reply)[0] for reply in replies]
-            if not self.nodes and any(called):
-                self.results.mark("first-client-call", min(t for t in called if t))
-            for reply in replies:
-                node = reply.metadata.src_node_id
-                if reply.has_error() or NODE_RECORD not in reply.content:
-                    reason = _reason(reply) if reply.has_error() else "no node record in its reply"
-                    if node not in self.unusable:
-                        self.unusable[node] = reason
-                        self.new_unusable.append({"node": node, "reason": reason})
-                    continue
-                info = reply.content[NODE_RECORD]
-                self.nodes[node] = NodeInfo(
-                    node,
-                    int(info["partition-id"]),  # type: ignore[arg-type]
-                    str(info["backend"]),
-                    int(info["train-examples"]),  # type: ignore[arg-type]
-                    int(info["test-examples"]),  # type: ignore[arg-type]
-                )
-        return self.nodes
+    def _finish(self, server_round: int, weights: Weights, record: RoundRecord, failed_in_a_row: int) -> None:
+        """Checkpoint first (it carries the metrics), then the results files."""
+        entry = record.to_json()
+        rounds = [*self.results.rounds, entry]
+        checkpoint.save(self.results.out, server_round, weights, self.strategy, rounds, failed_in_a_row=failed_in_a_row)
+        self.results.save_weights(weights)
+        self.results.add_round(entry)
 
-    def _wait_for_nodes(self, needed: int) -> dict[int, NodeInfo]:
-        # the first answers include the workers' start-up (imports, data): wait at least JOIN_TIMEOUT for them
-        deadline = time.monotonic() + max(self.timeout, JOIN_TIMEOUT)
-        while len(self.discover()) < needed and time.monotonic() < deadline:
-            if not self.nodes and self.unusable and set(self.unusable) >= set(self.grid.get_node_ids()):
-                reasons = sorted(set(self.unusable.values()))
-                raise RunFailed(f"no node can take part: {'; '.join(reasons)[:400]}")
-            time.sleep(1.0)
-        return self.nodes
+    def _train(
+        self, server_round: int, arrays: ArrayRecord, record: RoundRecord, failed_in_a_row: int, dtypes: dict[str, Any]
+    ) -> tuple[ArrayRecord, int]:
+        """The round's training step: the new global model and the skipped rounds in a row."""
+        step = self._exchange(server_round, arrays, train=True)
+        if step is None:
+            return arrays, failed_in_a_row
+        record.train = step
+        needed = max(1, min(self.sampling.min_train_nodes, len(step.partitions)))
+        if len(step.replies) < needed:
+            self._skip(server_round, record, step, needed, failed_in_a_row + 1)
+            return arrays, failed_in_a_row + 1
+        aggregated, metrics = self.strategy.aggregate_train(server_round, step.replies)
+        step.metrics = _loss_and_accuracy(metrics)
+        if aggregated is None:
+            return arrays, 0
+        weights = from_record(aggregated)
+        if not all_finite(weights):
+            raise RunFailed(
+                f"the global model became non-finite in round {server_round} ({self.config['strategy']}); "
+                "lower lr or set clip-norm"
+            )
+        # server optimisers (FedAdam, FedYogi, ...) compute in float64: the global model keeps the model's dtypes
+        return to_record({name: array.astype(dtypes[name], copy=False) for name, array in weights.items()}), 0
 
-    def _drawn(self, server_round: int, train: bool) -> list[NodeInfo]:
-        s = self.sampling
-        nodes = self._wait_for_nodes(s.min_available_nodes)
-        by_partition = {info.partition: info for info in nodes.values()}
-        fraction, minimum = (
-            (s.fraction_train, s.min_train_nodes) if train else (s.fraction_evaluate, s.min_evaluate_nodes)
-        )
-        chosen = draw(sorted(by_partition), fraction, minimum, self.seed, server_round, 0 if train else 1)
-        return [by_partition[p] for p in chosen]
+    def _skip(self, server_round: int, record: RoundRecord, step: Exchange, needed: int, in_a_row: int) -> None:
+        """Record a round without enough good replies; stop the run if it cannot recover."""
+        good = len(step.partitions) - len(step.failures)
+        record.skipped = f"{good} good replies, {needed} needed" if step.partitions else "no node available"
+        if step.failures and all(f["reason"].startswith(NON_FINITE) for f in step.failures):
+            raise RunFailed(
+                f"training diverged in round {server_round}: every node returned non-finite weights or metrics "
+                f"(lr={self.config['lr']}); lower lr"
+            )
+        if in_a_row >= int(self.config["max-failed-rounds"]):
+            reasons = sorted({f["reason"] for f in step.failures})
+            raise RunFailed(
+                f"no usable training result in {in_a_row} rounds in a row (last: round {server_round}): "
+                + ("; ".join(reasons)[:400] or "no node replied")
+            )
+        log.warning("round %s skipped: %s", server_round, record.skipped)
 
-    # -- one exchange ---------------------------------------------------------------
+    def _evaluate(self, server_round: int, arrays: ArrayRecord, record: RoundRecord) -> None:
+        step = self._exchange(server_round, arrays, train=False)
+        if step is None or not step.nodes:
+            return
+        record.evaluate = step
+        if step.replies:
+            step.metrics = _loss_and_accuracy(self.strategy.aggregate_evaluate(server_round, step.replies))
 
-    def _exchange(
-        self, server_round: int, drawn: list[NodeInfo], arrays: ArrayRecord, train: bool
-    ) -> tuple[list[Message], list[dict[str, Any]]]:
-        """Send the round's messages to the drawn nodes; return good replies in partition order and failures."""
-        ids = [info.node_id for info in drawn]
+    # -- one exchange ------------------------------------------------------------------
+
+    def _exchange(self, server_round: int, arrays: ArrayRecord, train: bool) -> Exchange | None:
+        """Draw the step's nodes, send them the strategy's messages, screen the replies; None if it draws none."""
+        if (self.sampling.fraction_train if train else self.sampling.fraction_evaluate) <= 0:
+            return None
+        step = Exchange(sample(self.discovery, self.sampling, self.seed, server_round, train))
+        if self.discovery.first_call is not None and not self._marked:
+            self.results.mark("first-client-call", self.discovery.first_call)
+            self._marked = True
+        if not step.nodes:
+            return step
         configure = self.strategy.configure_train if train else self.strategy.configure_evaluate
         config = ConfigRecord({"lr": self.config["lr"]} if train else {})
-        messages = list(configure(server_round, arrays, config, _DrawnNodes(ids)))
+        messages = configure(server_round, arrays, config, _DrawnNodes([info.node_id for info in step.nodes]))
         replies = {
-            reply.metadata.src_node_id: reply for reply in self.grid.send_and_receive(messages, timeout=self.timeout)
+            reply.metadata.src_node_id: reply
+            for reply in self.grid.send_and_receive(list(messages), timeout=self.timeout)
         }
-        self.node_seconds = [_node_timing(reply)[1] for reply in replies.values()]
+        step.node_seconds = [_node_timing(reply)[1] for reply in replies.values()]
         reference = from_record(arrays) if train else {}
         good: list[tuple[int, Message]] = []
-        failures: list[dict[str, Any]] = []
-        for info in drawn:
+        for info in step.nodes:
             reply = replies.get(info.node_id)
             reason = self._screen(reply, info, reference, train)
             if reason is None:
                 assert reply is not None
                 good.append((info.partition, reply))
             else:
-                failures.append({"partition": info.partition, "reason": reason})
+                step.failures.append({"partition": info.partition, "reason": reason})
                 log.warning(
                     "round %s: %s on partition %s failed: %s",
                     server_round,
@@ -256,10 +520,10 @@ class RoundLoop:
                     info.partition,
                     reason,
                 )
-        good.sort(key=lambda pair: pair[0])
-        if train and self.outlier_factor > 0:
-            good = self._drop_outliers(good, reference, failures)
-        return [reply for _, reply in good], failures
+        if train and float(self.config["outlier-factor"]) > 0:
+            good = self._drop_outliers(good, reference, step.failures)
+        step.replies = [reply for _, reply in good]
+        return step
 
     def _drop_outliers(
         self, good: list[tuple[int, Message]], reference: Weights, failures: list[dict[str, Any]]
@@ -270,7 +534,7 @@ class RoundLoop:
         norms = [
             update_norm(from_record(next(iter(reply.content.array_records.values()))), reference) for _, reply in good
         ]
-        limit = self.outlier_factor * float(np.median(norms))
+        limit = float(self.config["outlier-factor"]) * float(np.median(norms))
         if limit <= 0:
             return good
         kept = []
@@ -305,126 +569,23 @@ class RoundLoop:
         except Exception as error:  # a record that does not even decode
             return f"unreadable weights: {error}"
         reason = check_weights(weights, reference)
-        if reason is None and self.clip_norm > 0:
-            clipped = clip_update(weights, reference, self.clip_norm)
+        clip_norm = float(self.config["clip-norm"])
+        if reason is None and clip_norm > 0:
+            clipped = clip_update(weights, reference, clip_norm)
             if clipped is not weights:
                 content[key] = to_record(clipped)
         return reason
 
-    # -- rounds ---------------------------------------------------------------------
 
-    def run(self, arrays: ArrayRecord, first: int, last: int) -> ArrayRecord:
-        """Run rounds ``first..last`` (round 0 only evaluates the initial model); return the final arrays."""
-        self.dtypes = {name: array.dtype for name, array in from_record(arrays).items()}
-        for server_round in range(first, last + 1):
-            started = time.monotonic()
-            record: dict[str, Any] = {"round": server_round}
-            # evaluation (federated and centralized): round 0, every eval-every-th round and the last
-            evaluated = server_round % self.eval_every == 0 or server_round == last
-            if server_round > 0:
-                try:
-                    arrays = self._train(server_round, arrays, record)
-                except RunFailed:  # keep the failed round's record (not its model) for the user
-                    self._note_unusable(record)
-                    record["seconds"] = round(time.monotonic() - started, 3)
-                    self.results.add_round(record)
-                    raise
-                if evaluated:
-                    self._evaluate(server_round, arrays, record)
-            self._note_unusable(record)
-            weights = from_record(arrays)
-            central = self.evaluate(server_round, weights) if evaluated else None
-            if central:
-                record.update({f"centralized-{k}": v for k, v in central.items()})
-            record["seconds"] = round(time.monotonic() - started, 3)
-            self.finish_round(server_round, weights, record)
-        return arrays
-
-    def _note_unusable(self, record: dict[str, Any]) -> None:
-        if self.new_unusable:
-            record["unusable-nodes"], self.new_unusable = self.new_unusable, []
-
-    def finish_round(self, server_round: int, weights: Weights, record: dict[str, Any]) -> None:
-        """Checkpoint first (it carries the metrics), then the results files."""
-        rounds = [*self.results.rounds, record]
-        checkpoint.save(
-            self.results.out, server_round, weights, self.strategy, rounds, failed_in_a_row=self.failed_in_a_row
-        )
-        self.results.save_weights(weights)
-        self.results.add_round(record)
-
-    def _train(self, server_round: int, arrays: ArrayRecord, record: dict[str, Any]) -> ArrayRecord:
-        drawn = self._drawn(server_round, train=True)
-        if not drawn:
-            if self.sampling.fraction_train <= 0:
-                return arrays
-            record["train-partitions"] = []
-            return self._skip(server_round, arrays, record, [], self.sampling.min_available_nodes)
-        replies, failures = self._exchange(server_round, drawn, arrays, train=True)
-        _note_exchange(record, "train", drawn, replies, failures)
-        _note_timing(record, "train", self.node_seconds)
-        needed = max(1, min(self.sampling.min_train_nodes, len(drawn)))
-        if len(replies) < needed:
-            return self._skip(server_round, arrays, record, failures, needed)
-        self.failed_in_a_row = 0
-        aggregated, metrics = self.strategy.aggregate_train(server_round, replies)
-        if metrics is not None:
-            _note_metrics(record, "train", metrics)
-        if aggregated is None:
-            return arrays
-        weights = from_record(aggregated)
-        if not all_finite(weights):
-            raise RunFailed(
-                f"the global model became non-finite in round {server_round} ({self.config['strategy']}); "
-                "lower lr or set clip-norm"
-            )
-        # server optimisers (FedAdam, FedYogi, ...) compute in float64: the global model keeps the model's dtypes
-        return to_record({name: array.astype(self.dtypes[name], copy=False) for name, array in weights.items()})
-
-    def _skip(
-        self,
-        server_round: int,
-        arrays: ArrayRecord,
-        record: dict[str, Any],
-        failures: list[dict[str, Any]],
-        needed: int,
-    ) -> ArrayRecord:
-        self.failed_in_a_row += 1
-        good = len(record["train-partitions"]) - len(failures)
-        record["skipped"] = (
-            f"{good} good replies, {needed} needed" if record["train-partitions"] else "no node available"
-        )
-        if failures and all(f["reason"].startswith(NON_FINITE) for f in failures):
-            raise RunFailed(
-                f"training diverged in round {server_round}: every node returned non-finite weights or metrics "
-                f"(lr={self.config['lr']}); lower lr"
-            )
-        if self.failed_in_a_row >= self.max_failed:
-            reasons = sorted({f["reason"] for f in failures})
-            raise RunFailed(
-                f"no usable training result in {self.failed_in_a_row} rounds in a row (last: round {server_round}): "
-                + ("; ".join(reasons)[:400] or "no node replied")
-            )
-        log.warning("round %s skipped: %s", server_round, record["skipped"])
-        return arrays
-
-    def _evaluate(self, server_round: int, arrays: ArrayRecord, record: dict[str, Any]) -> None:
-        drawn = self._drawn(server_round, train=False)
-        if not drawn:
-            return
-        replies, failures = self._exchange(server_round, drawn, arrays, train=False)
-        _note_exchange(record, "evaluate", drawn, replies, failures)
-        _note_timing(record, "evaluate", self.node_seconds)
-        if replies:
-            metrics = self.strategy.aggregate_evaluate(server_round, replies)
-            if metrics is not None:
-                _note_metrics(record, "evaluate", metrics)
+def _loss_and_accuracy(metrics: Any) -> dict[str, float]:
+    """The aggregated loss and accuracy a round records, in the strategy's order."""
+    return {k: float(v) for k, v in (metrics or {}).items() if k in ("loss", "accuracy")}
 
 
-def resume_state(out: Path, strategy: Any) -> tuple[int, Weights, list[dict[str, Any]], int] | None:
-    """Restore the strategy from ``out``'s newest checkpoint; (round, weights, rounds, failed in a row)."""
+def resume(out: Path, strategy: Any) -> Resumed | None:
+    """Restore the strategy from ``out``'s newest checkpoint; where the run stands, or None without one."""
     saved = checkpoint.latest(out)
     if saved is None:
         return None
     checkpoint.restore_strategy(strategy, saved.strategy["layout"], saved.strategy["arrays"])
-    return saved.round, saved.weights, saved.rounds, int(saved.extra.get("failed_in_a_row", 0))
+    return Resumed(saved.round, saved.weights, saved.rounds, int(saved.extra.get("failed_in_a_row", 0)))

@@ -1,9 +1,21 @@
-"""Flower's built-in strategies by name, with their parameters taken from the run config."""
+"""Flower's built-in strategies by name, with their parameters taken from the run config.
+
+The strategy samples nothing (the invariant is stated and kept in ``fedplug.rounds``):
+``make_strategy`` builds every strategy to take all the nodes the round loop shows it
+(fractions 1, minimums 0), and the run config's fractions and minimums become the
+``Sampling`` that the loop applies (``sampling``).
+
+**A strategy's state is declared.** ``STATE`` names, for each of the twelve strategies,
+the attributes that change from one round to the next (read from the installed Flower
+classes); a checkpoint (``fedplug.checkpoint``) saves and restores exactly those, by name,
+and refuses a strategy that declares none rather than save part of it.
+"""
 
 from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from fedplug.backend import Config, Scalar
@@ -23,6 +35,24 @@ STRATEGIES = {
     "bulyan": "Bulyan",
     "qfedavg": "QFedAvg",
 }
+STATE: dict[str, tuple[str, ...]] = {
+    "fedavg": (),
+    "fedprox": (),
+    # FedOpt: the global model of the round (set by configure_train) and the first moment;
+    # FedAdam, FedYogi, FedAdagrad: the second moment too
+    "fedadam": ("current_arrays", "m_t", "v_t"),
+    "fedyogi": ("current_arrays", "m_t", "v_t"),
+    "fedadagrad": ("current_arrays", "m_t", "v_t"),
+    # the server's model (set once, then by aggregate_train) and the momentum
+    "fedavgm": ("current_arrays", "momentum_vector"),
+    "fedmedian": (),
+    "fedtrimmedavg": (),
+    "krum": (),
+    "multikrum": (),
+    "bulyan": (),
+    "qfedavg": ("current_arrays",),  # the global model of the round (set by configure_train)
+}
+"""Each strategy's attributes that change across rounds: what a checkpoint saves, by name."""
 INTERNAL = {
     "weighted_by_key",
     "arrayrecord_key",
@@ -70,6 +100,17 @@ def strategy_class(name: str) -> type:
     return getattr(strategy, STRATEGIES[name])  # type: ignore[no-any-return]
 
 
+def state_names(strategy: object) -> tuple[str, ...]:
+    """The attributes of ``strategy`` that a checkpoint must keep; refuses a strategy not in ``STATE``."""
+    for name in STRATEGIES:
+        if type(strategy) is strategy_class(name):  # a subclass may hold state of its own: not declared
+            return STATE[name]
+    raise TypeError(
+        f"strategy {type(strategy).__module__}.{type(strategy).__qualname__} declares no checkpoint state "
+        "(fedplug.strategies.STATE): it cannot be checkpointed, and saving part of it would resume another run"
+    )
+
+
 def strategy_parameters(name: str) -> dict[str, Scalar]:
     """``kebab-name -> default`` of the parameters a user may set for strategy ``name``."""
     signature = inspect.signature(strategy_class(name))
@@ -108,14 +149,23 @@ def strategy_kwargs(config: Config) -> dict[str, Any]:
     return kwargs
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How many nodes take part in a round: Flower's fractions and minimums, applied by the round loop."""
+
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+
+
 SAMPLING = ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes", "min_available_nodes")
 """Parameters fedplug's round loop applies itself (``fedplug.rounds``): the strategy sees only drawn nodes."""
 
 
-def sampling(config: Config) -> Any:
+def sampling(config: Config) -> Sampling:
     """How many nodes the configured strategy wants per round (fractions and minimums)."""
-    from fedplug.rounds import Sampling
-
     kwargs = strategy_kwargs(config)
     return Sampling(**{name: kwargs[name] for name in SAMPLING})
 
@@ -182,7 +232,7 @@ def check_strategy(config: Config) -> None:
 
 
 def make_strategy(config: Config) -> Any:
-    """The configured strategy, set to use every node the round loop shows it."""
+    """The configured strategy, set to use every node the round loop shows it (it samples nothing)."""
     cls = strategy_class(str(config["strategy"]))
     kwargs = strategy_kwargs(config)
     kwargs.update(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=0, min_evaluate_nodes=0)
