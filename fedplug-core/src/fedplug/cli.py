@@ -22,7 +22,7 @@ import typer
 
 from fedplug import node_backends
 from fedplug.backend import Backend, BackendUnavailable, ModelError, Scalar
-from fedplug.config import ConfigError, defaults_for, parse_overrides, resolve
+from fedplug.config import ConfigError, parse_overrides, resolve
 from fedplug.plugins import UnknownBackend, get_registry
 
 app = typer.Typer(
@@ -63,34 +63,10 @@ def list_backends(
 
 @app.command()
 def info(backend: Annotated[str, typer.Argument(help="Backend name, e.g. torch.")]) -> None:
-    """Show a backend's models, quickstart dataset and default run config."""
-    from rich.table import Table
+    """Show a backend's models, quickstart dataset, conformance tier and default run config."""
+    from fedplug.display import show_info
 
-    from fedplug.display import console
-
-    chosen = backend_or_exit(backend)
-    if chosen.notice:
-        console.print(f"[yellow]{chosen.notice}[/]")
-    console.print(f"[bold]{chosen.name}[/]: {chosen.description}")
-    console.print(f"framework: {chosen.framework.import_name} ({chosen.framework.requirement})")
-    console.print(f"models: {', '.join(chosen.models)}   native file: model{chosen.file_suffix}")
-    console.print(f"quickstart dataset: {chosen.quickstart_dataset or '-'} (use with --dataset)")
-    if chosen.custom_models:
-        console.print(
-            "custom models: --model my_nets:Factory (or ./my_nets.py:Factory); Factory(spec, config) receives "
-            "spec.input_shape (C, H, W), spec.num_classes and the run config, and must return "
-            f"{chosen.custom_models}",
-            highlight=False,
-            soft_wrap=True,
-        )
-    else:
-        console.print("custom models: not supported by this backend")
-    table = Table(title="default run config")
-    table.add_column("key")
-    table.add_column("default")
-    for key, value in defaults_for(chosen).items():
-        table.add_row(key, json.dumps(value))
-    console.print(table)
+    show_info(backend_or_exit(backend))
 
 
 def _notice_once(backend: Backend) -> None:
