@@ -49,7 +49,7 @@ def jax_probe() -> Probe | None:
     if not _JAX_LISTENING:  # one listener per process: JAX keeps every listener it is given
         import jax
 
-        def listen(event: str, duration: float, **kwargs: object) -> None:
+        def listen(event: str, duration_secs: float, **kwargs: str | int) -> None:
             if event.endswith(("/jaxpr_trace_duration", "/backend_compile_duration")):
                 _JAX_EVENTS.append(str(kwargs.get("fun_name")))
 
@@ -75,8 +75,8 @@ def keras_probe(model: Any) -> object:
 
 def mxnet_probe(model: Any) -> object:
     """The id of Gluon's cached graph of a hybridized network (MXNet): a new graph, a new id."""
-    net = getattr(model, "net", None)
-    return id(net._cached_op) if getattr(net, "_cached_op", None) is not None else None
+    cached = getattr(getattr(model, "net", None), "_cached_op", None)
+    return id(cached) if cached is not None else None
 
 
 def framework_probes() -> list[Probe]:
