@@ -22,7 +22,7 @@ import pytest
 
 from fedplug.backend import Config, DataSpec, Scalar, Weights
 from fedplug.config import ConfigError, defaults_for, resolve
-from fedplug.display import availability, backends_rows, tier_text
+from fedplug.display import availability, backends_rows, description_text, tier_text
 from fedplug.numpy_backend import (
     NumpyBackend,
     NumpyImplementation,
@@ -256,6 +256,14 @@ def test_a_description_that_repeats_the_name_is_caught() -> None:
     backend = DoubledName()
     with pytest.raises(AssertionError, match=r"starts with the backend's name: fedplug shows 'doubled: <desc"):
         BackendConformance().test_default_config_complete_and_typed(backend, config_of(backend))
+
+
+def test_fedplug_shows_a_name_in_a_description_once() -> None:
+    """A backend written for fedplug 0.1, whose generated description began with its name, still reads well."""
+    registry = Registry({"doubled": Registered(DoubledName(), "doubled", "fedplug-doubled", "0.1.0")})
+    (row,) = backends_rows(registry)
+    assert row["description"] == description_text(DoubledName()) == "NumPy MLP and LeNet"
+    assert description_text(NumpyBackend()) == NumpyBackend.description
 
 
 # -- 7. hyper-parameters baked into a compiled step --------------------------------------------------

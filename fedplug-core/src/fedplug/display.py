@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import re
 from typing import Any
 
 from rich.console import Console
@@ -17,6 +18,17 @@ console = Console()
 
 TIERS = {"basic": "works alone", "mixable": "can join mixed federations"}
 """The conformance tiers a backend may declare (``Backend.conformance``), and what each promises."""
+
+
+def named_prefix(description: str, name: str) -> re.Match[str] | None:
+    """The backend's name at the start of its description (``"mything: ..."``), if it is there."""
+    return re.match(rf"\s*{re.escape(name)}\s*[:\-\u2013\u2014]\s*", description, re.IGNORECASE)
+
+
+def description_text(backend: Backend) -> str:
+    """The backend's description as fedplug shows it after the name: without the name in front."""
+    named = named_prefix(backend.description, backend.name)
+    return backend.description[named.end() :] if named else backend.description
 
 
 def check_available(backend: Backend, config: Config) -> None:
@@ -73,7 +85,7 @@ def backends_rows(registry: Registry) -> list[dict[str, Any]]:
                 "available": problem is None,
                 "problem": problem,
                 "conformance": tier_text(entry.backend),
-                "description": entry.backend.description,
+                "description": description_text(entry.backend),
             }
         )
     for broken in registry.broken:
@@ -110,7 +122,7 @@ def show_info(backend: Backend) -> None:
 
     if backend.notice:
         console.print(f"[yellow]{backend.notice}[/]")
-    console.print(f"[bold]{backend.name}[/]: {backend.description}")
+    console.print(f"[bold]{backend.name}[/]: {description_text(backend)}")
     console.print(f"framework: {backend.framework.import_name} ({backend.framework.requirement})")
     problem = availability(backend)
     console.print(f"available: {'yes' if problem is None else f'no: {problem}'}", highlight=False, soft_wrap=True)
