@@ -38,6 +38,7 @@ from fedplug.toolkit import ADAM_BETAS, TrainSettings, metrics
 
 pytestmark = pytest.mark.fast
 
+SPEC = DataSpec((1, 28, 28), 10)
 HERE = __name__
 """This module, as the test backends' ``implementation`` names it."""
 FAILED = (AssertionError, pytest.fail.Exception)
@@ -146,6 +147,26 @@ def test_adam_epsilon_before_the_bias_correction_is_named() -> None:
     assert "epsilon goes after the bias correction" in message and "Keras's and MXNet's own Adam" in message
     assert "TrainSettings defines" not in message, "TrainSettings holds the settings, not the update"
     BackendConformance().test_train_matches_reference(backend, {}, "lenet", "sgd+momentum")  # SGD is right
+
+
+class EpochLoopAroundBatches(NumpyImplementation):
+    """Loops over the epochs around ``settings.batches(n)``, which already yields every epoch's batches."""
+
+    def train(self, model: NumpyModel, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
+        for _ in range(int(config["local-epochs"])):
+            super().train(model, x, y, config)
+        return super().evaluate(model, x, y, config)
+
+
+class EpochLoopBackend(NumpyBackend):
+    name = "epochloop"
+    implementation = f"{HERE}:EpochLoopAroundBatches"
+
+
+def test_an_epoch_loop_around_the_batches_is_named() -> None:
+    backend = EpochLoopBackend()
+    with pytest.raises(AssertionError, match=r"settings\.batches\(n\) yields every mini-batch of every epoch"):
+        BackendConformance().test_train_matches_reference(backend, {}, "mlp", "sgd")
 
 
 # -- 3. the framework imported by the descriptor's module ----------------------------------------
@@ -421,6 +442,31 @@ def test_an_unknown_tier_is_refused_and_shown_as_invalid() -> None:
         BackendConformance().test_default_config_complete_and_typed(backend, config_of(backend))
     assert tier_text(backend) == "invalid: 'full' (use 'basic' or 'mixable')"
     assert tier_text(BasicOnly()) == "basic"
+
+
+class OwnNames(NumpyImplementation):
+    """Weights under the framework's own names: fine alone, not in a mixed federation."""
+
+    def get_weights(self, model: NumpyModel) -> Weights:
+        return {f"own.{key}": value for key, value in super().get_weights(model).items()}
+
+    def set_weights(self, model: NumpyModel, weights: Weights) -> None:
+        super().set_weights(model, {key: weights[f"own.{key}"] for key in model.weights})
+
+
+class OwnNamesBackend(NumpyBackend):
+    name = "ownnames"
+    implementation = f"{HERE}:OwnNames"
+    conformance = "basic"
+
+
+@pytest.mark.parametrize("key", ["momentum", "weight-decay", "proximal-mu", "optimizer=adam"])
+def test_the_basic_tier_needs_no_canonical_layout(key: str) -> None:
+    backend = OwnNamesBackend()
+    BasicConformance().test_optimizer_keys_honoured_or_declared(backend, config_of(backend), {}, key)
+    BasicConformance().test_default_config_complete_and_typed(backend, config_of(backend))
+    with pytest.raises(AssertionError, match="weights must be named and ordered"):
+        BackendConformance().test_canonical_layout(backend, NumpyBackend(), config_of(backend), "mlp", SPEC)
 
 
 def test_the_basic_tier_holds_no_check_of_mixing() -> None:
