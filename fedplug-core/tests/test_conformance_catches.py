@@ -22,7 +22,7 @@ import pytest
 
 from fedplug.backend import Config, DataSpec, Scalar, Weights
 from fedplug.config import ConfigError, defaults_for, resolve
-from fedplug.display import availability, backends_rows, description_text, tier_text
+from fedplug.display import availability, backends_rows, console, description_text, show_info, tier_text
 from fedplug.numpy_backend import (
     NumpyBackend,
     NumpyImplementation,
@@ -263,6 +263,18 @@ def test_fedplug_list_says_unavailable_where_run_would_refuse() -> None:
     assert row["available"] is False
     assert "no GPU on this machine" in row["problem"]
     assert availability(NumpyBackend()) is None
+
+
+def test_fedplug_info_shows_availability_and_tier() -> None:
+    with console.capture() as captured:
+        show_info(NeedsDevice())
+    shown = captured.get()
+    assert "available: no: needsdevice.device 'gpu': no GPU on this machine" in shown
+    assert "conformance: mixable (can join mixed federations)" in shown
+    assert "models: mlp, lenet" in shown and "needsdevice.device" in shown  # and the default run config
+    with console.capture() as captured:
+        show_info(BasicOnly())
+    assert "available: yes" in captured.get() and "conformance: basic (works alone)" in captured.get()
 
 
 # -- 6. the description doubles the name ------------------------------------------------------------
