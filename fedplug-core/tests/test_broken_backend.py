@@ -22,7 +22,7 @@ CHECKS = sorted(name for name in dir(BackendConformance) if name.startswith("tes
 SAYS = {
     "test_registered_through_entry_point": ["registered ABCMeta, not a fedplug.Backend instance"],
     "test_plugin_import_is_light": [
-        "importing fedplug_broken_example imports sqlite3: import the framework inside the backend's methods",
+        "importing fedplug_broken_example imports sqlite3: import the framework only in the implementation module",
     ],
     "test_default_config_complete_and_typed": ["default 'lr' must be float like the core's 0.1, got '0.1'"],
     "test_models_build_for_data_specs": ["predicts shape (4, 10), expected (4, 3)"],

@@ -22,8 +22,10 @@ from pathlib import Path
 import pytest
 
 from fedplug.backend import OPERATIONS, Backend
+from fedplug.config import resolve
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.scaffold import ScaffoldError, scaffold
+from fedplug.testing import BackendConformance
 from fedplug.testing.runs import fedplug
 
 CORE = Path(__file__).resolve().parents[2] / "fedplug-core"
@@ -139,6 +141,23 @@ def test_generated_files_hold_the_entry_point_and_a_registered_backend(tmp_path:
     impl = (target / "src" / f"fedplug_{NAME}" / "impl.py").read_text()
     assert "class MyThingImplementation(NumpyImplementation)" in impl and "replace this with your framework" in impl
     assert "replace this with your framework" in (target / "src" / f"fedplug_{NAME}" / "__init__.py").read_text()
+
+
+def generated_backend(target: Path) -> Backend:
+    spec = importlib.util.spec_from_file_location("generated", target / "src" / f"fedplug_{NAME}" / "__init__.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    found: list[Backend] = []
+    module.fedplug_register_backends(found.append)
+    return found[0]
+
+
+def test_generated_descriptor_passes_the_attribute_checks(tmp_path: Path) -> None:
+    """The description does not repeat the name (fedplug shows 'name: description'); the tier is declared."""
+    backend = generated_backend(scaffold(NAME, tmp_path / "new", installed={"numpy"}))
+    assert not backend.description.startswith(NAME) and "\n" not in backend.description
+    assert "conformance" in vars(type(backend)) and backend.conformance == "mixable"
+    BackendConformance().test_default_config_complete_and_typed(backend, resolve(backend, {}))
 
 
 def test_an_empty_existing_directory_is_fine(tmp_path: Path) -> None:

@@ -229,6 +229,12 @@ class Backend(abc.ABC):
     sets it to a non-zero value; ``"key=value"`` refuses that value only (``"optimizer=adam"``).
     Never ignore a key silently: declare it here instead.
     """
+    conformance: ClassVar[str] = "mixable"
+    """The conformance tier the backend passes: ``"basic"`` (it works alone: ``fedplug.testing.BasicConformance``)
+    or ``"mixable"`` (it can also join mixed federations: ``fedplug.testing.BackendConformance``).
+
+    ``fedplug list`` and ``fedplug info`` show it; the suite checks the backend's tests run its tier.
+    """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Say once, in one line, that a class defining all eight operations itself follows the 0.1 contract.

@@ -17,7 +17,6 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from fedplug.config import defaults_for
 from fedplug.errors import FedplugError, one_line
 from fedplug.plugins import get_registry
 
@@ -65,36 +64,12 @@ def list_backends(
 
 @app.command()
 def info(backend: Annotated[str, typer.Argument(help="Backend name, e.g. torch.")]) -> None:
-    """Show a backend's models, quickstart dataset and default run config."""
-    from rich.table import Table
-
+    """Show a backend's models, quickstart dataset, conformance tier and default run config."""
     from fedplug.availability import find_backend
-    from fedplug.display import console
+    from fedplug.display import show_info
 
     with errors_as_exit():
-        chosen = find_backend(backend)
-    if chosen.notice:
-        console.print(f"[yellow]{chosen.notice}[/]")
-    console.print(f"[bold]{chosen.name}[/]: {chosen.description}")
-    console.print(f"framework: {chosen.framework.import_name} ({chosen.framework.requirement})")
-    console.print(f"models: {', '.join(chosen.models)}   native file: model{chosen.file_suffix}")
-    console.print(f"quickstart dataset: {chosen.quickstart_dataset or '-'} (use with --dataset)")
-    if chosen.custom_models:
-        console.print(
-            "custom models: --model my_nets:Factory (or ./my_nets.py:Factory); Factory(spec, config) receives "
-            "spec.input_shape (C, H, W), spec.num_classes and the run config, and must return "
-            f"{chosen.custom_models}",
-            highlight=False,
-            soft_wrap=True,
-        )
-    else:
-        console.print("custom models: not supported by this backend")
-    table = Table(title="default run config")
-    table.add_column("key")
-    table.add_column("default")
-    for key, value in defaults_for(chosen).items():
-        table.add_row(key, json.dumps(value))
-    console.print(table)
+        show_info(find_backend(backend))
 
 
 @app.command()

@@ -1,16 +1,68 @@
-"""What the terminal shows: backend tables, live round rows, the run summary."""
+"""What the terminal shows: backend tables and details, live round rows, the run summary."""
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
+import re
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from fedplug.backend import Backend, Config
 from fedplug.plugins import Registry, stdout_to_stderr
 
 console = Console()
+
+TIERS = {"basic": "works alone", "mixable": "can join mixed federations"}
+"""The conformance tiers a backend may declare (``Backend.conformance``), and what each promises."""
+
+
+def named_prefix(description: str, name: str) -> re.Match[str] | None:
+    """The backend's name at the start of its description (``"mything: ..."``), if it is there."""
+    return re.match(rf"\s*{re.escape(name)}\s*[:\-\u2013\u2014]\s*", description, re.IGNORECASE)
+
+
+def description_text(backend: Backend) -> str:
+    """The backend's description as fedplug shows it after the name: without the name in front."""
+    named = named_prefix(backend.description, backend.name)
+    return backend.description[named.end() :] if named else backend.description
+
+
+def check_available(backend: Backend, config: Config) -> None:
+    """``backend.check_available(config)``; ``check_available()`` for a backend whose method takes no run config."""
+    if inspect.signature(backend.check_available).parameters:
+        backend.check_available(config)  # type: ignore[call-arg]
+    else:
+        backend.check_available()
+
+
+def availability(backend: Backend) -> str | None:
+    """Why ``fedplug run NAME`` would refuse to start here with the backend's defaults, or None.
+
+    It runs what the run runs before anything starts: ``check_available`` with the default run
+    config and the run-config checks (``fedplug.config.resolve``). Neither imports the framework.
+    """
+    from fedplug.backend import BackendUnavailable
+    from fedplug.config import ConfigError, defaults_for, resolve
+
+    try:
+        with stdout_to_stderr():  # finding a framework may import a package that prints
+            check_available(backend, defaults_for(backend))
+            resolve(backend, {})
+    except (BackendUnavailable, ConfigError) as error:
+        return str(error)
+    except Exception as error:  # a plugin's own fault: say so rather than fail the whole listing
+        return f"its check_available failed: {type(error).__name__}: {error}"
+    return None
+
+
+def tier_text(backend: Backend) -> str:
+    """The backend's declared conformance tier, or what is wrong with the declaration."""
+    tier = backend.conformance
+    return tier if tier in TIERS else f"invalid: {tier!r} (use {' or '.join(map(repr, TIERS))})"
 
 
 def backends_rows(registry: Registry) -> list[dict[str, Any]]:
@@ -20,6 +72,7 @@ def backends_rows(registry: Registry) -> list[dict[str, Any]]:
         framework = entry.backend.framework
         with stdout_to_stderr():  # finding a framework may import a package that prints
             installed = framework.is_installed()
+        problem = availability(entry.backend)
         rows.append(
             {
                 "name": name,
@@ -29,7 +82,10 @@ def backends_rows(registry: Registry) -> list[dict[str, Any]]:
                 "framework": framework.import_name,
                 "requirement": framework.requirement,
                 "framework_installed": installed,
-                "description": entry.backend.description,
+                "available": problem is None,
+                "problem": problem,
+                "conformance": tier_text(entry.backend),
+                "description": description_text(entry.backend),
             }
         )
     for broken in registry.broken:
@@ -41,19 +97,57 @@ def backends_rows(registry: Registry) -> list[dict[str, Any]]:
 
 def backends_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="fedplug backends")
-    for column in ("backend", "distribution", "framework", "installed", "description"):
+    for column in ("backend", "distribution", "framework", "available", "tier", "description"):
         table.add_column(column)
     for row in rows:
         if row["status"] == "broken":
-            table.add_row(row["name"], row["distribution"], "", "[red]broken[/]", f"[red]{row['reason']}[/]")
+            table.add_row(row["name"], row["distribution"], "", "[red]broken[/]", "", f"[red]{row['reason']}[/]")
         else:
-            installed = (
-                "[green]yes[/]" if row["framework_installed"] else f"[yellow]no[/]: pip install '{row['requirement']}'"
-            )
+            available = "[green]yes[/]" if row["available"] else f"[yellow]no[/]: {row['problem']}"
+            tier = row["conformance"] if row["conformance"] in TIERS else f"[red]{row['conformance']}[/]"
             table.add_row(
-                row["name"], f"{row['distribution']} {row['version']}", row["framework"], installed, row["description"]
+                row["name"],
+                f"{row['distribution']} {row['version']}",
+                row["framework"],
+                available,
+                tier,
+                row["description"],
             )
     return table
+
+
+def show_info(backend: Backend) -> None:
+    """What ``fedplug info NAME`` prints: the backend's framework, models, tier, custom models and default config."""
+    from fedplug.config import defaults_for
+
+    if backend.notice:
+        console.print(f"[yellow]{backend.notice}[/]")
+    console.print(f"[bold]{backend.name}[/]: {description_text(backend)}")
+    console.print(f"framework: {backend.framework.import_name} ({backend.framework.requirement})")
+    problem = availability(backend)
+    console.print(f"available: {'yes' if problem is None else f'no: {problem}'}", highlight=False, soft_wrap=True)
+    tier = tier_text(backend)
+    console.print(
+        f"conformance: {tier}" + (f" ({TIERS[tier]})" if tier in TIERS else ""), highlight=False, soft_wrap=True
+    )
+    console.print(f"models: {', '.join(backend.models)}   native file: model{backend.file_suffix}")
+    console.print(f"quickstart dataset: {backend.quickstart_dataset or '-'} (use with --dataset)")
+    if backend.custom_models:
+        console.print(
+            "custom models: --model my_nets:Factory (or ./my_nets.py:Factory); Factory(spec, config) receives "
+            "spec.input_shape (C, H, W), spec.num_classes and the run config, and must return "
+            f"{backend.custom_models}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        console.print("custom models: not supported by this backend")
+    table = Table(title="default run config")
+    table.add_column("key")
+    table.add_column("default")
+    for key, value in defaults_for(backend).items():
+        table.add_row(key, json.dumps(value))
+    console.print(table)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

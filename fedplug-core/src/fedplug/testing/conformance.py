@@ -1,4 +1,10 @@
-"""The checks of the conformance suite, as a pytest base class.
+"""The checks of the conformance suite, as pytest base classes, in two tiers.
+
+``BasicConformance`` is the basic tier: a backend that works alone (registration, light
+import, defaults, building, training, determinism, the optimiser keys, saving, the Flower
+ClientApp). ``BackendConformance`` adds the mixable tier: a backend whose nodes can join a
+federation of other frameworks' (the canonical layout, the reference's predictions and
+training). A backend declares its tier with ``conformance = "basic"`` or ``"mixable"``.
 
 Checks marked "every model" run once per model the backend declares in ``models``
 (pytest parametrizes them with ``declared_model`` at collection). Each check's
@@ -18,16 +24,20 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-from fedplug.backend import Backend, DataSpec, Scalar, Weights
+from fedplug.backend import OPERATIONS, Backend, DataSpec, Scalar, Weights
 from fedplug.config import CORE_DEFAULTS, ConfigError, check_supported, defaults_for, resolve
+from fedplug.display import TIERS, check_available, named_prefix
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.plugins import DEFAULT_PLUGINS, ENTRY_POINT_GROUP, get_registry
+from fedplug.testing.rebuilds import Probe, framework_probes, probe_state, tells
 from fedplug.testing.reference import (
     OPTIMISER_CASES,
+    STEPS,
     Models,
     declared_case,
     reference_gap,
-    train_from_reference,
+    spec_for,
+    training_batch,
 )
 
 SPECS = (
@@ -42,6 +52,15 @@ ODD_SPEC = DataSpec((3, 29, 31), 3)
 HEAVY_FRAMEWORKS = ("torch", "tensorflow", "keras", "jax", "flax", "mlx", "mxnet")
 SHARED_MODELS = ("mlp", "lenet")
 SAFE_FORMATS = "safetensors, Flax msgpack or numpy .npz (np.savez / np.load(allow_pickle=False))"
+ODD_POOLING = (
+    "2x2 pooling must drop an odd last row/column (floor: no padding, no ceil mode), so that a 29x31 image "
+    "gives 25x27 -> 12x13 -> 8x9 -> 4x4 feature maps, as fedplug.models.canonical_shapes assumes"
+)
+ADAM_HINT = (
+    "for adam, epsilon goes after the bias correction: w -= lr / (1 - 0.9^t) * m / (sqrt(v) / sqrt(1 - 0.999^t) "
+    "+ 1e-8), t counting this call's steps from 1 (torch.optim.Adam); Keras's and MXNet's own Adam add epsilon "
+    "before it, so pass them epsilon * sqrt(1 - 0.999^t) or write the update yourself"
+)
 OPTIMISER_KEYS: dict[str, dict[str, Scalar]] = {
     "momentum": {"optimizer": "sgd", "momentum": 0.9},
     "weight-decay": {"weight-decay": 0.05},
@@ -68,10 +87,91 @@ def _drift(weights: Weights, start: Weights) -> float:
     return sum(float(np.sum((np.asarray(value, np.float64) - start[key]) ** 2)) for key, value in weights.items())
 
 
-class BackendConformance:
-    """Subclass with ``backend_name = "..."``; pytest runs every ``test_*`` check."""
+def follows_0_1_contract(backend: Backend) -> bool:
+    """Whether the backend defines the operations on its descriptor (fedplug 0.1's contract, until 0.3)."""
+    subclasses = type(backend).__mro__[: type(backend).__mro__.index(Backend)]  # Backend itself forwards them
+    return any(all(name in vars(cls) for name in OPERATIONS) for cls in subclasses)
+
+
+def default_config(backend: Backend) -> dict[str, Any]:
+    """The backend's resolved default run config; a refusal fails the check with what to do instead."""
+    check_available(backend, defaults_for(backend))
+    try:
+        return resolve(backend, {})
+    except ConfigError as error:
+        pytest.fail(
+            f"fedplug run {backend.name} refuses the backend's own default run config here ({error}) although "
+            "check_available() passes, so `fedplug list` says it is available where `fedplug run` refuses: test "
+            "what this machine lacks (a device, a compiler, a library) in check_available(config), raising "
+            "fedplug.BackendUnavailable, and keep check_config for the values of the backend's own keys",
+            pytrace=False,
+        )
+
+
+def _pickle_functions() -> dict[int, str]:
+    """id -> name of every pickle entry point a loader may reach, also under other names."""
+    import _pickle
+
+    found = {}
+    for module in (pickle, _pickle):
+        for name in ("load", "loads", "Unpickler", "_load", "_loads", "_Unpickler"):
+            if (function := getattr(module, name, None)) is not None:
+                found[id(function)] = f"{module.__name__}.{name}"
+    return found
+
+
+_UNPICKLING: list[str] = []
+"""While the save/load check loads, the audit hook records every class pickle looks up here."""
+_AUDITING: list[bool] = []
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if event == "pickle.find_class" and _AUDITING and _AUDITING[-1]:
+        _UNPICKLING.append(".".join(str(arg) for arg in args))
+
+
+def guard_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every way to unpickle fail the check: pickle's functions under any name bound in any loaded
+    module (``from pickle import loads``), and, through an audit hook, any unpickling that looks up a class."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(
+            f"load() used pickle: read the native format without unsafe deserialization: use {SAFE_FORMATS}"
+        )
+
+    functions = _pickle_functions()
+    for name in ("load", "loads", "Unpickler", "_load", "_loads", "_Unpickler"):
+        if hasattr(pickle, name):
+            monkeypatch.setattr(pickle, name, refuse)
+    for module in list(sys.modules.values()):
+        if module is pickle or module is None:
+            continue
+        try:
+            bound = [name for name, value in vars(module).items() if id(value) in functions]
+        except Exception:  # a module without a __dict__, or a lazy module that loads on access
+            continue
+        for name in bound:
+            monkeypatch.setattr(module, name, refuse)
+    if not _AUDITING:
+        sys.addaudithook(_audit)  # audit hooks stay for the process: it records only while a check loads
+        _AUDITING.append(False)
+    _AUDITING.append(True)
+    _UNPICKLING.clear()
+
+
+def pickle_used() -> list[str]:
+    """End ``guard_pickle``'s audit and return the classes pickle looked up meanwhile."""
+    if len(_AUDITING) > 1:
+        _AUDITING.pop()
+    return list(_UNPICKLING)
+
+
+class BasicConformance:
+    """The basic tier: the backend works alone. Subclass with ``backend_name = "..."``; pytest runs every check."""
 
     backend_name: ClassVar[str]
+    tier: ClassVar[str] = "basic"
+    """The tier these checks establish: the backend must declare it as its ``conformance``."""
     determinism_atol: ClassVar[float] = 0.0
     """0 demands bit-identical weights for the same seed; a backend whose framework
     cannot be deterministic on CPU sets a tolerance and documents why."""
@@ -103,13 +203,13 @@ class BackendConformance:
             f"broken plugins: {[(b.plugin, b.reason) for b in registry.broken]}"
         )
         backend = registry.backends[cls.backend_name].backend
-        backend.check_available()
+        check_available(backend, defaults_for(backend))
         return backend
 
     @pytest.fixture(scope="class")
     @classmethod
     def config(cls, backend: Backend) -> dict[str, Any]:
-        return resolve(backend, {})
+        return default_config(backend)
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -125,11 +225,19 @@ class BackendConformance:
     def _config(self, backend: Backend, **overrides: Any) -> dict[str, Any]:
         return resolve(backend, overrides)
 
+    def rebuild_probes(self) -> list[Probe]:
+        """Probes telling when the framework traced or compiled (``fedplug.testing.rebuilds``).
+
+        Default: those of JAX, Keras on TensorFlow and MXNet. A backend of a kernel-compiling framework
+        fedplug does not know adds its own: ``return [*super().rebuild_probes(), lambda model: len(cache)]``.
+        """
+        return framework_probes()
+
     def _trainer(
-        self, backend: Backend, model_name: str, config: dict[str, Any], spec: DataSpec = SPECS[0]
+        self, backend: Backend, model_name: str, config: dict[str, Any], spec: DataSpec = SPECS[0], model: Any = None
     ) -> tuple[Weights, Callable[..., Weights]]:
         """Start weights and ``fit(x, y, target=None, **overrides)``: set them on one model, train, return weights."""
-        model = backend.build_model(model_name, spec, config)
+        model = backend.build_model(model_name, spec, config) if model is None else model
         start = backend.get_weights(model)
 
         def fit(x: np.ndarray, y: np.ndarray, target: Any = None, **overrides: Any) -> Weights:
@@ -177,15 +285,20 @@ class BackendConformance:
         assert done.returncode == 0, f"importing {module} fails: {done.stderr.strip()[-500:]}"
         imported = done.stdout.strip()
         assert not imported, (
-            f"importing {module} imports {imported}: import the framework inside the backend's "
-            "methods, not at module level, so `fedplug list` stays fast"
+            f"importing {module} imports {imported}: import the framework only in the implementation module "
+            f"(implementation = '{backend.implementation or 'module:Class'}'), which fedplug imports on first use, "
+            "and put imports made for type annotations under `if TYPE_CHECKING:`, so `fedplug list` stays fast"
         )
 
     def test_default_config_complete_and_typed(self, backend: Backend, config: dict[str, Any]) -> None:
-        """The defaults are scalars of the core's types, the default model exists, the attributes are well formed.
+        """The defaults are scalars of the core's types, the default model exists, the attributes are well formed,
+        and the default run config runs wherever ``check_available`` passes.
 
         Fix: give ``defaults`` values of the same type as ``fedplug.config.CORE_DEFAULTS`` (``0.1`` not
-        ``"0.1"``), make ``unsupported`` a frozenset of run-config keys, ``file_suffix`` like ``.pt``.
+        ``"0.1"``), make ``unsupported`` a frozenset of run-config keys, ``file_suffix`` like ``.pt``,
+        ``description`` one line without the backend's name in front (fedplug shows ``name: description``),
+        ``conformance`` the tier the backend's tests run (``"basic"``: ``BasicConformance``, ``"mixable"``:
+        ``BackendConformance``); test what the machine lacks in ``check_available(config)``, not ``check_config``.
         """
         for key, value in backend.defaults.items():
             assert isinstance(value, bool | int | float | str), f"default '{key}' must be a scalar, got {value!r}"
@@ -216,8 +329,32 @@ class BackendConformance:
                 "'proximal-mu' or a value like 'optimizer=adam'"
             )
         assert backend.file_suffix.startswith("."), "file_suffix must look like '.pt'"
+        description = backend.description
+        assert "\n" not in description.strip(), "description must be one line: fedplug list shows it in a table row"
+        if not follows_0_1_contract(backend):  # fedplug 0.1's new-backend wrote 'name: ...'; fedplug shows it once
+            assert not named_prefix(description, backend.name), (
+                f"description {description!r} starts with the backend's name: fedplug shows '{backend.name}: "
+                "<description>', so drop the name from the description"
+            )
+        tier = backend.conformance
+        assert tier in TIERS, (
+            f"conformance = {tier!r} is not a tier: declare {' or '.join(map(repr, TIERS))} "
+            f"({'; '.join(f'{name}: {what}' for name, what in TIERS.items())})"
+        )
+        assert tier == self.tier, (
+            f"backend '{backend.name}' declares conformance = {tier!r} but its tests run the {self.tier} tier "
+            f"({'BasicConformance' if self.tier == 'basic' else 'BackendConformance'}): "
+            + (
+                "subclass fedplug.testing.BackendConformance to check what mixing needs, or declare "
+                "conformance = 'basic' (fedplug then keeps it out of mixed federations)"
+                if tier == "mixable"
+                else "declare conformance = 'mixable' if it passes these checks, or subclass "
+                "fedplug.testing.BasicConformance"
+            )
+        )
+        default_config(backend)  # says what to do if this machine refuses the defaults
 
-    # -- models and canonical layout ---------------------------------------------------
+    # -- models ----------------------------------------------------------------------------
 
     @pytest.mark.parametrize("spec", SPECS, ids=str)
     def test_models_build_for_data_specs(self, backend: Backend, config: dict[str, Any], spec: DataSpec) -> None:
@@ -234,28 +371,6 @@ class BackendConformance:
             )
 
     @pytest.mark.parametrize("model_name", SHARED_MODELS)
-    @pytest.mark.parametrize("spec", SPECS[:2], ids=str)
-    def test_canonical_layout(
-        self, backend: Backend, reference: NumpyBackend, config: dict[str, Any], model_name: str, spec: DataSpec
-    ) -> None:
-        """The shared models' weights have the reference's names, order, shapes and dtype.
-
-        Fix: convert at ``get_weights``/``set_weights`` (``fedplug.toolkit`` has the usual conversions).
-        """
-        expected = reference.get_weights(reference.build_model(model_name, spec, config))
-        got = backend.get_weights(backend.build_model(model_name, spec, config))
-        assert list(got) == list(expected), (
-            f"'{model_name}' weights must be named and ordered {list(expected)}, got {list(got)}"
-        )
-        for key, array in got.items():
-            assert isinstance(array, np.ndarray), f"{key} must be a numpy array, got {type(array).__name__}"
-            assert array.shape == expected[key].shape, (
-                f"{key} of '{model_name}' must have canonical shape {expected[key].shape} (dense (out, in), "
-                f"conv (out, in, kh, kw)), got {array.shape}"
-            )
-            assert array.dtype == expected[key].dtype, f"{key} must be {expected[key].dtype}, got {array.dtype}"
-
-    @pytest.mark.parametrize("model_name", SHARED_MODELS)
     def test_weights_round_trip_exactly(self, backend: Backend, config: dict[str, Any], model_name: str) -> None:
         """``get_weights(set_weights(w)) == w`` bit for bit, so aggregation loses nothing.
 
@@ -268,62 +383,6 @@ class BackendConformance:
         back = backend.get_weights(model)
         for key, array in sent.items():
             np.testing.assert_array_equal(back[key], array, err_msg=f"get(set({key})) changed the values")
-
-    def _assert_reference_predictions(
-        self, backend: Backend, reference: NumpyBackend, model_name: str, pool: str, spec: DataSpec
-    ) -> None:
-        config = self._config(backend, pool=pool)
-        numpy_model = reference.build_model(model_name, spec, config)
-        model = backend.build_model(model_name, spec, config)
-        try:
-            backend.set_weights(model, reference.get_weights(numpy_model))
-        except Exception as error:
-            pytest.fail(
-                f"set_weights() refused the reference's canonical '{model_name}' weights for {spec}: "
-                f"{type(error).__name__}: {error}; convert from the canonical layout at set_weights"
-            )
-        x, _ = _batch(spec, n=8)
-        np.testing.assert_allclose(
-            np.asarray(backend.predict(model, x)),
-            reference.predict(numpy_model, x),
-            rtol=1e-3,
-            atol=self.prediction_atol,
-            err_msg=f"'{model_name}' (pool {pool}) with the reference weights predicts differently for {spec}: "
-            "check the layout conversion at get/set and that flattening follows channels-first (C, H, W) order",
-        )
-
-    @pytest.mark.parametrize(("model_name", "pool"), [("mlp", "max"), ("lenet", "max"), ("lenet", "avg")])
-    @pytest.mark.parametrize("spec", SPECS[1:3], ids=str)
-    def test_same_predictions_as_numpy_reference(
-        self, backend: Backend, reference: NumpyBackend, model_name: str, pool: str, spec: DataSpec
-    ) -> None:
-        """With the reference's weights, ``mlp`` and ``lenet`` (max and avg pool) give the reference's logits.
-
-        Tolerance: ``|logits - reference| <= prediction_atol (1e-4) + 1e-3 * |reference|``; the bundled
-        backends agree within 1.4e-6. This is what lets nodes of different frameworks share one model.
-        Fix: convert layouts at get/set, flatten in ``(C, H, W)`` order, return logits (no softmax).
-        """
-        self._assert_reference_predictions(backend, reference, model_name, pool, spec)
-
-    @pytest.mark.parametrize(("model_name", "pool"), [("mlp", "max"), ("lenet", "max"), ("lenet", "avg")])
-    def test_odd_image_sizes_match_reference(
-        self, backend: Backend, reference: NumpyBackend, config: dict[str, Any], model_name: str, pool: str
-    ) -> None:
-        """On 29x31 images the shared models have the reference's shapes and logits.
-
-        2x2 pooling with stride 2 drops an odd last row/column (floor), as PyTorch, Keras
-        ('valid') and Flax do. Same tolerance as ``test_same_predictions_as_numpy_reference``.
-        Fix: no 'same' padding and no ceil mode in the shared models' pools.
-        """
-        expected = reference.get_weights(reference.build_model(model_name, ODD_SPEC, config))
-        got = backend.get_weights(backend.build_model(model_name, ODD_SPEC, config))
-        shapes = {key: value.shape for key, value in got.items()}
-        assert shapes == {key: value.shape for key, value in expected.items()}, (
-            f"'{model_name}' on {ODD_SPEC} must have the canonical shapes "
-            f"{ {key: value.shape for key, value in expected.items()} }, got {shapes} (dense (out, in), "
-            "conv (out, in, kh, kw); 2x2 pooling drops an odd last row/column)"
-        )
-        self._assert_reference_predictions(backend, reference, model_name, pool, ODD_SPEC)
 
     # -- training and evaluation -------------------------------------------------------
 
@@ -404,39 +463,56 @@ class BackendConformance:
         """``train`` keeps nothing from one call to the next: the core reuses one model for every node and round.
 
         Training partition A then B on one model must equal training B on a fresh model with the same
-        weights set. Fix: create optimizer state (momentum, Adam moments, step counters, RNG) in each
+        weights set, with plain SGD, SGD with momentum and Adam (those not declared ``unsupported``):
+        plain SGD alone would not tell momentum buffers or Adam moments kept from the last call.
+        Fix: create optimizer state (momentum, Adam moments, step counters, RNG) in each
         ``train`` call, or reset it there; read every setting from that call's config.
         """
         spec = SPECS[0]
         x, y = _batch(spec, n=48, seed=3)
         part_a, part_b = (x[:24], y[:24]), (x[24:], y[24:])
         cfg = {**config, "batch-size": 8, "local-epochs": 1, "server-round": 1}
-        _, fit = self._trainer(backend, declared_model, cfg, spec)
-        fit(*part_a, **{"lr": float(cfg["lr"]) * 2, "server-round": 3, "partition-id": 1})
-        reused = fit(*part_b)
-        fresh = fit(*part_b, target=backend.build_model(declared_model, spec, cfg))
-        for key in fresh:
-            np.testing.assert_allclose(
-                reused[key],
-                fresh[key],
-                rtol=0,
-                atol=self.determinism_atol,
-                err_msg=f"'{declared_model}': training A then B on one model differs from B on a fresh model ({key}): "
-                "train keeps state between calls; create or reset optimizer state and RNGs in every train call",
-            )
+        model = backend.build_model(declared_model, spec, cfg)
+        fresh_model = backend.build_model(declared_model, spec, cfg)
+        cases: dict[str, dict[str, Scalar]] = {}
+        for case in ("sgd", "sgd+momentum", "adam"):
+            overrides = declared_case(backend, OPTIMISER_CASES[case])
+            if overrides is not None and overrides not in cases.values():
+                cases[case] = overrides
+        for case, overrides in cases.items():
+            _, fit = self._trainer(backend, declared_model, {**cfg, **overrides}, spec, model=model)
+            fit(*part_a, **{"lr": float(overrides["lr"]) * 2, "server-round": 3, "partition-id": 1})
+            reused = fit(*part_b)
+            fresh = fit(*part_b, target=fresh_model)
+            fresh_model = backend.build_model(declared_model, spec, cfg)  # unused by any train call yet
+            for key in fresh:
+                np.testing.assert_allclose(
+                    reused[key],
+                    fresh[key],
+                    rtol=0,
+                    atol=self.determinism_atol,
+                    err_msg=f"'{declared_model}': training A then B on one model differs from B on a fresh model "
+                    f"({key}, {case} {overrides}): train keeps state between calls; create or reset optimizer state "
+                    "(momentum buffers, Adam moments and step count) and RNGs in every train call",
+                )
 
     def test_optimizer_keys_read_every_call(
         self, backend: Backend, config: dict[str, Any], declared_model: str
     ) -> None:
-        """``lr``, ``momentum``, ``weight-decay`` and ``optimizer`` take effect, and are read anew on every call.
+        """``lr``, ``momentum``, ``weight-decay`` and ``optimizer`` take effect, and are read anew on every call;
+        a new ``lr`` compiles nothing.
 
         The server may send new values every round. Fix: build the optimizer from this call's
         settings (``fedplug.toolkit.TrainSettings.from_config(config)``) in every ``train`` call; a key
-        a backend cannot honour goes in ``unsupported``.
+        a backend cannot honour goes in ``unsupported``. A framework that compiles (traces) its step
+        must take the hyper-parameters as data (arrays, tensors), not as Python constants baked into
+        the compiled step, or it compiles again every round; ``rebuild_probes()`` tells when it compiled.
         """
         x, y = _batch(SPECS[0], n=32)
         cfg = {**config, "batch-size": 8, "local-epochs": 1, "server-round": 1}
-        _, fit = self._trainer(backend, declared_model, cfg)
+        model = backend.build_model(declared_model, SPECS[0], cfg)
+        _, fit = self._trainer(backend, declared_model, cfg, model=model)
+        probes = self.rebuild_probes()
         lr = float(cfg["lr"])
         trials: dict[str, tuple[Any, Any]] = {"lr": (lr, lr * 3)}
         if "momentum" not in backend.unsupported:
@@ -448,8 +524,17 @@ class BackendConformance:
         for key, (one, other) in trials.items():
             plain = {"optimizer": "sgd"} if key in ("momentum", "lr") else {}  # momentum is SGD's
             first = fit(x, y, **{**plain, key: one})
+            compiled = probe_state(probes, model)
             changed = fit(x, y, **{**plain, key: other})
             again = fit(x, y, **{**plain, key: one})
+            if key == "lr" and tells(compiled):
+                now = probe_state(probes, model)
+                assert now == compiled, (
+                    f"'{declared_model}': training again with another lr ({other}, then {one}) traced or compiled "
+                    f"again (rebuild probes {compiled} -> {now}): pass lr, momentum, weight decay, proximal-mu and "
+                    "Adam's bias corrections to the compiled step as data (arrays or tensors), not as Python "
+                    "constants, so that a new value every round compiles nothing (fedplug.testing.rebuilds)"
+                )
             assert _differ(first, changed), (
                 f"'{declared_model}': changing '{key}' from {one} to {other} changed nothing: read config['{key}'] "
                 "in every train call"
@@ -478,38 +563,17 @@ class BackendConformance:
             with pytest.raises(ConfigError, match="does not"):
                 check_supported(backend, needs)
             return
-        without, _ = train_from_reference(backend, "mlp", base, models=small_models)
-        using, _ = train_from_reference(backend, "mlp", {**base, **uses}, models=small_models)
+        spec = spec_for("mlp")
+        cfg: dict[str, Any] = {**resolve(backend, {"hidden-dims": "16"}), **STEPS, **base}
+        if ("mlp", "own") not in small_models:  # the backend's own start weights: this check needs no reference
+            built = backend.build_model("mlp", spec, cfg)
+            small_models["mlp", "own"] = (built, None, backend.get_weights(built))
+        _, fit = self._trainer(backend, "mlp", cfg, spec, model=small_models["mlp", "own"][0])
+        x, y = training_batch(spec)
+        without, using = fit(x, y), fit(x, y, **uses)
         assert _differ(without, using), (
             f"'{key}' ({uses}) changed nothing in training: implement it as fedplug.toolkit.TrainSettings "
             f"defines it, or declare unsupported = frozenset({{'{key}'}}) so that fedplug refuses it"
-        )
-
-    @pytest.mark.parametrize("case", list(OPTIMISER_CASES))
-    @pytest.mark.parametrize("model_name", SHARED_MODELS)
-    def test_train_matches_reference(self, backend: Backend, small_models: Models, model_name: str, case: str) -> None:
-        """One ``train`` call from the reference's weights lands on the reference's weights (``training_atol``).
-
-        Same start, data (24 tiny images, ``fedplug.testing.reference``), core example order and
-        optimiser: plain SGD, SGD with momentum, Adam, and SGD with momentum, weight decay and
-        FedProx's term (keys declared in ``unsupported`` left out). This is what makes a federation
-        of nodes with different frameworks follow one trajectory. Tolerance: max |w - w_ref| <=
-        ``training_atol`` (1e-5); the bundled backends are within 2.3e-7.
-        Fix: visit examples in ``settings.batches(n)`` (or ``settings.order(n, epoch)``), average the
-        loss over each mini-batch, and implement the optimiser exactly as ``fedplug.toolkit.TrainSettings``
-        defines it (PyTorch's ``SGD``/``Adam``: coupled weight decay, no dampening or Nesterov,
-        Adam's epsilon after the bias correction), with fresh state every call.
-        """
-        overrides = declared_case(backend, OPTIMISER_CASES[case])
-        if overrides is None:  # the backend declares it lacks this optimizer: the core must refuse it
-            with pytest.raises(ConfigError, match="does not support"):
-                check_supported(backend, {**resolve(backend, {}), **OPTIMISER_CASES[case]})
-            return
-        gap = reference_gap(backend, model_name, overrides, models=small_models)
-        assert gap <= self.training_atol, (
-            f"'{model_name}' trained with {overrides} lands {gap:.3g} from the numpy reference's weights "
-            f"(tolerance {self.training_atol:g}): visit the examples in the core's order (toolkit.TrainSettings"
-            ".batches), average the loss per mini-batch, and implement the optimiser as TrainSettings defines it"
         )
 
     def test_proximal_term_applied(self, backend: Backend, config: dict[str, Any], declared_model: str) -> None:
@@ -548,7 +612,8 @@ class BackendConformance:
 
         Fix: if the framework's usual format is pickle (``torch.save`` of a module, ``np.save`` of
         objects), write the weights as safetensors, Flax msgpack or ``.npz`` and load them with
-        ``weights_only``/``allow_pickle=False``.
+        ``weights_only``/``allow_pickle=False``. The check catches pickle under any name (``from pickle
+        import loads`` too) and any unpickling that looks up a class.
         """
         spec = SPECS[1]
         x, y = _batch(spec, n=16)
@@ -559,15 +624,16 @@ class BackendConformance:
         assert path.is_file() and path.stat().st_size > 0, f"save() wrote nothing at {path}"
         other = backend.build_model(declared_model, spec, {**config, "seed": int(config["seed"]) + 1})
 
-        def refuse(*args: Any, **kwargs: Any) -> Any:
-            raise AssertionError(
-                f"load() used pickle: read the native format without unsafe deserialization: use {SAFE_FORMATS}"
-            )
-
-        for name in ("load", "loads", "Unpickler"):
-            monkeypatch.setattr(pickle, name, refuse)
-        loaded = backend.load(other, path)
-        monkeypatch.undo()
+        guard_pickle(monkeypatch)
+        try:
+            loaded = backend.load(other, path)
+        finally:
+            unpickled = pickle_used()
+            monkeypatch.undo()
+        assert not unpickled, (
+            f"load() used pickle (it looked up {unpickled[:3]}): read the native format without unsafe "
+            f"deserialization: use {SAFE_FORMATS}"
+        )
         np.testing.assert_allclose(
             np.asarray(backend.predict(loaded, x)),
             np.asarray(backend.predict(model, x)),
@@ -636,4 +702,137 @@ class BackendConformance:
         assert any(not np.array_equal(trained[k], sent[k]) for k in sent), "training did not change the weights"
         assert {"loss", "accuracy"} <= set(replies[MessageType.EVALUATE].content.metric_records["metrics"]), (
             "the evaluate reply must carry 'loss' and 'accuracy'"
+        )
+
+
+class BackendConformance(BasicConformance):
+    """The mixable tier: the basic checks, and what lets the backend's nodes join a federation of other frameworks.
+
+    The shared models keep the canonical layout and predict and train as the numpy reference does.
+    Subclass with ``backend_name = "..."`` for a backend that declares ``conformance = "mixable"``.
+    """
+
+    tier: ClassVar[str] = "mixable"
+
+    @pytest.mark.parametrize("model_name", SHARED_MODELS)
+    @pytest.mark.parametrize("spec", SPECS[:2], ids=str)
+    def test_canonical_layout(
+        self, backend: Backend, reference: NumpyBackend, config: dict[str, Any], model_name: str, spec: DataSpec
+    ) -> None:
+        """The shared models' weights have the reference's names, order, shapes and dtype.
+
+        Fix: convert at ``get_weights``/``set_weights`` (``fedplug.toolkit`` has the usual conversions).
+        """
+        expected = reference.get_weights(reference.build_model(model_name, spec, config))
+        got = backend.get_weights(backend.build_model(model_name, spec, config))
+        assert list(got) == list(expected), (
+            f"'{model_name}' weights must be named and ordered {list(expected)}, got {list(got)}"
+        )
+        for key, array in got.items():
+            assert isinstance(array, np.ndarray), f"{key} must be a numpy array, got {type(array).__name__}"
+            assert array.shape == expected[key].shape, (
+                f"{key} of '{model_name}' must have canonical shape {expected[key].shape} (dense (out, in), "
+                f"conv (out, in, kh, kw)), got {array.shape}"
+            )
+            assert array.dtype == expected[key].dtype, f"{key} must be {expected[key].dtype}, got {array.dtype}"
+
+    def _assert_reference_predictions(
+        self, backend: Backend, reference: NumpyBackend, model_name: str, pool: str, spec: DataSpec
+    ) -> None:
+        config = self._config(backend, pool=pool)
+        numpy_model = reference.build_model(model_name, spec, config)
+        model = backend.build_model(model_name, spec, config)
+        try:
+            backend.set_weights(model, reference.get_weights(numpy_model))
+        except Exception as error:
+            pytest.fail(
+                f"set_weights() refused the reference's canonical '{model_name}' weights for {spec}: "
+                f"{type(error).__name__}: {error}; convert from the canonical layout at set_weights"
+            )
+        x, _ = _batch(spec, n=8)
+        np.testing.assert_allclose(
+            np.asarray(backend.predict(model, x)),
+            reference.predict(numpy_model, x),
+            rtol=1e-3,
+            atol=self.prediction_atol,
+            err_msg=f"'{model_name}' (pool {pool}) with the reference weights predicts differently for {spec}: "
+            "check the layout conversion at get/set and that flattening follows channels-first (C, H, W) order",
+        )
+
+    @pytest.mark.parametrize(("model_name", "pool"), [("mlp", "max"), ("lenet", "max"), ("lenet", "avg")])
+    @pytest.mark.parametrize("spec", SPECS[1:3], ids=str)
+    def test_same_predictions_as_numpy_reference(
+        self, backend: Backend, reference: NumpyBackend, model_name: str, pool: str, spec: DataSpec
+    ) -> None:
+        """With the reference's weights, ``mlp`` and ``lenet`` (max and avg pool) give the reference's logits.
+
+        Tolerance: ``|logits - reference| <= prediction_atol (1e-4) + 1e-3 * |reference|``; the bundled
+        backends agree within 1.4e-6. This is what lets nodes of different frameworks share one model.
+        Fix: convert layouts at get/set, flatten in ``(C, H, W)`` order, return logits (no softmax).
+        """
+        self._assert_reference_predictions(backend, reference, model_name, pool, spec)
+
+    @pytest.mark.parametrize(("model_name", "pool"), [("mlp", "max"), ("lenet", "max"), ("lenet", "avg")])
+    def test_odd_image_sizes_match_reference(
+        self, backend: Backend, reference: NumpyBackend, config: dict[str, Any], model_name: str, pool: str
+    ) -> None:
+        """On 29x31 images the shared models have the reference's shapes and logits.
+
+        2x2 pooling with stride 2 drops an odd last row/column (floor), as PyTorch, Keras
+        ('valid') and Flax do. Same tolerance as ``test_same_predictions_as_numpy_reference``.
+        Fix: no 'same' padding and no ceil mode in the shared models' pools.
+        """
+        expected = reference.get_weights(reference.build_model(model_name, ODD_SPEC, config))
+        try:
+            got = backend.get_weights(backend.build_model(model_name, ODD_SPEC, config))
+        except Exception as error:
+            pytest.fail(
+                f"'{model_name}' (pool {pool}) fails to build on {ODD_SPEC} ({type(error).__name__}: "
+                f"{str(error)[:300]}): {ODD_POOLING}",
+                pytrace=False,
+            )
+        shapes = {key: value.shape for key, value in got.items()}
+        assert shapes == {key: value.shape for key, value in expected.items()}, (
+            f"'{model_name}' on {ODD_SPEC} must have the canonical shapes "
+            f"{ {key: value.shape for key, value in expected.items()} }, got {shapes} (dense (out, in), "
+            f"conv (out, in, kh, kw)); {ODD_POOLING}"
+        )
+        try:
+            self._assert_reference_predictions(backend, reference, model_name, pool, ODD_SPEC)
+        except AssertionError:
+            raise
+        except Exception as error:  # the framework's own shape error: say what causes it
+            pytest.fail(
+                f"'{model_name}' (pool {pool}) fails to predict on {ODD_SPEC} ({type(error).__name__}: "
+                f"{str(error)[:300]}): {ODD_POOLING}",
+                pytrace=False,
+            )
+
+    @pytest.mark.parametrize("case", list(OPTIMISER_CASES))
+    @pytest.mark.parametrize("model_name", SHARED_MODELS)
+    def test_train_matches_reference(self, backend: Backend, small_models: Models, model_name: str, case: str) -> None:
+        """One ``train`` call from the reference's weights lands on the reference's weights (``training_atol``).
+
+        Same start, data (24 tiny images, ``fedplug.testing.reference``), core example order and
+        optimiser: plain SGD, SGD with momentum, Adam, and SGD with momentum, weight decay and
+        FedProx's term (keys declared in ``unsupported`` left out). This is what makes a federation
+        of nodes with different frameworks follow one trajectory. Tolerance: max |w - w_ref| <=
+        ``training_atol`` (1e-5); the bundled backends are within 2.3e-7.
+        Fix: visit examples in ``settings.batches(n)`` (every mini-batch of every epoch: loop over it
+        once, not once per epoch), average the loss over each mini-batch, and implement the update of
+        ``fedplug.numpy_backend.ReferenceOptimizer`` exactly (PyTorch's ``SGD``/``Adam``: coupled weight
+        decay, no dampening or Nesterov, Adam's epsilon after the bias correction), with fresh state every call.
+        """
+        overrides = declared_case(backend, OPTIMISER_CASES[case])
+        if overrides is None:  # the backend declares it lacks this optimizer: the core must refuse it
+            with pytest.raises(ConfigError, match="does not support"):
+                check_supported(backend, {**resolve(backend, {}), **OPTIMISER_CASES[case]})
+            return
+        gap = reference_gap(backend, model_name, overrides, models=small_models)
+        assert gap <= self.training_atol, (
+            f"'{model_name}' trained with {overrides} lands {gap:.3g} from the numpy reference's weights "
+            f"(tolerance {self.training_atol:g}): visit the examples in the core's order (settings.batches(n) "
+            "yields every mini-batch of every epoch), average the loss per mini-batch, and make each step the "
+            "update of fedplug.numpy_backend.ReferenceOptimizer"
+            + (f"; {ADAM_HINT}" if overrides.get("optimizer") == "adam" else "")
         )
