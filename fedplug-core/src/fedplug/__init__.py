@@ -1,6 +1,7 @@
 """fedplug: framework-agnostic federated learning on Flower, one backend plugin per framework."""
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 from fedplug.privacy import switch_off_telemetry
 
@@ -16,6 +17,7 @@ from fedplug.backend import (  # noqa: E402
     ModelError,
     Weights,
 )
+from fedplug.errors import ConfigError, DeployError, FedplugError, RunError, UnavailableError  # noqa: E402
 from fedplug.hookspecs import hookimpl  # noqa: E402
 
 try:
@@ -23,15 +25,37 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
+if TYPE_CHECKING:
+    from fedplug.api import RunResult, run
+
+_API = {"run", "RunResult"}
+"""Names of fedplug's Python API, imported on first use: ``import fedplug`` stays light for plugins and the CLI."""
+
+
+def __getattr__(name: str) -> object:
+    if name in _API:
+        from fedplug import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'fedplug' has no attribute {name!r}")
+
+
 __all__ = [
     "Backend",
     "BackendUnavailable",
     "Config",
+    "ConfigError",
     "DataSpec",
+    "DeployError",
+    "FedplugError",
     "Framework",
     "Implementation",
     "ModelError",
+    "RunError",
+    "RunResult",
+    "UnavailableError",
     "Weights",
     "__version__",
     "hookimpl",
+    "run",
 ]
