@@ -60,11 +60,17 @@ class CnnServer(NumpyBackend):
     models = ("cnn", "mlp", "lenet")
 
 
+class Solo(NumpyBackend):
+    name = "solo"
+    description = "stand-in that declares the basic tier: it works alone"
+    conformance = "basic"
+
+
 @pytest.fixture
 def registry(monkeypatch: pytest.MonkeyPatch) -> plugins.Registry:
     """numpy and the stand-ins, registered in this process only."""
     found = plugins.Registry()
-    for backend in (NumpyBackend(), Alpha(), Beta(), NoFramework(), Clash(), CnnServer()):
+    for backend in (NumpyBackend(), Alpha(), Beta(), NoFramework(), Clash(), CnnServer(), Solo()):
         found.backends[backend.name] = plugins.Registered(backend, "test", "test", "0")
     monkeypatch.setattr(plugins, "get_registry", lambda: found)
     return found
@@ -226,3 +232,14 @@ def test_a_simulation_of_torch_jax_mlx_and_numpy_nodes_trains_one_model(run_fedp
         "nodes 4 (torch 1, jax 1, mlx 1, numpy 1)" in shown and "backends: torch 0 · jax 1 · mlx 2 · numpy 3" in shown
     )
     assert (out / "model.npz").is_file()  # the ServerApp's native model: numpy's
+
+
+@pytest.mark.fast
+def test_a_backend_of_the_basic_tier_runs_alone_and_joins_no_mixed_federation(registry: plugins.Registry) -> None:
+    assert checked("solo")["node-backends"] == ""  # alone: fine
+    for server, mapping in (("numpy", "0-1:solo"), ("solo", "0-1:numpy")):
+        with pytest.raises(ConfigError, match=r"backend 'solo' \(nodes? [0-9-,]+\) declares conformance 'basic'"):
+            checked(server, **{"node-backends": mapping})
+    run_config = resolve(plugins.get_backend("numpy"), {})
+    with pytest.raises(ValueError, match="backend 'solo' \\(this node\\) declares conformance 'basic'"):
+        node_run_config(run_config, {"backend": "solo"})  # a SuperNode of the basic tier joining a numpy run

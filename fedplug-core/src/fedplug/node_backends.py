@@ -71,6 +71,15 @@ def others(config: Mapping[str, Scalar]) -> list[Backend]:
     return found
 
 
+def check_mixable(backend: Backend, where: str) -> None:
+    """Refuse a backend that declares the basic conformance tier (it works alone) in a federation of several."""
+    if getattr(backend, "conformance", "mixable") != "mixable":
+        raise node_backends_error(
+            f"backend '{backend.name}' ({where}) declares conformance '{backend.conformance}' (it works alone): it "
+            "cannot join a mixed federation; run it alone, or use backends of the mixable tier"
+        )
+
+
 def node_run_config(run_config: Config, node_config: Config) -> dict[str, Scalar]:
     """The run config as this node runs it: its own backend and data columns.
 
@@ -86,6 +95,7 @@ def node_run_config(run_config: Config, node_config: Config) -> dict[str, Scalar
     backend = backend_of(config, node_config)
     if backend != config.get("backend"):
         check_same_backend(config, backend)  # a custom model's weights have no canonical layout
+        check_mixable(get_backend(backend), "this node")
         known = defaults_for(get_backend(backend))
         config = {k: v for k, v in config.items() if k in known or k.startswith(PREFIXES)}
         config["backend"] = backend
@@ -120,6 +130,7 @@ def check(config: dict[str, Scalar]) -> list[Backend]:
             f"partition {beyond[0]} is not a node of this run: it has {nodes} nodes, ids 0-{nodes - 1}"
         )
     backends: list[Backend] = []
+    mixed = len(taking_part(config)) > 1
     for name in taking_part(config):
         where = _nodes_of(config, name)
         try:
@@ -128,6 +139,8 @@ def check(config: dict[str, Scalar]) -> list[Backend]:
                 backend.check_available()
         except (UnknownBackend, BackendUnavailable) as error:
             raise node_backends_error(f"{error} ({where})") from error
+        if mixed:
+            check_mixable(backend, where)
         if name != config["backend"]:
             if config["model"] not in backend.models:
                 raise node_backends_error(
