@@ -58,6 +58,18 @@ def default_out(backend: str, root: Path = Path("fedplug-runs")) -> Path:
     raise FileExistsError(f"too many runs named {stem} in {root}")
 
 
+def out_problem(text: str) -> str | None:
+    """Why ``--out TEXT`` names no results folder, or None.
+
+    An empty ``--out ''`` (a shell variable that was not set) would become the current folder,
+    and the run would write its files among the user's own: it is refused by name instead.
+    The CLI checks the text as typed, before it becomes a ``Path`` (where ``''`` reads as ``.``).
+    """
+    if not text.strip():
+        return "--out is empty: give the results folder a name (or leave --out out for a new one)"
+    return None
+
+
 def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
