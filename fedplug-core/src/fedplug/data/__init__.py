@@ -21,6 +21,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
@@ -46,10 +48,10 @@ from fedplug.data.sources import (
     LOCAL_SUFFIXES,
     DataError,
     Source,
+    check_embedded_columns,
     embedded_labels,
     embedded_test,
     hub_reachable,
-    table_images,
 )
 from fedplug.data.sources import load as load_source
 
@@ -72,7 +74,6 @@ __all__ = [
     "min_examples",
     "remove_run_data",
     "share_run_data",
-    "to_images",
 ]
 
 SHARED = ".fedplug-data"
@@ -138,6 +139,8 @@ def check_data(config: Config) -> DataSpec:
         With a one-line message saying what to do.
     """
     key, nodes = _key(config), int(config["num-supernodes"])
+    if dict(key)["dataset"] == EMBEDDED:  # its labels alone are loaded below: check the columns asked for
+        check_embedded_columns(str(config["image-column"]), str(config["label-column"]))
     _plan(key, nodes)
     return data_spec(config)
 
@@ -146,9 +149,14 @@ def share_run_data(config: Config, out: str | os.PathLike[str]) -> None:
     """Write the run's partition plan (and a non-embedded dataset as .npy arrays) into ``out``.
 
     The run's other processes read them instead of loading and partitioning the data again.
+    The folder is a copy of the dataset: it must not outlive the run however the command ends.
+    :func:`remove_run_data` removes it when the run ends; if the command is killed first
+    (SIGKILL, the OOM killer), a small watcher process started here, before anything is written,
+    removes it when this process is gone (:func:`_watch`).
     """
     key, nodes = _key(config), int(config["num-supernodes"])
     folder = Path(out) / SHARED
+    _watch(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {"key": _digest(key)}
     if dict(key)["dataset"] != EMBEDDED:
@@ -170,8 +178,61 @@ def share_run_data(config: Config, out: str | os.PathLike[str]) -> None:
 
 
 def remove_run_data(out: str | os.PathLike[str]) -> None:
-    """Remove the shared data of a finished run from its results folder."""
-    shutil.rmtree(Path(out) / SHARED, ignore_errors=True)
+    """Remove the shared data of a finished run from its results folder, and stop its watcher."""
+    folder = Path(out) / SHARED
+    shutil.rmtree(folder, ignore_errors=True)
+    watcher = _WATCHERS.pop(str(folder.absolute()), None)
+    if watcher is not None:
+        watcher.terminate()
+        watcher.wait()
+
+
+_WATCHERS: dict[str, subprocess.Popen[bytes]] = {}
+_WATCHER = r"""
+import ctypes, os, shutil, signal, sys, time
+folder, parent = sys.argv[1], int(sys.argv[2])
+
+def clean(*_):
+    shutil.rmtree(folder, ignore_errors=True)
+    os._exit(0)
+
+signal.signal(signal.SIGTERM, clean)
+signal.signal(signal.SIGHUP, clean)
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: the parent's end is at once
+sys.stdout.write("watching\n")
+sys.stdout.flush()
+while os.getppid() == parent:  # elsewhere: notice it within a second
+    time.sleep(1.0)
+clean()
+"""
+
+
+def _watch(folder: Path) -> None:
+    """Start a process that removes ``folder`` as soon as this process ends, however it ends.
+
+    It runs in a session of its own (a kill of this command's process group does not reach it),
+    learns of this process's end from the kernel (Linux's parent-death signal; elsewhere by
+    polling its parent), and is stopped by :func:`remove_run_data`. Nothing is written before
+    it is watching. It imports the standard library only: a few tens of milliseconds.
+    """
+    where = str(folder.absolute())
+    if where in _WATCHERS and _WATCHERS[where].poll() is None:
+        return
+    watcher = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", _WATCHER, where, str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    assert watcher.stdout is not None
+    watching = watcher.stdout.readline() == b"watching\n"
+    watcher.stdout.close()
+    if not watching:
+        watcher.wait()
+        raise DataError(f"cannot start the process that removes {where} after the run ({sys.executable} failed)")
+    _WATCHERS[where] = watcher
 
 
 def load_local(config: Config, path: str | os.PathLike[str]) -> Partition:
@@ -195,17 +256,6 @@ def _local(key: Key, path: str) -> Partition:
     rows = source.order if source.order is not None else np.arange(len(source.y_train))
     train, test = split(len(rows), fraction, int(config["seed"]))
     return _cut(source, rows[train], rows[test])
-
-
-def to_images(dataset: Any, column: str, label: str = "label") -> np.ndarray:
-    """Images of a Hugging Face dataset's ``column`` as float32 ``(N, C, H, W)`` in ``[0, 1]``.
-
-    ``column`` empty means a tabular dataset whose other columns are the pixels of a square
-    grey image (as MNIST in CSV form).
-    """
-    images = table_images(dataset.with_format("arrow")[:], column, label)
-    images = images.astype(np.float32)
-    return images / 255.0 if images.max(initial=0) > 1.0 else images
 
 
 # --- per process: the shared files of the run, or the same computed here --------------------------
