@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedplug.config import resolve
-from fedplug.data import DataError, data_spec, load_centralized, load_partition
+from fedplug.data import DataError, data_spec, held_out, load_centralized, load_partition
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.testing.runs import fedplug
 
@@ -91,6 +91,7 @@ def test_local_parquet_with_colour_images(tmp_path) -> None:
     part = load_partition(cfg, 0, 2)
     assert part.x_train.shape[1:] == (3, 32, 32) and part.x_train.max() <= 1.0
     assert load_centralized(cfg) is None  # one file, no held-out split
+    assert not held_out(cfg)
 
 
 def test_local_csv_of_pixel_columns(tmp_path) -> None:
@@ -121,6 +122,7 @@ def test_hub_style_dataset_folder_with_named_columns(tmp_path) -> None:
     assert data_spec(cfg).num_classes == 3
     x_central, _ = load_centralized(cfg)
     assert x_central.shape == (20, 1, 8, 8)
+    assert held_out(cfg) and held_out(config())
 
 
 def test_missing_file_is_a_clear_error(tmp_path) -> None:

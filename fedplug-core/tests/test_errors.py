@@ -300,3 +300,13 @@ def test_an_empty_out_is_refused_by_name(text: str) -> None:
 @pytest.mark.parametrize("text", [".", "runs/first", "~/results"])
 def test_a_named_out_passes(text: str) -> None:
     assert out_problem(text) is None
+
+
+def test_the_reason_a_run_ended_is_one_capped_line(tmp_path: Path) -> None:
+    """The CLI's last line after a failed run is status.json's reason: a crash's kilobytes are cut."""
+    from fedplug.results import read_status, write_status
+
+    write_status(tmp_path, "failed", "MemoryError: " + "\n".join(["Unable to allocate 954. GiB \x00"] * 100))
+    reason = read_status(tmp_path)["reason"]
+    assert reason.startswith("MemoryError: Unable to allocate 954. GiB \\x00 Unable")
+    assert len(reason) == MESSAGE_LIMIT and reason.endswith("...")

@@ -85,6 +85,8 @@ class Broken:
 
 @dataclass
 class Registry:
+    """The backends of this environment by name, and the plugins that failed to load."""
+
     backends: dict[str, Registered] = field(default_factory=dict)
     broken: list[Broken] = field(default_factory=list)
 

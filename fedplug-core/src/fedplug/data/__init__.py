@@ -3,16 +3,19 @@
 Sources, by the run-config key ``dataset`` (see :mod:`fedplug.data.sources`):
 
 - ``embedded``: 15,000 real MNIST digits shipped inside fedplug-core (see README.md here);
-- a local ``.parquet`` or ``.csv`` file (read with pyarrow);
+- a local ``.parquet``, ``.csv`` or ``.csv.gz`` file (read with pyarrow); any other existing file,
+  or a name that looks like a path (:func:`~fedplug.data.sources.looks_local`) but does not exist,
+  is refused and never taken for a hub id;
 - a hub-style dataset folder or any Hugging Face dataset id (``ylecun/mnist``, ``uoft-cs/cifar10``)
   through flwr-datasets' ``FederatedDataset``.
 
 Partitioning (see :mod:`fedplug.data.partition`) runs the flwr-datasets partitioner on the
 labels alone and gives each node its example indices. A run computes this once: the CLI checks
 the data and the plan before anything starts (:func:`check_data`) and writes them into the run
-folder (:func:`share_run_data`); the simulation process and every Ray worker (all marked by
-``FEDPLUG_RUN_DIR``) read them from there and cut each node's arrays by index with numpy. A
-process without those files (the Deployment Engine, a test) computes the same plan itself.
+folder (:func:`share_run_data`, removed when the run ends however it ends); the simulation
+process and every Ray worker (all marked by ``FEDPLUG_RUN_DIR``) read them from there and cut
+each node's arrays by index with numpy. A process without those files (the Deployment Engine,
+a test) computes the same plan itself.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ __all__ = [
     "Partition",
     "check_data",
     "data_spec",
+    "held_out",
     "hub_reachable",
     "load_centralized",
     "load_local",
@@ -83,7 +87,7 @@ _KEYS = ("dataset", "seed", "image-column", "label-column", "test-fraction", "pa
 
 @dataclass(frozen=True)
 class Partition:
-    """One node's data: a ``test-fraction`` (80/20) train/test split as float32 ``(N, C, H, W)`` and int64."""
+    """One node's data, split train/test by ``test-fraction`` (default 0.2): float32 ``(N, C, H, W)``, int64."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -115,6 +119,19 @@ def load_partition(config: Config, partition_id: int, num_partitions: int) -> Pa
 def load_centralized(config: Config) -> tuple[np.ndarray, np.ndarray] | None:
     """The server-side held-out set (the dataset's ``test`` split), or None if it has none."""
     return _centralized(_key(config))
+
+
+def held_out(config: Config) -> bool:
+    """Whether the dataset has a held-out set for the server's centralized evaluation (its ``test`` split).
+
+    The embedded digits have one; a local file has none; a hub dataset or folder has one when it has a
+    ``test`` split. Without one, ``centralized-eval`` evaluates nothing (:func:`load_centralized` is None).
+    """
+    key = _key(config)
+    if dict(key)["dataset"] == EMBEDDED:
+        return True
+    shared = _shared(key)
+    return bool(shared.meta["test"]) if shared is not None else _source(_source_key(key)).x_test is not None
 
 
 def data_spec(config: Config) -> DataSpec:
@@ -236,7 +253,7 @@ def _watch(folder: Path) -> None:
 
 
 def load_local(config: Config, path: str | os.PathLike[str]) -> Partition:
-    """A whole local .parquet/.csv file as ONE node's data, split by ``test-fraction`` with ``seed``.
+    """A whole local .parquet/.csv/.csv.gz file as ONE node's data, split by ``test-fraction`` with ``seed``.
 
     For a node of the Deployment Engine that holds its own data file; computed once per process.
     """

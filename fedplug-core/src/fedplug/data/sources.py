@@ -4,8 +4,10 @@ Every source becomes a :class:`Source`: raw images ``(N, C, H, W)`` (uint8 when 
 whole numbers in 0..255, float32 otherwise), int64 labels, and the order in which the
 partitioner sees the training examples (the seed's shuffle). Only hub ids and hub-style folders
 go through flwr-datasets' ``FederatedDataset``; the embedded ``mnist.npz`` is read with numpy and
-local files with pyarrow. Every check a user's data must pass (labels are whole numbers in
-range, pixels are finite numbers, the dataset is not empty) is made here, with one-line errors.
+local files with pyarrow. Every check a user's data must pass (a local-looking name is a file
+that exists in a format fedplug reads, the image and label columns differ, labels are whole
+numbers from 0 making at most ``MAX_CLASSES`` classes, pixels are finite numbers, the dataset is
+not empty) is made here, with one-line errors of at most ``MESSAGE_LIMIT`` characters.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def load(name: str, seed: int, image_column: str, label_column: str) -> Source:
-    """The dataset ``name``: ``embedded``, a local .parquet/.csv file, a hub-style folder or a hub id."""
+    """The dataset ``name``: ``embedded``, a local .parquet/.csv/.csv.gz file, a hub-style folder or a hub id."""
     if name == EMBEDDED:
         check_embedded_columns(image_column, label_column)
         return embedded(seed)
