@@ -304,3 +304,14 @@ def test_a_plugin_failing_with_a_huge_message_gets_one_capped_line(capsys: pytes
     assert broken.reason.startswith("RuntimeError: xxx") and broken.reason.endswith("...")
     line = next(line for line in capsys.readouterr().err.splitlines() if "in-test-0" in line)
     assert len(line) <= MESSAGE_LIMIT
+
+
+def test_many_installed_backends_leave_the_hint_whole() -> None:
+    """The list of installed backends is cut, not the hint after it."""
+    many = [type(f"B{i}", (NumpyBackend,), {"name": f"backend_{i:02d}"})() for i in range(40)]
+    registry = registry_with(*(Hooked(backend) for backend in many))
+    with pytest.raises(UnknownBackend) as raised:
+        registry.get("backend_3O")  # a letter O for a zero
+    message = str(raised.value)
+    assert f"backend_11, ... ({len(registry.backends)} in all)); did you mean 'backend_39' or" in message
+    assert len(message) <= MESSAGE_LIMIT

@@ -103,7 +103,8 @@ class Registry:
                     f"{broken.distribution}) or report this to its authors"
                 )
             )
-        installed = ", ".join(sorted(self.backends)) or "none"
+        names = sorted(self.backends)
+        installed = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "") or "none"
         close = difflib.get_close_matches(name, list(self.backends), n=3)
         if close:
             hint = f"did you mean {' or '.join(repr(c) for c in close)}?"
