@@ -182,7 +182,12 @@ CASES = [
         ("--dataset", "{work}/biglabel.csv"),
         "label column 'label' holds the label 1000000000, which would make 1000000001 classes (at most 10000)",
     ),
-    case("local file", "--dataset ./my-digts.csv.gz", "dataset file ./my-digts.csv.gz does not exist"),
+    case("local file", "--dataset ./my-digts.csv.gz", "dataset file ./my-digts.csv.gz does not exist; give an"),
+    case(
+        "local file",
+        "--dataset ./tiny8x8.cvs",
+        "dataset file ./tiny8x8.cvs does not exist; did you mean tiny8x8.csv?",
+    ),
     case("local file", "--dataset ~/nowhere/digits.parquet", "does not exist; give an existing .parquet or .csv"),
     case("local file", "--dataset data/digits/train", "dataset file data/digits/train does not exist"),
     case(

@@ -12,6 +12,7 @@ not empty) is made here, with one-line errors of at most ``MESSAGE_LIMIT`` chara
 
 from __future__ import annotations
 
+import difflib
 import io
 import json
 import os
@@ -155,10 +156,7 @@ def load(name: str, seed: int, image_column: str, label_column: str) -> Source:
         order = np.random.default_rng(seed).permutation(table.num_rows)  # as FederatedDataset(shuffle=True) did
         return _from_tables(name, table, None, class_names, image_column, label_column, order)
     if looks_local(name):
-        raise DataError(
-            f"dataset file {_shown(name)} does not exist; give an existing .parquet or .csv file or dataset "
-            "folder (check the spelling), or a Hugging Face id like ylecun/mnist"
-        )
+        raise DataError(f"dataset file {_shown(name)} does not exist; {_missing_hint(path)}")
     return _from_hub(name, path, seed, image_column, label_column)
 
 
@@ -175,6 +173,16 @@ def looks_local(name: str) -> bool:
         or any(sep in name for sep in separators if sep)
         or _suffix_in(Path(name), DATA_SUFFIXES)
     )
+
+
+def _missing_hint(path: Path) -> str:
+    """What to do about a local dataset path that does not exist: the near name in its folder, if one is."""
+    with suppress(OSError):
+        names = [entry.name for entry in path.parent.iterdir()] if path.parent.is_dir() else []
+        close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.8)
+        if close:
+            return f"did you mean {_shown(str(path.parent / close[0]))}?"
+    return "give an existing .parquet or .csv file or dataset folder, or a Hugging Face id like ylecun/mnist"
 
 
 def _suffix(path: Path) -> str:
