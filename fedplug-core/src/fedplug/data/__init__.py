@@ -35,8 +35,6 @@ import numpy as np
 
 from fedplug.backend import Config, DataSpec, Scalar
 from fedplug.data.partition import (
-    PARTITIONER_DEFAULTS,
-    PARTITIONERS,
     Plan,
     make_partitioner,
     make_plan,
@@ -46,31 +44,21 @@ from fedplug.data.partition import (
 from fedplug.data.sources import (
     EMBEDDED,
     EMBEDDED_SPEC,
-    IMAGE_COLUMNS,
-    LABEL_COLUMNS,
-    LOCAL_SUFFIXES,
     DataError,
     Source,
     check_embedded_columns,
     embedded_labels,
     embedded_test,
-    hub_reachable,
 )
 from fedplug.data.sources import load as load_source
 
 __all__ = [
     "EMBEDDED",
-    "IMAGE_COLUMNS",
-    "LABEL_COLUMNS",
-    "LOCAL_SUFFIXES",
-    "PARTITIONERS",
-    "PARTITIONER_DEFAULTS",
     "DataError",
     "Partition",
     "check_data",
     "data_spec",
     "held_out",
-    "hub_reachable",
     "load_centralized",
     "load_local",
     "load_partition",
