@@ -310,3 +310,7 @@ def test_removing_the_run_data_stops_its_watcher(tmp_path) -> None:
     remove_run_data(tmp_path / "out")
     assert not (tmp_path / "out" / SHARED).exists()
     assert not watcher.is_running()
+    share_run_data(cfg, tmp_path / "kept", watched=False)  # for a caller that removes it itself
+    assert {p.pid for p in psutil.Process().children()} <= before
+    remove_run_data(tmp_path / "kept")
+    assert not (tmp_path / "kept").joinpath(SHARED).exists()

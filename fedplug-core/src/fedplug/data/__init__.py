@@ -150,18 +150,20 @@ def check_data(config: Config) -> DataSpec:
     return data_spec(config)
 
 
-def share_run_data(config: Config, out: str | os.PathLike[str]) -> None:
+def share_run_data(config: Config, out: str | os.PathLike[str], watched: bool = True) -> None:
     """Write the run's partition plan (and a non-embedded dataset as .npy arrays) into ``out``.
 
     The run's other processes read them instead of loading and partitioning the data again.
     The folder is a copy of the dataset: it must not outlive the run however the command ends.
     :func:`remove_run_data` removes it when the run ends; if the command is killed first
     (SIGKILL, the OOM killer), a small watcher process started here, before anything is written,
-    removes it when this process is gone (:func:`_watch`).
+    removes it when this process is gone (:func:`_watch`). ``watched=False``: no watcher, the
+    folder outlives this process until :func:`remove_run_data` (a benchmark's short-lived stage).
     """
     key, nodes = _key(config), int(config["num-supernodes"])
     folder = Path(out) / SHARED
-    _watch(folder)
+    if watched:
+        _watch(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {"key": _digest(key)}
     if dict(key)["dataset"] != EMBEDDED:
