@@ -196,6 +196,9 @@ CASES = [
         "digits.npz: the .npz format is not supported; convert it to .parquet or .csv",
         files=("digits.npz",),
     ),
+    case("local file", "--dataset ./TINY8X8.CSV", "./TINY8X8.CSV does not exist; did you mean tiny8x8.csv?"),
+    case("dataset name", "--dataset embeded", "unknown dataset 'embeded': did you mean --dataset embedded?"),
+    case("dataset name", "--dataset Embedded", "unknown dataset 'Embedded': did you mean --dataset embedded?"),
     case("local file", "--dataset notes.json", "the .json format is not supported", files=("notes.json",)),
     case(
         "local file",
@@ -258,7 +261,7 @@ OUT_EMPTY = pytest.mark.xfail(
     strict=True,
     reason="cli.py must check --out '' with fedplug.results.out_problem (the lead's file); remove this mark then",
 )
-CAPPED = {"columns", "labels", "local file", "hub", "broken plugin"}
+CAPPED = {"columns", "labels", "local file", "dataset name", "hub", "broken plugin"}
 """Kinds of rows whose message is made by the data or plugin layer: at most MESSAGE_LIMIT characters."""
 
 
@@ -315,3 +318,16 @@ def test_the_reason_a_run_ended_is_one_capped_line(tmp_path: Path) -> None:
     reason = read_status(tmp_path)["reason"]
     assert reason.startswith("MemoryError: Unable to allocate 954. GiB \\x00 Unable")
     assert len(reason) == MESSAGE_LIMIT and reason.endswith("...")
+
+
+@pytest.mark.parametrize("text", ["", " ", "\t"])
+def test_an_empty_dataset_is_refused_by_name(text: str) -> None:
+    """For cli.py to check on the text as typed: ``Path('')`` reads as the current folder."""
+    from fedplug.data.sources import DataError, dataset_problem, load
+
+    assert dataset_problem(text) == (
+        "--dataset is empty: give embedded, a .parquet or .csv file, a dataset folder or a Hugging Face id"
+    )
+    with pytest.raises(DataError, match="--dataset is empty"):
+        load(text, 0, "", "")
+    assert dataset_problem("embedded") is None and dataset_problem("ylecun/mnist") is None

@@ -142,6 +142,8 @@ def load(name: str, seed: int, image_column: str, label_column: str) -> Source:
     if name == EMBEDDED:
         check_embedded_columns(image_column, label_column)
         return embedded(seed)
+    if problem := dataset_problem(name):
+        raise DataError(problem)
     path = Path(name).expanduser()
     if path.is_dir():
         return _from_hub(name, path, seed, image_column, label_column)
@@ -157,7 +159,19 @@ def load(name: str, seed: int, image_column: str, label_column: str) -> Source:
         return _from_tables(name, table, None, class_names, image_column, label_column, order)
     if looks_local(name):
         raise DataError(f"dataset file {_shown(name)} does not exist; {_missing_hint(path)}")
+    if "/" not in name and difflib.get_close_matches(name.lower(), [EMBEDDED], cutoff=0.85):
+        raise DataError(f"unknown dataset '{_shown(name, 60)}': did you mean --dataset embedded?")
     return _from_hub(name, path, seed, image_column, label_column)
+
+
+def dataset_problem(name: str) -> str | None:
+    """Why ``--dataset NAME`` names no dataset at all, or None; the CLI checks the text as typed.
+
+    An empty name (a shell variable that was not set) would otherwise read as the current folder.
+    """
+    if not name.strip():
+        return "--dataset is empty: give embedded, a .parquet or .csv file, a dataset folder or a Hugging Face id"
+    return None
 
 
 def looks_local(name: str) -> bool:
@@ -178,10 +192,10 @@ def looks_local(name: str) -> bool:
 def _missing_hint(path: Path) -> str:
     """What to do about a local dataset path that does not exist: the near name in its folder, if one is."""
     with suppress(OSError):
-        names = [entry.name for entry in path.parent.iterdir()] if path.parent.is_dir() else []
-        close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.8)
+        names = {entry.name.lower(): entry.name for entry in path.parent.iterdir()} if path.parent.is_dir() else {}
+        close = difflib.get_close_matches(path.name.lower(), list(names), n=1, cutoff=0.8)
         if close:
-            return f"did you mean {_shown(str(path.parent / close[0]))}?"
+            return f"did you mean {_shown(str(path.parent / names[close[0]]))}?"
     return "give an existing .parquet or .csv file or dataset folder, or a Hugging Face id like ylecun/mnist"
 
 
