@@ -219,6 +219,7 @@ def test_classes_are_capped_where_labels_are_made(tmp_path) -> None:
         ("ylecun/mnist", False),
         ("uoft-cs/cifar10", False),
         ("mnist", False),
+        ("hf://datasets/ylecun/mnist", False),
         ("./digits", True),
         ("../data/x", True),
         ("/data/x", True),

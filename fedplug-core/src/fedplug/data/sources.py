@@ -178,8 +178,11 @@ def looks_local(name: str) -> bool:
     """Whether ``--dataset name`` means a local file or folder rather than a hub id ``org/name``.
 
     It does when it starts with ``.``, ``/`` or ``~``, has more than one ``/`` (or any other path
-    separator of this system), or ends in a data file suffix (:data:`DATA_SUFFIXES`).
+    separator of this system), or ends in a data file suffix (:data:`DATA_SUFFIXES`); a URL such as
+    ``hf://datasets/org/name`` does not.
     """
+    if "://" in name:
+        return False
     separators = {os.sep, os.altsep} - {None, "/"}
     return (
         name.startswith((".", "/", "~"))
