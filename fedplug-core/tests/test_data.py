@@ -297,6 +297,23 @@ def test_a_killed_command_leaves_no_copy_of_the_data(tmp_path) -> None:
             command.wait()
 
 
+def test_data_shared_from_a_thread_outlives_the_thread(tmp_path) -> None:
+    """Linux's parent-death signal comes when the starting thread ends: a thread's share must not vanish with it."""
+    import threading
+    import time
+
+    from fedplug.data import SHARED, check_data, remove_run_data, share_run_data
+
+    cfg = config(dataset=_csv(tmp_path / "digits.csv", [i % 3 for i in range(20)]), **{"num-supernodes": 2})
+    check_data(cfg)
+    thread = threading.Thread(target=share_run_data, args=(cfg, tmp_path / "out"))
+    thread.start()
+    thread.join()
+    time.sleep(1.5)
+    assert (tmp_path / "out" / SHARED / "meta.json").is_file()
+    remove_run_data(tmp_path / "out")
+
+
 def test_removing_the_run_data_stops_its_watcher(tmp_path) -> None:
     import psutil
 

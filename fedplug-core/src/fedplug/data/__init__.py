@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
@@ -197,7 +198,7 @@ def remove_run_data(out: str | os.PathLike[str]) -> None:
 _WATCHERS: dict[str, subprocess.Popen[bytes]] = {}
 _WATCHER = r"""
 import ctypes, os, shutil, signal, sys, time
-folder, parent = sys.argv[1], int(sys.argv[2])
+folder, parent, main_thread = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 
 def clean(*_):
     shutil.rmtree(folder, ignore_errors=True)
@@ -205,11 +206,11 @@ def clean(*_):
 
 signal.signal(signal.SIGTERM, clean)
 signal.signal(signal.SIGHUP, clean)
-if sys.platform.startswith("linux"):
+if main_thread and sys.platform.startswith("linux"):  # the signal comes when the starting *thread* ends
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: the parent's end is at once
 sys.stdout.write("watching\n")
 sys.stdout.flush()
-while os.getppid() == parent:  # elsewhere: notice it within a second
+while os.getppid() == parent:  # elsewhere, or started from another thread: notice it within a second
     time.sleep(1.0)
 clean()
 """
@@ -219,15 +220,17 @@ def _watch(folder: Path) -> None:
     """Start a process that removes ``folder`` as soon as this process ends, however it ends.
 
     It runs in a session of its own (a kill of this command's process group does not reach it),
-    learns of this process's end from the kernel (Linux's parent-death signal; elsewhere by
-    polling its parent), and is stopped by :func:`remove_run_data`. Nothing is written before
-    it is watching. It imports the standard library only: a few tens of milliseconds.
+    learns of this process's end from the kernel (Linux's parent-death signal, when started from
+    the main thread; else by polling its parent every second), and is stopped by
+    :func:`remove_run_data`. Nothing is written before it is watching. It imports the standard
+    library only: a few tens of milliseconds.
     """
     where = str(folder.absolute())
     if where in _WATCHERS and _WATCHERS[where].poll() is None:
         return
+    on_main_thread = threading.current_thread() is threading.main_thread()
     watcher = subprocess.Popen(
-        [sys.executable, "-I", "-S", "-c", _WATCHER, where, str(os.getpid())],
+        [sys.executable, "-I", "-S", "-c", _WATCHER, where, str(os.getpid()), str(int(on_main_thread))],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
