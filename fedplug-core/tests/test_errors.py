@@ -199,6 +199,7 @@ CASES = [
     case("local file", "--dataset ./TINY8X8.CSV", "./TINY8X8.CSV does not exist; did you mean tiny8x8.csv?"),
     case("dataset name", "--dataset embeded", "unknown dataset 'embeded': did you mean --dataset embedded?"),
     case("dataset name", "--dataset Embedded", "unknown dataset 'Embedded': did you mean --dataset embedded?"),
+    case("local file", ("--dataset", "{work}/oldrun"), "; lay it out as a hub dataset (e.g. data/train-*.parquet"),
     case("local file", "--dataset notes.json", "the .json format is not supported", files=("notes.json",)),
     case(
         "local file",

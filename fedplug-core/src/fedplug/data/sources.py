@@ -275,6 +275,11 @@ def _from_hub(name: str, path: Path, seed: int, image_column: str, label_column:
     try:
         train = federated.load_split("train")
     except Exception as error:
+        if path.is_dir():
+            raise DataError(
+                f"cannot load dataset folder {_shown(name)} ({_first_line(error)}); lay it out as a hub dataset "
+                "(e.g. data/train-*.parquet and data/test-*.parquet) or give one .parquet or .csv file"
+            ) from error
         raise DataError(
             f"cannot load dataset '{_shown(name)}' ({_first_line(error)}); without network use the offline "
             "default (--dataset embedded) or a local file (--dataset path/to/data.parquet)"
