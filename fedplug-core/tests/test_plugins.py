@@ -258,6 +258,19 @@ def test_wellformed_implementation_is_found_without_importing_it(tmp_path, monke
     assert "fedplug_heavy_impl" not in sys.modules, "registration imported the implementation's module"
 
 
+def test_checking_an_implementation_imports_no_package(tmp_path, monkeypatch) -> None:
+    """A package above the implementation that is not imported yet stays so: it may import the framework."""
+    (tmp_path / "fedplug_heavy_pkg").mkdir()
+    (tmp_path / "fedplug_heavy_pkg" / "__init__.py").write_text("import os\nos.environ['FEDPLUG_HEAVY'] = '1'\n")
+    (tmp_path / "fedplug_heavy_pkg" / "impl.py").write_text("class HeavyImplementation: ...\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("FEDPLUG_HEAVY", raising=False)
+    assert implementation_problem(with_implementation("fedplug_heavy_pkg.impl:HeavyImplementation")) is None
+    assert "FEDPLUG_HEAVY" not in os.environ and "fedplug_heavy_pkg" not in sys.modules, "a package was imported"
+    missing = implementation_problem(with_implementation("fedplug_absent_pkg.impl:Impl"))
+    assert missing is not None and "names module 'fedplug_absent_pkg.impl', which is not installed" in missing
+
+
 def test_a_backend_of_the_old_contract_needs_no_implementation() -> None:
     from fedplug.backend import OPERATIONS
 

@@ -169,10 +169,11 @@ def problem_with(backend: object) -> str | None:
 def implementation_problem(backend: Backend) -> str | None:
     """Why ``backend.implementation`` cannot name its ``Implementation``, found without importing it, or None.
 
-    It must be ``"module:Class"`` of Python names, and ``module`` must be installed (found with
-    ``importlib.util.find_spec``, which imports the packages above it, the plugin's own, but not
-    the module itself, which imports the framework). A backend that defines every operation itself
-    (fedplug 0.1's contract) needs none.
+    It must be ``"module:Class"`` of Python names, and ``module`` must be installed: its top-level
+    package is looked up with ``importlib.util.find_spec`` (which imports nothing), and the module
+    itself when the package above it is imported already (the plugin's own, as a rule). Nothing is
+    imported here: the implementation's module imports the framework. A backend that defines every
+    operation itself (fedplug 0.1's contract) needs none.
     """
     cls = type(backend)
     if all(getattr(cls, operation) is not getattr(Backend, operation) for operation in OPERATIONS):
@@ -183,15 +184,14 @@ def implementation_problem(backend: Backend) -> str | None:
         return f"{where} must be a str 'module:Class', got {type(text).__name__}"
     module, colon, class_name = text.partition(":")
     if not colon or not class_name.isidentifier() or not all(part.isidentifier() for part in module.split(".")):
-        return one_line(
-            f"{where} must be 'module:Class' (e.g. 'fedplug_mything.impl:MythingImplementation'), got {text!r}"
-        )
+        example = "'fedplug_mything.impl:MythingImplementation'"
+        return one_line(f"{where} must be 'module:Class' (e.g. {example}), got {text!r}")
+    parent = module.rpartition(".")[0]
+    looked_up = module if not parent or parent in sys.modules else module.partition(".")[0]
     try:
-        found = importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # a package above it is missing
+        found = importlib.util.find_spec(looked_up) is not None
+    except (ImportError, ValueError):
         found = False
-    except Exception:  # a package above it fails to import: the plugin's own problem, reported when it runs
-        return None
     if not found:
         return one_line(f"{where} names module '{module}', which is not installed ({text!r})")
     return None
