@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedplug.config import resolve
-from fedplug.data import DataError, data_spec, load_centralized, load_partition
+from fedplug.data import DataError, data_spec, held_out, load_centralized, load_partition
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.testing.runs import fedplug
 
@@ -91,6 +91,7 @@ def test_local_parquet_with_colour_images(tmp_path) -> None:
     part = load_partition(cfg, 0, 2)
     assert part.x_train.shape[1:] == (3, 32, 32) and part.x_train.max() <= 1.0
     assert load_centralized(cfg) is None  # one file, no held-out split
+    assert not held_out(cfg)
 
 
 def test_local_csv_of_pixel_columns(tmp_path) -> None:
@@ -121,6 +122,7 @@ def test_hub_style_dataset_folder_with_named_columns(tmp_path) -> None:
     assert data_spec(cfg).num_classes == 3
     x_central, _ = load_centralized(cfg)
     assert x_central.shape == (20, 1, 8, 8)
+    assert held_out(cfg) and held_out(config())
 
 
 def test_missing_file_is_a_clear_error(tmp_path) -> None:
@@ -177,3 +179,156 @@ def test_thousand_nodes_are_partitioned_once_and_quickly() -> None:
     sizes = [len(load_partition(cfg, i, 1_000).y_train) for i in range(0, 1_000, 10)]
     assert sizes == [9] * 100  # 12 examples each: 9 train, 3 test
     assert time.process_time() - started < 2.0
+
+
+def _csv(path, labels, side: int = 2) -> str:
+    header = "label," + ",".join(f"p{i}" for i in range(side * side))
+    rows = [f"{label}," + ",".join(str((i + j) % 256) for j in range(side * side)) for i, label in enumerate(labels)]
+    text = header + "\n" + "\n".join(rows) + "\n"
+    if str(path).endswith(".gz"):
+        import gzip
+
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+    return str(path)
+
+
+def test_gzipped_csv_is_read_as_its_csv(tmp_path) -> None:
+    labels = [i % 3 for i in range(20)]
+    plain = data_spec(config(dataset=_csv(tmp_path / "digits.csv", labels)))
+    zipped = config(dataset=_csv(tmp_path / "digits.csv.gz", labels))
+    assert data_spec(zipped) == plain
+    part = load_partition(zipped, 0, 2)
+    assert len(part.y_train) + len(part.y_test) == 10
+
+
+def test_classes_are_capped_where_labels_are_made(tmp_path) -> None:
+    from fedplug.data.sources import MAX_CLASSES
+
+    top = config(dataset=_csv(tmp_path / "top.csv", [0, 1, MAX_CLASSES - 1] * 4))
+    assert data_spec(top).num_classes == MAX_CLASSES
+    over = config(dataset=_csv(tmp_path / "over.csv", [0, 1, MAX_CLASSES] * 4))
+    with pytest.raises(DataError, match=f"holds the label {MAX_CLASSES}, which would make {MAX_CLASSES + 1} classes"):
+        data_spec(over)
+
+
+@pytest.mark.parametrize(
+    ("name", "local"),
+    [
+        ("ylecun/mnist", False),
+        ("uoft-cs/cifar10", False),
+        ("mnist", False),
+        ("hf://datasets/ylecun/mnist", False),
+        ("./digits", True),
+        ("../data/x", True),
+        ("/data/x", True),
+        ("~/x", True),
+        ("data/digits/train", True),
+        ("my-digts.csv.gz", True),
+        ("org/digits.parquet", True),
+        ("digits.npz", True),
+        ("notes.JSON", True),
+    ],
+)
+def test_what_looks_like_a_local_path_never_goes_to_the_hub(name: str, local: bool) -> None:
+    from fedplug.data.sources import looks_local
+
+    assert looks_local(name) is local
+
+
+def test_unreachable_hub_leaves_the_environment_as_it_was(monkeypatch) -> None:
+    """The hub loads offline (from the local cache) when it cannot be reached; the run's other processes,
+    which inherit this environment, must not be switched offline too."""
+    import os
+
+    from fedplug.data.sources import load
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a closed loopback port: no network
+    before = dict(os.environ)
+    with pytest.raises(DataError, match="cannot load dataset 'someone/no-such-digits'"):
+        load("someone/no-such-digits", 0, "", "")
+    assert dict(os.environ) == before
+
+
+KILLED_CLI = r"""
+import sys, time
+from fedplug.config import resolve
+from fedplug.data import check_data, share_run_data
+from fedplug.numpy_backend import NumpyBackend
+
+config = resolve(NumpyBackend(), {"dataset": sys.argv[1], "num-supernodes": 2})
+check_data(config)
+share_run_data(config, sys.argv[2])
+print("shared", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_command_leaves_no_copy_of_the_data(tmp_path) -> None:
+    """SIGKILL gives the command no chance to clean up: the shared copy of the dataset still goes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from fedplug.data import SHARED
+
+    dataset, out = _csv(tmp_path / "digits.csv", [i % 3 for i in range(20)]), tmp_path / "out"
+    command = subprocess.Popen([sys.executable, "-c", KILLED_CLI, dataset, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert command.stdout is not None and command.stdout.readline() == "shared\n"
+        assert (out / SHARED / "x_train.npy").is_file()
+        watchers = psutil.Process(command.pid).children()
+        command.send_signal(signal.SIGKILL)
+        command.wait()
+        deadline = time.monotonic() + 10
+        while (out / SHARED).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not (out / SHARED).exists(), "the shared data outlived the killed command"
+        psutil.wait_procs(watchers, timeout=5)
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in watchers), "a watcher is left"
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait()
+
+
+def test_data_shared_from_a_thread_outlives_the_thread(tmp_path) -> None:
+    """Linux's parent-death signal comes when the starting thread ends: a thread's share must not vanish with it."""
+    import threading
+    import time
+
+    from fedplug.data import SHARED, check_data, remove_run_data, share_run_data
+
+    cfg = config(dataset=_csv(tmp_path / "digits.csv", [i % 3 for i in range(20)]), **{"num-supernodes": 2})
+    check_data(cfg)
+    thread = threading.Thread(target=share_run_data, args=(cfg, tmp_path / "out"))
+    thread.start()
+    thread.join()
+    time.sleep(1.5)
+    assert (tmp_path / "out" / SHARED / "meta.json").is_file()
+    remove_run_data(tmp_path / "out")
+
+
+def test_removing_the_run_data_stops_its_watcher(tmp_path) -> None:
+    import psutil
+
+    from fedplug.data import SHARED, check_data, remove_run_data, share_run_data
+
+    cfg = config(dataset=_csv(tmp_path / "digits.csv", [i % 3 for i in range(20)]), **{"num-supernodes": 2})
+    check_data(cfg)
+    before = {p.pid for p in psutil.Process().children()}
+    share_run_data(cfg, tmp_path / "out")
+    (watcher,) = [p for p in psutil.Process().children() if p.pid not in before]
+    assert (tmp_path / "out" / SHARED / "meta.json").is_file()
+    remove_run_data(tmp_path / "out")
+    assert not (tmp_path / "out" / SHARED).exists()
+    assert not watcher.is_running()
+    share_run_data(cfg, tmp_path / "kept", watched=False)  # for a caller that removes it itself
+    assert {p.pid for p in psutil.Process().children()} <= before
+    remove_run_data(tmp_path / "kept")
+    assert not (tmp_path / "kept").joinpath(SHARED).exists()

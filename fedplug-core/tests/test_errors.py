@@ -16,6 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from fedplug.plugins import MESSAGE_LIMIT
+from fedplug.results import out_problem
 from fedplug.testing.runs import cli
 
 pytestmark = pytest.mark.fast
@@ -155,9 +157,72 @@ CASES = [
     case("out folder", ("--out", os.fsdecode(b"{work}/bad-\xff-name")), "is not valid Unicode"),
     case("out folder", "--seed -1", "'seed' must be between", out=False),  # the default folder is not made either
     case("out folder", (), "--out fedplug-runs is a file", out=False, files=("fedplug-runs",)),
+    # xfail until cli.py checks it (OUT_EMPTY); the bad seed ends the command before a run starts meanwhile
+    case("out folder", ("--out", "", "--seed", "-1"), "--out is empty"),
+    # the data: columns, labels, local files and hub ids
+    case("columns", rc("image-column='label'"), "dataset 'embedded': its image column is 'image', not 'label'"),
+    case("columns", rc("label-column='digit'"), "dataset 'embedded': its label column is 'label', not 'digit'"),
+    case(
+        "columns",
+        ("--dataset", "{work}/tiny8x8.csv", *rc("image-column='label'")),
+        "image-column and label-column are both 'label'",
+    ),
+    case(
+        "columns",
+        ("--dataset", "{work}/tiny8x8.csv", *rc("image-column='p0' label-column='p0'")),
+        "image-column and label-column are both 'p0'",
+    ),
+    case(
+        "columns",
+        ("--dataset", "{work}/tiny8x8.csv", *rc("label-column='nope'")),
+        "has no column 'nope' (columns: p0, p1, p2, p3, p4, p5, p6, p7, ... (65 columns)); set --run-config",
+    ),
+    case(
+        "labels",
+        ("--dataset", "{work}/biglabel.csv"),
+        "label column 'label' holds the label 1000000000, which would make 1000000001 classes (at most 10000)",
+    ),
+    case("local file", "--dataset ./my-digts.csv.gz", "dataset file ./my-digts.csv.gz does not exist; give an"),
+    case(
+        "local file",
+        "--dataset ./tiny8x8.cvs",
+        "dataset file ./tiny8x8.cvs does not exist; did you mean tiny8x8.csv?",
+    ),
+    case("local file", "--dataset ~/nowhere/digits.parquet", "does not exist; give an existing .parquet or .csv"),
+    case("local file", "--dataset data/digits/train", "dataset file data/digits/train does not exist"),
+    case(
+        "local file",
+        "--dataset digits.npz",
+        "digits.npz: the .npz format is not supported; convert it to .parquet or .csv",
+        files=("digits.npz",),
+    ),
+    case("local file", "--dataset ./TINY8X8.CSV", "./TINY8X8.CSV does not exist; did you mean tiny8x8.csv?"),
+    case("dataset name", "--dataset embeded", "unknown dataset 'embeded': did you mean --dataset embedded?"),
+    case("dataset name", "--dataset Embedded", "unknown dataset 'Embedded': did you mean --dataset embedded?"),
+    case("local file", ("--dataset", "{work}/oldrun"), "; lay it out as a hub dataset (e.g. data/train-*.parquet"),
+    case("local file", "--dataset notes.json", "the .json format is not supported", files=("notes.json",)),
+    case(
+        "local file",
+        ("--dataset", "{work}/binary.csv"),
+        r"(CSV parse error: Expected 1 columns, got 2: \x0e\x0f",
+    ),
+    case(
+        "hub",
+        "--dataset someone/some-digits",
+        "cannot load dataset 'someone/some-digits' (",
+        env={"HF_ENDPOINT": "http://127.0.0.1:9"},  # a closed loopback port stands for "no network"
+    ),
     # backends and their plugins
     case("backend", (), "did you mean 'numpy'?", backend="nunpy"),
     case("backend", (), "did you mean 'torch'? to add it: pip install fedplug-torch", backend="pytorch"),
+    case(
+        "broken plugin",
+        (),
+        "its plugin 'badimport' (fedplug-testplugins) is broken: ModuleNotFoundError: No module named "
+        "'fedplug_framework_that_does_not_exist'; reinstall it (pip install --force-reinstall fedplug-testplugins)",
+        env={"FEDPLUG_PLUGINS": "badimport", "FEDPLUG_QUIET_PLUGINS": "1"},  # its warning line: a row of its own
+        backend="badimport",
+    ),
     case(
         "plugin check",
         (),
@@ -171,7 +236,7 @@ CASES = [
 
 
 def make_work(work: Path) -> None:
-    """The files some rows point at: a file, an earlier run's folder, a csv of 8x8 images."""
+    """The files some rows point at: a file, an earlier run's folder, csv files of 8x8 and 2x2 images."""
     work.mkdir()
     (work / "afile").write_text("not a folder\n")
     (work / "oldrun").mkdir()
@@ -179,6 +244,9 @@ def make_work(work: Path) -> None:
     header = ",".join([*(f"p{i}" for i in range(64)), "label"])
     rows = [",".join([*(str((i * 7 + j) % 256) for j in range(64)), str(i % 3)]) for i in range(60)]
     (work / "tiny8x8.csv").write_text("\n".join([header, *rows]) + "\n")
+    labels = [10**9 if i == 5 else i % 3 for i in range(10)]  # one typo among 10 labels
+    (work / "biglabel.csv").write_text("label,p0,p1,p2,p3\n" + "".join(f"{y},1,2,3,4\n" for y in labels))
+    (work / "binary.csv").write_bytes(bytes(range(256)) * 20)
 
 
 def tree(folder: Path) -> list[tuple[str, int]]:
@@ -190,7 +258,23 @@ def children() -> set[int]:
     return {child.pid for child in psutil.Process().children(recursive=True) if child.status() != "zombie"}
 
 
-@pytest.mark.parametrize("row", CASES, ids=[f"{c.kind}:{c.backend} {' '.join(c.args)}"[:80] for c in CASES])
+OUT_EMPTY = pytest.mark.xfail(
+    strict=True,
+    reason="cli.py must check --out '' with fedplug.results.out_problem (the lead's file); remove this mark then",
+)
+CAPPED = {"columns", "labels", "local file", "dataset name", "hub", "broken plugin"}
+"""Kinds of rows whose message is made by the data or plugin layer: at most MESSAGE_LIMIT characters."""
+
+
+def marks(row: Case) -> tuple[pytest.MarkDecorator, ...]:
+    return (OUT_EMPTY,) if row.args[:2] == ("--out", "") else ()
+
+
+@pytest.mark.parametrize(
+    "row",
+    [pytest.param(c, marks=marks(c)) for c in CASES],
+    ids=[f"{c.kind}:{c.backend} {' '.join(c.args)}"[:80] for c in CASES],
+)
 def test_mistake_is_one_line_before_anything_starts(row: Case, tmp_path: Path, monkeypatch) -> None:
     work, home = tmp_path / "work", tmp_path / "home"
     make_work(work)
@@ -202,13 +286,49 @@ def test_mistake_is_one_line_before_anything_starts(row: Case, tmp_path: Path, m
     if row.out and "--out" not in args:
         args += ["--out", str(work / "out")]
     monkeypatch.chdir(work)
-    before_children = children()
+    before_children, before_env = children(), dict(os.environ)
     done = cli("run", row.backend, *args, env={"FEDPLUG_PLUGINS": "", "HOME": str(home), **row.env})
     lines = done.stderr.splitlines()
     assert done.returncode == row.code, done.stderr
     assert len(lines) == 1 and lines[0].startswith("fedplug: error: "), done.stderr
     assert row.hint in lines[0]
+    if row.kind in CAPPED:
+        assert len(lines[0].removeprefix("fedplug: error: ")) <= MESSAGE_LIMIT, lines[0]
+    assert dict(os.environ) == before_env, "the command changed this process's environment"
     assert "Traceback" not in done.stdout + done.stderr
     assert tree(work) == before, "the command wrote files: no results folder may be made before the run starts"
     assert not (home / ".flwr").exists(), "fedplug wrote to ~/.flwr"
     assert children() <= before_children, "the command left processes behind"
+
+
+@pytest.mark.parametrize("text", ["", " ", "\t"])
+def test_an_empty_out_is_refused_by_name(text: str) -> None:
+    assert out_problem(text) == "--out is empty: give the results folder a name (or leave --out out for a new one)"
+
+
+@pytest.mark.parametrize("text", [".", "runs/first", "~/results"])
+def test_a_named_out_passes(text: str) -> None:
+    assert out_problem(text) is None
+
+
+def test_the_reason_a_run_ended_is_one_capped_line(tmp_path: Path) -> None:
+    """The CLI's last line after a failed run is status.json's reason: a crash's kilobytes are cut."""
+    from fedplug.results import read_status, write_status
+
+    write_status(tmp_path, "failed", "MemoryError: " + "\n".join(["Unable to allocate 954. GiB \x00"] * 100))
+    reason = read_status(tmp_path)["reason"]
+    assert reason.startswith("MemoryError: Unable to allocate 954. GiB \\x00 Unable")
+    assert len(reason) == MESSAGE_LIMIT and reason.endswith("...")
+
+
+@pytest.mark.parametrize("text", ["", " ", "\t"])
+def test_an_empty_dataset_is_refused_by_name(text: str) -> None:
+    """For cli.py to check on the text as typed: ``Path('')`` reads as the current folder."""
+    from fedplug.data.sources import DataError, dataset_problem, load
+
+    assert dataset_problem(text) == (
+        "--dataset is empty: give embedded, a .parquet or .csv file, a dataset folder or a Hugging Face id"
+    )
+    with pytest.raises(DataError, match="--dataset is empty"):
+        load(text, 0, "", "")
+    assert dataset_problem("embedded") is None and dataset_problem("ylecun/mnist") is None

@@ -13,7 +13,18 @@ import pytest
 import fedplug
 from fedplug import hookspecs
 from fedplug.numpy_backend import NumpyBackend
-from fedplug.plugins import Registry, collect_backends, get_registry, load_plugins, new_plugin_manager
+from fedplug.plugins import (
+    MESSAGE_LIMIT,
+    Broken,
+    Registry,
+    UnknownBackend,
+    collect_backends,
+    get_registry,
+    implementation_problem,
+    load_plugins,
+    new_plugin_manager,
+    one_line,
+)
 from fedplug.testing.runs import fedplug as fedplug_command
 
 pytestmark = pytest.mark.fast
@@ -200,3 +211,120 @@ print(entry.distribution, entry.version)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["fedplug-core", "0.0.0"]
+
+
+class Hooked:
+    """An in-test plugin registering one backend."""
+
+    def __init__(self, backend: object) -> None:
+        self.backend = backend
+
+    @fedplug.hookimpl
+    def fedplug_register_backends(self, register) -> None:
+        register(self.backend)
+
+
+def with_implementation(text: str) -> object:
+    return type("Implemented", (NumpyBackend,), {"name": "implemented", "implementation": text})()
+
+
+@pytest.mark.parametrize(
+    ("implementation", "reason"),
+    [
+        ("fedplug.numpy_backend.NumpyImplementation", "must be 'module:Class'"),
+        ("fedplug.numpy_backend:", "must be 'module:Class'"),
+        ("", "must be 'module:Class' (e.g. 'fedplug_mything.impl:MythingImplementation'), got ''"),
+        ("fedplug numpy:Impl", "must be 'module:Class'"),
+        ("fedplug.numpy_backend:Numpy.Implementation", "must be 'module:Class'"),
+        ("fedplug.no_such_module:Impl", "names module 'fedplug.no_such_module', which is not installed"),
+        ("fedplug_no_such_package.impl:Impl", "names module 'fedplug_no_such_package.impl', which is not installed"),
+    ],
+)
+def test_malformed_implementation_is_refused_at_registration(implementation: str, reason: str) -> None:
+    """Not at the first operation, after Ray started: ``fedplug list`` shows the plugin broken and says why."""
+    registry = registry_with(Hooked(with_implementation(implementation)))
+    assert "implemented" not in registry.backends
+    (broken,) = [b for b in registry.broken if b.plugin == "in-test-0"]
+    assert broken.reason.startswith("backend 'implemented': implementation ")
+    assert reason in broken.reason
+
+
+def test_wellformed_implementation_is_found_without_importing_it(tmp_path, monkeypatch) -> None:
+    (tmp_path / "fedplug_heavy_impl.py").write_text("raise RuntimeError('imports the framework')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    backend = with_implementation("fedplug_heavy_impl:HeavyImplementation")
+    registry = registry_with(Hooked(backend))
+    assert registry.backends["implemented"].backend is backend
+    assert "fedplug_heavy_impl" not in sys.modules, "registration imported the implementation's module"
+
+
+def test_checking_an_implementation_imports_no_package(tmp_path, monkeypatch) -> None:
+    """A package above the implementation that is not imported yet stays so: it may import the framework."""
+    (tmp_path / "fedplug_heavy_pkg").mkdir()
+    (tmp_path / "fedplug_heavy_pkg" / "__init__.py").write_text("import os\nos.environ['FEDPLUG_HEAVY'] = '1'\n")
+    (tmp_path / "fedplug_heavy_pkg" / "impl.py").write_text("class HeavyImplementation: ...\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("FEDPLUG_HEAVY", raising=False)
+    assert implementation_problem(with_implementation("fedplug_heavy_pkg.impl:HeavyImplementation")) is None
+    assert "FEDPLUG_HEAVY" not in os.environ and "fedplug_heavy_pkg" not in sys.modules, "a package was imported"
+    missing = implementation_problem(with_implementation("fedplug_absent_pkg.impl:Impl"))
+    assert missing is not None and "names module 'fedplug_absent_pkg.impl', which is not installed" in missing
+
+
+def test_a_backend_of_the_old_contract_needs_no_implementation() -> None:
+    from fedplug.backend import OPERATIONS
+
+    methods = {op: lambda self, *args: None for op in OPERATIONS}  # the 0.1 contract: operations on the class
+    legacy = type("Legacy", (NumpyBackend,), {"name": "legacy_ops", "implementation": "", **methods})()
+    assert implementation_problem(legacy) is None
+
+
+def test_a_broken_plugin_is_named_when_its_backend_is_asked_for() -> None:
+    registry = Registry(
+        broken=[Broken("torch", "fedplug-torch", "ImportError: libtorch_cpu.so: cannot open shared object file")]
+    )
+    for name in ("torch", "pytorch", "Torch"):
+        with pytest.raises(UnknownBackend) as raised:
+            registry.get(name)
+        message = str(raised.value)
+        assert "its plugin 'torch' (fedplug-torch) is broken: ImportError: libtorch_cpu.so" in message
+        assert "pip install --force-reinstall fedplug-torch" in message
+        assert "to add it" not in message
+    with pytest.raises(UnknownBackend, match="to add it: pip install fedplug-jax"):
+        registry.get("jax")
+
+
+def test_plugin_messages_are_one_printable_capped_line() -> None:
+    reason = "ValueError: " + "\n".join(f"line {i} \x00\x1b[31m" for i in range(200))
+    registry = Registry(broken=[Broken("mything", "fedplug-mything", one_line(reason))])
+    with pytest.raises(UnknownBackend) as raised:
+        registry.get("mything")
+    message = str(raised.value)
+    assert len(message) <= MESSAGE_LIMIT and "\n" not in message and "\x00" not in message and "\x1b" not in message
+    assert "line 0 \\x00\\x1b[31m line 1" in message
+    assert one_line("a" * 1000) == "a" * (MESSAGE_LIMIT - 3) + "..."
+    assert one_line("short\tand\r\nplain ") == "short and plain"
+
+
+def test_a_plugin_failing_with_a_huge_message_gets_one_capped_line(capsys: pytest.CaptureFixture[str]) -> None:
+    class Huge:
+        @fedplug.hookimpl
+        def fedplug_register_backends(self, register) -> None:
+            raise RuntimeError("x" * 5000 + "\n" + "y" * 5000)
+
+    registry = registry_with(Huge())
+    (broken,) = [b for b in registry.broken if b.plugin == "in-test-0"]
+    assert broken.reason.startswith("RuntimeError: xxx") and broken.reason.endswith("...")
+    line = next(line for line in capsys.readouterr().err.splitlines() if "in-test-0" in line)
+    assert len(line) <= MESSAGE_LIMIT
+
+
+def test_many_installed_backends_leave_the_hint_whole() -> None:
+    """The list of installed backends is cut, not the hint after it."""
+    many = [type(f"B{i}", (NumpyBackend,), {"name": f"backend_{i:02d}"})() for i in range(40)]
+    registry = registry_with(*(Hooked(backend) for backend in many))
+    with pytest.raises(UnknownBackend) as raised:
+        registry.get("backend_3O")  # a letter O for a zero
+    message = str(raised.value)
+    assert f"backend_11, ... ({len(registry.backends)} in all)); did you mean 'backend_39' or" in message
+    assert len(message) <= MESSAGE_LIMIT

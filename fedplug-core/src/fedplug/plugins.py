@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pluggy
 
 import fedplug
 from fedplug import hookspecs
-from fedplug.backend import Backend, Framework
+from fedplug.backend import OPERATIONS, Backend, Framework
 
 ENTRY_POINT_GROUP = "fedplug"
 DEFAULT_PLUGINS = ("fedplug.numpy_backend",)
@@ -38,6 +39,21 @@ KNOWN_BACKENDS = {
     "mxnet": "mxnet",
 }
 """Names users type for the backends of the fedplug project, and the backend each means."""
+
+
+MESSAGE_LIMIT = 300
+"""The most characters of a data or plugin error message; longer ones are cut, ending in '...'."""
+
+
+def one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """``text`` as one printable line of at most ``limit`` characters.
+
+    Line breaks and runs of white space become one space, characters that a terminal would not
+    print (control characters, the bytes of a binary file) become escapes such as ``\\x00``.
+    """
+    flat = " ".join(text.split())
+    printable = "".join(char if char.isprintable() else ascii(char)[1:-1] for char in flat)
+    return printable if len(printable) <= limit else printable[: limit - 3] + "..."
 
 
 class UnknownBackend(LookupError):
@@ -69,14 +85,26 @@ class Broken:
 
 @dataclass
 class Registry:
+    """The backends of this environment by name, and the plugins that failed to load."""
+
     backends: dict[str, Registered] = field(default_factory=dict)
     broken: list[Broken] = field(default_factory=list)
 
     def get(self, name: str) -> Backend:
-        """The backend called ``name``, or ``UnknownBackend`` with what to do."""
+        """The backend called ``name``, or ``UnknownBackend`` with what to do (one line)."""
         if name in self.backends:
             return self.backends[name].backend
-        installed = ", ".join(sorted(self.backends)) or "none"
+        broken = self.broken_for(name)
+        if broken is not None:
+            raise UnknownBackend(
+                one_line(
+                    f"backend '{name}' cannot be used: its plugin '{broken.plugin}' ({broken.distribution}) is broken: "
+                    f"{one_line(broken.reason, 150)}; reinstall it (pip install --force-reinstall "
+                    f"{broken.distribution}) or report this to its authors"
+                )
+            )
+        names = sorted(self.backends)
+        installed = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "") or "none"
         close = difflib.get_close_matches(name, list(self.backends), n=3)
         if close:
             hint = f"did you mean {' or '.join(repr(c) for c in close)}?"
@@ -91,7 +119,22 @@ class Registry:
                 hint = f"did you mean '{meant}'? to add it: pip install fedplug-{meant}"
             else:
                 hint = f"to add it: pip install fedplug-{name}"
-        raise UnknownBackend(f"unknown backend '{name}' (installed: {installed}); {hint}")
+        raise UnknownBackend(one_line(f"unknown backend '{one_line(name, 60)}' (installed: {installed}); {hint}"))
+
+    def broken_for(self, name: str) -> Broken | None:
+        """The broken plugin that would have registered backend ``name``, by its entry point or distribution.
+
+        A broken plugin registered no backend, so its backends' names are unknown: ``name`` is matched
+        against the plugin's entry-point name and against its distribution ``fedplug-NAME``, the names
+        fedplug's own backends use (``pytorch`` means ``torch``).
+        """
+        meant = KNOWN_BACKENDS.get(name.lower(), name)
+        wanted = {name.lower(), meant.lower()}
+        for broken in self.broken:
+            dist = broken.distribution.lower().replace("_", "-")
+            if broken.plugin.lower() in wanted or dist in {f"fedplug-{w.replace('_', '-')}" for w in wanted}:
+                return broken
+        return None
 
 
 def _strict() -> bool:
@@ -120,6 +163,37 @@ def problem_with(backend: object) -> str | None:
     missing = {"mlp", "lenet"} - set(backend.models)
     if missing:
         return f"backend '{backend.name}' must build the shared models {sorted(missing)}"
+    return implementation_problem(backend)
+
+
+def implementation_problem(backend: Backend) -> str | None:
+    """Why ``backend.implementation`` cannot name its ``Implementation``, found without importing it, or None.
+
+    It must be ``"module:Class"`` of Python names, and ``module`` must be installed: its top-level
+    package is looked up with ``importlib.util.find_spec`` (which imports nothing), and the module
+    itself when the package above it is imported already (the plugin's own, as a rule). Nothing is
+    imported here: the implementation's module imports the framework. A backend that defines every
+    operation itself (fedplug 0.1's contract) needs none.
+    """
+    cls = type(backend)
+    if all(getattr(cls, operation) is not getattr(Backend, operation) for operation in OPERATIONS):
+        return None
+    text = backend.implementation
+    where = f"backend '{backend.name}': implementation"
+    if not isinstance(text, str):
+        return f"{where} must be a str 'module:Class', got {type(text).__name__}"
+    module, colon, class_name = text.partition(":")
+    if not colon or not class_name.isidentifier() or not all(part.isidentifier() for part in module.split(".")):
+        example = "'fedplug_mything.impl:MythingImplementation'"
+        return one_line(f"{where} must be 'module:Class' (e.g. {example}), got {text!r}")
+    parent = module.rpartition(".")[0]
+    looked_up = module if not parent or parent in sys.modules else module.partition(".")[0]
+    try:
+        found = importlib.util.find_spec(looked_up) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return one_line(f"{where} names module '{module}', which is not installed ({text!r})")
     return None
 
 
@@ -162,6 +236,7 @@ def _fail(registry: Registry, plugin: str, distribution: str, error: BaseExcepti
         reason = f"SystemExit: the plugin called sys.exit({error.code!r})"
     else:
         reason = f"{type(error).__name__}: {error}".rstrip(": ")
+    reason = one_line(reason, MESSAGE_LIMIT - 60)  # the line below adds the plugin's names
     registry.broken.append(Broken(plugin, distribution, reason))
     if not os.environ.get("FEDPLUG_QUIET_PLUGINS"):
         print(f"fedplug: plugin '{plugin}' ({distribution}) is broken: {reason}", file=sys.stderr)

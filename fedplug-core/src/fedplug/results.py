@@ -1,4 +1,4 @@
-"""The results folder of a run: config, per-round metrics (JSON, CSV, PNG), final model.
+"""The results folder of a run: config, per-round metrics (JSON, CSV, PNG), weights, status and timeline.
 
 Metrics are rewritten after every round, so an interrupted run keeps what it finished.
 Every file is written to a temporary name and renamed, so a kill at any instant leaves
@@ -56,6 +56,18 @@ def default_out(backend: str, root: Path = Path("fedplug-runs")) -> Path:
         except FileExistsError:
             continue
     raise FileExistsError(f"too many runs named {stem} in {root}")
+
+
+def out_problem(text: str) -> str | None:
+    """Why ``--out TEXT`` names no results folder, or None.
+
+    An empty ``--out ''`` (a shell variable that was not set) would become the current folder,
+    and the run would write its files among the user's own: it is refused by name instead.
+    The CLI checks the text as typed, before it becomes a ``Path`` (where ``''`` reads as ``.``).
+    """
+    if not text.strip():
+        return "--out is empty: give the results folder a name (or leave --out out for a new one)"
+    return None
 
 
 def _finite(value: Any) -> Any:
@@ -152,8 +164,14 @@ def failure_summary(rounds: list[dict[str, Any]]) -> list[str]:
 
 
 def write_status(out: Path, status: str, reason: str = "") -> None:
-    """How the run ended (``finished``, ``failed``, ``interrupted``) and why, for the CLI to report."""
-    write_atomic(out / "status.json", strict_json({"status": status, "reason": reason}))
+    """How the run ended (``finished``, ``failed``, ``interrupted``) and why, for the CLI to report.
+
+    The reason is the CLI's last line: one printable line of at most ``MESSAGE_LIMIT`` characters
+    (the full error is in ``simulation.log``).
+    """
+    from fedplug.plugins import one_line
+
+    write_atomic(out / "status.json", strict_json({"status": status, "reason": one_line(reason)}))
 
 
 def read_status(out: Path) -> dict[str, str]:

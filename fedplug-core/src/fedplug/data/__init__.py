@@ -3,16 +3,19 @@
 Sources, by the run-config key ``dataset`` (see :mod:`fedplug.data.sources`):
 
 - ``embedded``: 15,000 real MNIST digits shipped inside fedplug-core (see README.md here);
-- a local ``.parquet`` or ``.csv`` file (read with pyarrow);
+- a local ``.parquet``, ``.csv`` or ``.csv.gz`` file (read with pyarrow); any other existing file,
+  or a name that looks like a path (:func:`~fedplug.data.sources.looks_local`) but does not exist,
+  is refused and never taken for a hub id;
 - a hub-style dataset folder or any Hugging Face dataset id (``ylecun/mnist``, ``uoft-cs/cifar10``)
   through flwr-datasets' ``FederatedDataset``.
 
 Partitioning (see :mod:`fedplug.data.partition`) runs the flwr-datasets partitioner on the
 labels alone and gives each node its example indices. A run computes this once: the CLI checks
 the data and the plan before anything starts (:func:`check_data`) and writes them into the run
-folder (:func:`share_run_data`); the simulation process and every Ray worker (all marked by
-``FEDPLUG_RUN_DIR``) read them from there and cut each node's arrays by index with numpy. A
-process without those files (the Deployment Engine, a test) computes the same plan itself.
+folder (:func:`share_run_data`, removed when the run ends however it ends); the simulation
+process and every Ray worker (all marked by ``FEDPLUG_RUN_DIR``) read them from there and cut
+each node's arrays by index with numpy. A process without those files (the Deployment Engine,
+a test) computes the same plan itself.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
+import threading
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
@@ -30,8 +36,6 @@ import numpy as np
 
 from fedplug.backend import Config, DataSpec, Scalar
 from fedplug.data.partition import (
-    PARTITIONER_DEFAULTS,
-    PARTITIONERS,
     Plan,
     make_partitioner,
     make_plan,
@@ -41,30 +45,21 @@ from fedplug.data.partition import (
 from fedplug.data.sources import (
     EMBEDDED,
     EMBEDDED_SPEC,
-    IMAGE_COLUMNS,
-    LABEL_COLUMNS,
-    LOCAL_SUFFIXES,
     DataError,
     Source,
+    check_embedded_columns,
     embedded_labels,
     embedded_test,
-    hub_reachable,
-    table_images,
 )
 from fedplug.data.sources import load as load_source
 
 __all__ = [
     "EMBEDDED",
-    "IMAGE_COLUMNS",
-    "LABEL_COLUMNS",
-    "LOCAL_SUFFIXES",
-    "PARTITIONERS",
-    "PARTITIONER_DEFAULTS",
     "DataError",
     "Partition",
     "check_data",
     "data_spec",
-    "hub_reachable",
+    "held_out",
     "load_centralized",
     "load_local",
     "load_partition",
@@ -72,7 +67,6 @@ __all__ = [
     "min_examples",
     "remove_run_data",
     "share_run_data",
-    "to_images",
 ]
 
 SHARED = ".fedplug-data"
@@ -82,7 +76,7 @@ _KEYS = ("dataset", "seed", "image-column", "label-column", "test-fraction", "pa
 
 @dataclass(frozen=True)
 class Partition:
-    """One node's data: a ``test-fraction`` (80/20) train/test split as float32 ``(N, C, H, W)`` and int64."""
+    """One node's data, split train/test by ``test-fraction`` (default 0.2): float32 ``(N, C, H, W)``, int64."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -116,6 +110,19 @@ def load_centralized(config: Config) -> tuple[np.ndarray, np.ndarray] | None:
     return _centralized(_key(config))
 
 
+def held_out(config: Config) -> bool:
+    """Whether the dataset has a held-out set for the server's centralized evaluation (its ``test`` split).
+
+    The embedded digits have one; a local file has none; a hub dataset or folder has one when it has a
+    ``test`` split. Without one, ``centralized-eval`` evaluates nothing (:func:`load_centralized` is None).
+    """
+    key = _key(config)
+    if dict(key)["dataset"] == EMBEDDED:
+        return True
+    shared = _shared(key)
+    return bool(shared.meta["test"]) if shared is not None else _source(_source_key(key)).x_test is not None
+
+
 def data_spec(config: Config) -> DataSpec:
     """Input shape and number of classes of the configured dataset."""
     key = _key(config)
@@ -138,17 +145,26 @@ def check_data(config: Config) -> DataSpec:
         With a one-line message saying what to do.
     """
     key, nodes = _key(config), int(config["num-supernodes"])
+    if dict(key)["dataset"] == EMBEDDED:  # its labels alone are loaded below: check the columns asked for
+        check_embedded_columns(str(config["image-column"]), str(config["label-column"]))
     _plan(key, nodes)
     return data_spec(config)
 
 
-def share_run_data(config: Config, out: str | os.PathLike[str]) -> None:
+def share_run_data(config: Config, out: str | os.PathLike[str], watched: bool = True) -> None:
     """Write the run's partition plan (and a non-embedded dataset as .npy arrays) into ``out``.
 
     The run's other processes read them instead of loading and partitioning the data again.
+    The folder is a copy of the dataset: it must not outlive the run however the command ends.
+    :func:`remove_run_data` removes it when the run ends; if the command is killed first
+    (SIGKILL, the OOM killer), a small watcher process started here, before anything is written,
+    removes it when this process is gone (:func:`_watch`). ``watched=False``: no watcher, the
+    folder outlives this process until :func:`remove_run_data` (a benchmark's short-lived stage).
     """
     key, nodes = _key(config), int(config["num-supernodes"])
     folder = Path(out) / SHARED
+    if watched:
+        _watch(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {"key": _digest(key)}
     if dict(key)["dataset"] != EMBEDDED:
@@ -170,12 +186,67 @@ def share_run_data(config: Config, out: str | os.PathLike[str]) -> None:
 
 
 def remove_run_data(out: str | os.PathLike[str]) -> None:
-    """Remove the shared data of a finished run from its results folder."""
-    shutil.rmtree(Path(out) / SHARED, ignore_errors=True)
+    """Remove the shared data of a finished run from its results folder, and stop its watcher."""
+    folder = Path(out) / SHARED
+    shutil.rmtree(folder, ignore_errors=True)
+    watcher = _WATCHERS.pop(str(folder.absolute()), None)
+    if watcher is not None:
+        watcher.terminate()
+        watcher.wait()
+
+
+_WATCHERS: dict[str, subprocess.Popen[bytes]] = {}
+_WATCHER = r"""
+import ctypes, os, shutil, signal, sys, time
+folder, parent, main_thread = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+
+def clean(*_):
+    shutil.rmtree(folder, ignore_errors=True)
+    os._exit(0)
+
+signal.signal(signal.SIGTERM, clean)
+signal.signal(signal.SIGHUP, clean)
+if main_thread and sys.platform.startswith("linux"):  # the signal comes when the starting *thread* ends
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: the parent's end is at once
+sys.stdout.write("watching\n")
+sys.stdout.flush()
+while os.getppid() == parent:  # elsewhere, or started from another thread: notice it within a second
+    time.sleep(1.0)
+clean()
+"""
+
+
+def _watch(folder: Path) -> None:
+    """Start a process that removes ``folder`` as soon as this process ends, however it ends.
+
+    It runs in a session of its own (a kill of this command's process group does not reach it),
+    learns of this process's end from the kernel (Linux's parent-death signal, when started from
+    the main thread; else by polling its parent every second), and is stopped by
+    :func:`remove_run_data`. Nothing is written before it is watching. It imports the standard
+    library only: a few tens of milliseconds.
+    """
+    where = str(folder.absolute())
+    if where in _WATCHERS and _WATCHERS[where].poll() is None:
+        return
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    watcher = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", _WATCHER, where, str(os.getpid()), str(int(on_main_thread))],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    assert watcher.stdout is not None
+    watching = watcher.stdout.readline() == b"watching\n"
+    watcher.stdout.close()
+    if not watching:
+        watcher.wait()
+        raise DataError(f"cannot start the process that removes {where} after the run ({sys.executable} failed)")
+    _WATCHERS[where] = watcher
 
 
 def load_local(config: Config, path: str | os.PathLike[str]) -> Partition:
-    """A whole local .parquet/.csv file as ONE node's data, split by ``test-fraction`` with ``seed``.
+    """A whole local .parquet/.csv/.csv.gz file as ONE node's data, split by ``test-fraction`` with ``seed``.
 
     For a node of the Deployment Engine that holds its own data file; computed once per process.
     """
@@ -195,17 +266,6 @@ def _local(key: Key, path: str) -> Partition:
     rows = source.order if source.order is not None else np.arange(len(source.y_train))
     train, test = split(len(rows), fraction, int(config["seed"]))
     return _cut(source, rows[train], rows[test])
-
-
-def to_images(dataset: Any, column: str, label: str = "label") -> np.ndarray:
-    """Images of a Hugging Face dataset's ``column`` as float32 ``(N, C, H, W)`` in ``[0, 1]``.
-
-    ``column`` empty means a tabular dataset whose other columns are the pixels of a square
-    grey image (as MNIST in CSV form).
-    """
-    images = table_images(dataset.with_format("arrow")[:], column, label)
-    images = images.astype(np.float32)
-    return images / 255.0 if images.max(initial=0) > 1.0 else images
 
 
 # --- per process: the shared files of the run, or the same computed here --------------------------

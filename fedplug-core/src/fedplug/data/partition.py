@@ -20,6 +20,7 @@ import numpy as np
 from fedplug.backend import Config, Scalar
 from fedplug.config import ConfigError
 from fedplug.data.sources import DataError
+from fedplug.plugins import one_line
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "shard")
 PARTITIONER_DEFAULTS: dict[str, dict[str, Scalar]] = {
@@ -83,7 +84,7 @@ def make_partitioner(config: Config, num_partitions: int) -> Any:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"partitioner '{name}': {error}") from error
+        raise ConfigError(one_line(f"partitioner '{name}': {error}")) from error
 
 
 def min_examples(test_fraction: float) -> int:
@@ -123,7 +124,7 @@ def node_positions(labels: np.ndarray, config: Config, num_partitions: int) -> l
                 warnings.simplefilter("ignore")
                 part = partitioner.load_partition(partition_id)
         except ValueError as error:
-            text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            text = one_line(str(error).strip().splitlines()[0], 150) if str(error).strip() else type(error).__name__
             raise DataError(
                 f"partitioner '{config['partitioner']}' cannot make {num_partitions} partitions: {text}"
             ) from error

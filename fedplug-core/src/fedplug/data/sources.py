@@ -4,17 +4,21 @@ Every source becomes a :class:`Source`: raw images ``(N, C, H, W)`` (uint8 when 
 whole numbers in 0..255, float32 otherwise), int64 labels, and the order in which the
 partitioner sees the training examples (the seed's shuffle). Only hub ids and hub-style folders
 go through flwr-datasets' ``FederatedDataset``; the embedded ``mnist.npz`` is read with numpy and
-local files with pyarrow. Every check a user's data must pass (labels are whole numbers in
-range, pixels are finite numbers, the dataset is not empty) is made here, with one-line errors.
+local files with pyarrow. Every check a user's data must pass (a local-looking name is a file
+that exists in a format fedplug reads, the image and label columns differ, labels are whole
+numbers from 0 making at most ``MAX_CLASSES`` classes, pixels are finite numbers, the dataset is
+not empty) is made here, with one-line errors of at most ``MESSAGE_LIMIT`` characters.
 """
 
 from __future__ import annotations
 
+import difflib
 import io
 import json
 import os
 import socket
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,16 +28,49 @@ from urllib.parse import urlparse
 import numpy as np
 
 from fedplug.backend import DataSpec
+from fedplug.plugins import one_line
 
 EMBEDDED = "embedded"
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "digit")
-LOCAL_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
+LOCAL_SUFFIXES = (".parquet", ".csv", ".csv.gz")
+"""Suffixes of the local data files fedplug reads (with pyarrow; ``.csv.gz`` decompressed on the fly)."""
+DATA_SUFFIXES = (
+    *LOCAL_SUFFIXES,
+    ".csv.bz2",
+    ".csv.zip",
+    ".tsv",
+    ".txt",
+    ".json",
+    ".jsonl",
+    ".arrow",
+    ".feather",
+    ".npz",
+    ".npy",
+    ".pkl",
+    ".pickle",
+    ".h5",
+    ".hdf5",
+    ".zip",
+    ".tar",
+    ".tar.gz",
+    ".tgz",
+    ".gz",
+)
+"""Suffixes that make a ``--dataset`` a local file, never a Hugging Face hub id."""
 EMBEDDED_SPEC = DataSpec((1, 28, 28), 10)
+MAX_CLASSES = 10_000
+"""The most classes a dataset's labels may make (largest label + 1), unless its metadata declares more.
+
+A label far out of line (a typo, an id column taken for labels) would otherwise build a model
+with that many outputs and fail, out of memory, after the run started."""
 
 
 class DataError(RuntimeError):
-    """A dataset cannot be loaded or partitioned; the message says what to do."""
+    """A dataset cannot be loaded or partitioned; the message (one line, capped) says what to do."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
 
 
 @dataclass(frozen=True)
@@ -101,32 +138,114 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def load(name: str, seed: int, image_column: str, label_column: str) -> Source:
-    """The dataset ``name``: ``embedded``, a local .parquet/.csv file, a hub-style folder or a hub id."""
+    """The dataset ``name``: ``embedded``, a local .parquet/.csv/.csv.gz file, a hub-style folder or a hub id."""
     if name == EMBEDDED:
+        check_embedded_columns(image_column, label_column)
         return embedded(seed)
+    if problem := dataset_problem(name):
+        raise DataError(problem)
     path = Path(name).expanduser()
-    if path.suffix in LOCAL_SUFFIXES:
-        if not path.is_file():
-            raise DataError(f"dataset file {path} does not exist; give an existing .parquet or .csv file")
+    if path.is_dir():
+        return _from_hub(name, path, seed, image_column, label_column)
+    if path.is_file():
+        if not _suffix_in(path, LOCAL_SUFFIXES):
+            kind = f"the {_suffix(path)} format" if _suffix(path) else "a file without a .parquet or .csv suffix"
+            raise DataError(
+                f"dataset file {_shown(name)}: {kind} is not supported; convert it to .parquet or .csv "
+                "(an image column or pixel columns, and a label column)"
+            )
         table, class_names = _read_file(path)
         order = np.random.default_rng(seed).permutation(table.num_rows)  # as FederatedDataset(shuffle=True) did
         return _from_tables(name, table, None, class_names, image_column, label_column, order)
+    if looks_local(name):
+        raise DataError(f"dataset file {_shown(name)} does not exist; {_missing_hint(path)}")
+    if "/" not in name and difflib.get_close_matches(name.lower(), [EMBEDDED], cutoff=0.85):
+        raise DataError(f"unknown dataset '{_shown(name, 60)}': did you mean --dataset embedded?")
     return _from_hub(name, path, seed, image_column, label_column)
+
+
+def dataset_problem(name: str) -> str | None:
+    """Why ``--dataset NAME`` names no dataset at all, or None; the CLI checks the text as typed.
+
+    An empty name (a shell variable that was not set) would otherwise read as the current folder.
+    """
+    if not name.strip():
+        return "--dataset is empty: give embedded, a .parquet or .csv file, a dataset folder or a Hugging Face id"
+    return None
+
+
+def looks_local(name: str) -> bool:
+    """Whether ``--dataset name`` means a local file or folder rather than a hub id ``org/name``.
+
+    It does when it starts with ``.``, ``/`` or ``~``, has more than one ``/`` (or any other path
+    separator of this system), or ends in a data file suffix (:data:`DATA_SUFFIXES`); a URL such as
+    ``hf://datasets/org/name`` does not.
+    """
+    if "://" in name:
+        return False
+    separators = {os.sep, os.altsep} - {None, "/"}
+    return (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or any(sep in name for sep in separators if sep)
+        or _suffix_in(Path(name), DATA_SUFFIXES)
+    )
+
+
+def _missing_hint(path: Path) -> str:
+    """What to do about a local dataset path that does not exist: the near name in its folder, if one is."""
+    with suppress(OSError):
+        names = {entry.name.lower(): entry.name for entry in path.parent.iterdir()} if path.parent.is_dir() else {}
+        close = difflib.get_close_matches(path.name.lower(), list(names), n=1, cutoff=0.8)
+        if close:
+            return f"did you mean {_shown(str(path.parent / names[close[0]]))}?"
+    return "give an existing .parquet or .csv file or dataset folder, or a Hugging Face id like ylecun/mnist"
+
+
+def _suffix(path: Path) -> str:
+    """``.csv.gz`` for ``data.csv.gz``: the last two suffixes when the last is a compression's."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] in (".gz", ".bz2", ".zip"):
+        return "".join(suffixes[-2:])
+    return suffixes[-1] if suffixes else ""
+
+
+def _suffix_in(path: Path, suffixes: tuple[str, ...]) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(suffix) and len(name) > len(suffix) for suffix in suffixes)
+
+
+def _shown(name: str, limit: int = 120) -> str:
+    """A user's path or name, printable and short enough for a one-line message."""
+    return one_line(name, limit)
+
+
+def check_embedded_columns(image_column: str, label_column: str) -> None:
+    """Refuse ``image-column``/``label-column`` values that the embedded digits do not have (``image``, ``label``)."""
+    for key, given, column in (("image-column", image_column, "image"), ("label-column", label_column, "label")):
+        if given not in ("", column):
+            raise DataError(
+                f"dataset 'embedded': its {key[:-7]} column is '{column}', not {_shown(given, 60)!r}; "
+                f"leave {key} out, or give a dataset file or hub id with --dataset"
+            )
 
 
 def _read_file(path: Path) -> tuple[Any, dict[str, int]]:
     """A local file as a pyarrow Table, and the class counts its Hugging Face metadata declares."""
     try:
-        if path.suffix == ".parquet":
+        if _suffix(path) == ".parquet":
             import pyarrow.parquet as pq
 
             table = pq.read_table(path)
-        else:
+        else:  # .csv, or .csv.gz that pyarrow decompresses by its suffix
             import pyarrow.csv as pacsv
 
             table = pacsv.read_csv(path)
     except Exception as error:  # pyarrow raises several types for unreadable files
-        raise DataError(f"cannot read dataset file {path} ({_first_line(error)})") from error
+        raise DataError(
+            f"cannot read dataset file {_shown(str(path))} ({_first_line(error)}); give a .parquet file or a "
+            "text .csv file with a header row"
+        ) from error
     return table, _declared_classes(table.schema.metadata or {})
 
 
@@ -140,12 +259,11 @@ def _declared_classes(metadata: dict[bytes, bytes]) -> dict[str, int]:
 
 def _from_hub(name: str, path: Path, seed: int, image_column: str, label_column: str) -> Source:
     """A hub id or hub-style folder through ``FederatedDataset``, converted to numpy once."""
-    if not path.exists() and "HF_HUB_OFFLINE" not in os.environ and not hub_reachable():
-        # no network: use the local Hugging Face cache only, instead of retrying for a minute
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    import datasets
-    from flwr_datasets import FederatedDataset
-
+    # no network: use the local Hugging Face cache only, instead of retrying for a minute
+    offline = not path.exists() and "HF_HUB_OFFLINE" not in os.environ and not hub_reachable()
+    with _offline_while_imported(offline):
+        import datasets
+        from flwr_datasets import FederatedDataset
     from fedplug.privacy import no_flwr_datasets_source_id
 
     no_flwr_datasets_source_id()
@@ -157,8 +275,13 @@ def _from_hub(name: str, path: Path, seed: int, image_column: str, label_column:
     try:
         train = federated.load_split("train")
     except Exception as error:
+        if path.is_dir():
+            raise DataError(
+                f"cannot load dataset folder {_shown(name)} ({_first_line(error)}); lay it out as a hub dataset "
+                "(e.g. data/train-*.parquet and data/test-*.parquet) or give one .parquet or .csv file"
+            ) from error
         raise DataError(
-            f"cannot load dataset '{name}' ({_first_line(error)}); without network use the offline "
+            f"cannot load dataset '{_shown(name)}' ({_first_line(error)}); without network use the offline "
             "default (--dataset embedded) or a local file (--dataset path/to/data.parquet)"
         ) from error
     test = None
@@ -176,6 +299,25 @@ def _from_hub(name: str, path: Path, seed: int, image_column: str, label_column:
     )
 
 
+@contextmanager
+def _offline_while_imported(offline: bool) -> Iterator[None]:
+    """Set ``HF_HUB_OFFLINE=1`` while ``datasets`` and ``huggingface_hub`` are first imported, then restore it.
+
+    Both read the variable once, when imported: this process then loads from the local Hugging Face
+    cache only (its documented offline mode), while the environment, which the run's other processes
+    inherit, stays as the user set it. Already imported (a long-lived process), nothing changes:
+    the hub is tried and fails, and the error says what to do.
+    """
+    if not offline:
+        yield
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        del os.environ["HF_HUB_OFFLINE"]
+
+
 def _from_tables(
     name: str,
     train: Any,
@@ -186,20 +328,25 @@ def _from_tables(
     order: np.ndarray | None,
 ) -> Source:
     if train.num_rows == 0:
-        raise DataError(f"dataset '{name}' has no examples")
+        raise DataError(f"dataset '{_shown(name)}' has no examples")
     columns = list(train.column_names)
     label = _pick(columns, label_column, LABEL_COLUMNS, "label-column", name)
     image = _pick(columns, image_column, IMAGE_COLUMNS, "image-column", name)
+    if image == label:
+        raise DataError(
+            f"dataset '{_shown(name)}': image-column and label-column are both '{label}', so the model would learn "
+            "its own labels; set them to two different columns"
+        )
     x_train, y_train = table_images(train, image, label, name), table_labels(train, label, name)
-    num_classes = classes.get(label) or int(y_train.max()) + 1
+    num_classes = classes.get(label) or _derived_classes(y_train, label, name)
     x_test = y_test = None
     if test is not None and test.num_rows:
         x_test, y_test = table_images(test, image, label, name), table_labels(test, label, name)
-        num_classes = classes.get(label) or max(num_classes, int(y_test.max()) + 1)
+        num_classes = classes.get(label) or max(num_classes, _derived_classes(y_test, label, name))
     for y in (y_train, y_test):
         if y is not None and y.max() >= num_classes:
             raise DataError(
-                f"dataset '{name}': label {int(y.max())} is out of range for {num_classes} classes "
+                f"dataset '{_shown(name)}': label {int(y.max())} is out of range for {num_classes} classes "
                 f"(column '{label}'); labels must be 0..{num_classes - 1}"
             )
     top = max(float(x.max(initial=0)) for x in (x_train, x_test) if x is not None)
@@ -207,10 +354,31 @@ def _from_tables(
     return Source(x_train, y_train, x_test, y_test, spec, top > 1.0, order)
 
 
+def _derived_classes(labels: np.ndarray, column: str, name: str) -> int:
+    """The number of classes that ``labels`` (whole numbers from 0) make: the largest + 1, at most MAX_CLASSES."""
+    top = int(labels.max())
+    if top >= MAX_CLASSES:
+        raise DataError(
+            f"dataset '{_shown(name)}': label column '{column}' holds the label {top}, which would make {top + 1} "
+            f"classes (at most {MAX_CLASSES}); labels must be class ids 0..K-1: fix that value or choose the right "
+            "column with label-column"
+        )
+    return top + 1
+
+
+def _columns(columns: list[str], most: int = 8) -> str:
+    """A table's column names for a message: the first ``most`` of them and how many there are."""
+    shown = ", ".join(_shown(column, 40) for column in columns[:most])
+    return shown if len(columns) <= most else f"{shown}, ... ({len(columns)} columns)"
+
+
 def _pick(columns: list[str], given: str, candidates: tuple[str, ...], key: str, name: str) -> str:
     if given:
         if given not in columns:
-            raise DataError(f"dataset '{name}' has no column '{given}' (columns: {', '.join(columns)})")
+            raise DataError(
+                f"dataset '{_shown(name)}' has no column '{_shown(given, 60)}' (columns: {_columns(columns)}); "
+                f'set --run-config "{key}=NAME" to one of them'
+            )
         return given
     for column in candidates:
         if column in columns:
@@ -218,7 +386,7 @@ def _pick(columns: list[str], given: str, candidates: tuple[str, ...], key: str,
     if key == "image-column" and len(columns) > 2:
         return ""  # tabular: every column but the label holds one pixel
     raise DataError(
-        f"cannot tell the {key[:-7]} column of '{name}' (columns: {', '.join(columns)}); "
+        f"cannot tell the {key[:-7]} column of '{_shown(name)}' (columns: {_columns(columns)}); "
         f'set --run-config "{key}=NAME"'
     )
 
@@ -229,14 +397,17 @@ def table_labels(table: Any, column: str, name: str = "dataset") -> np.ndarray:
 
     array = table.column(column)
     kind = array.type
-    where = f"dataset '{name}': label column '{column}'"
+    where = f"dataset '{_shown(name)}': label column '{column}'"
     if array.null_count:
         raise DataError(f"{where} has {array.null_count} missing values; every example needs a label")
     if pa.types.is_dictionary(kind):
         array, kind = array.cast(kind.value_type), kind.value_type
     if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
         sample = array[0].as_py()
-        raise DataError(f"{where} holds {kind} values like {sample!r}, not class ids; write labels as integers 0..K-1")
+        raise DataError(
+            f"{where} holds {kind} values like {_shown(repr(sample), 40)}, not class ids; "
+            "write labels as integers 0..K-1"
+        )
     values = array.to_numpy()
     if values.dtype.kind == "f":
         bad = values[~np.isfinite(values) | (values != np.round(values))]
@@ -266,13 +437,13 @@ def table_images(table: Any, column: str, label: str, name: str = "dataset") -> 
             kind = table.column(pixel).type
             if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
                 raise DataError(
-                    f"dataset '{name}': pixel column '{pixel}' holds {kind} values, not numbers; "
+                    f"dataset '{_shown(name)}': pixel column '{pixel}' holds {kind} values, not numbers; "
                     "every column but the label must hold one pixel value"
                 )
         images = np.stack([_numbers(table.column(p), p, name) for p in pixels], axis=1)
         side = round(np.sqrt(images.shape[1]))
         if side * side != images.shape[1]:
-            raise DataError(f"dataset '{name}': cannot read {images.shape[1]} pixel columns as a square image")
+            raise DataError(f"dataset '{_shown(name)}': cannot read {images.shape[1]} pixel columns as a square image")
         images = images.reshape(-1, side, side)
     if images.ndim == 3:
         images = images[:, None]
@@ -284,7 +455,7 @@ def table_images(table: Any, column: str, label: str, name: str = "dataset") -> 
 def _numbers(array: Any, column: str, name: str) -> np.ndarray:
     if array.null_count:
         raise DataError(
-            f"dataset '{name}': column '{column}' has {array.null_count} missing or NaN values; "
+            f"dataset '{_shown(name)}': column '{column}' has {array.null_count} missing or NaN values; "
             "every pixel must be a number"
         )
     return cast(np.ndarray, array.to_numpy())
@@ -304,7 +475,7 @@ def _column_array(array: Any, column: str, name: str) -> np.ndarray:
         return np.stack([_decode(item, column, name) for item in array.to_pylist()])
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         raise DataError(
-            f"dataset '{name}': image column '{column}' holds text like {array[0].as_py()[:20]!r}, not pixels; "
+            f"dataset '{_shown(name)}': image column '{column}' holds text like {array[0].as_py()[:20]!r}, not pixels; "
             "store images as encoded image bytes or nested lists of numbers"
         )
     shape: list[int] = []
@@ -313,14 +484,18 @@ def _column_array(array: Any, column: str, name: str) -> np.ndarray:
         pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or pa.types.is_fixed_size_list(values.type)
     ):
         if values.null_count:
-            raise DataError(f"dataset '{name}': image column '{column}' has missing values")
+            raise DataError(f"dataset '{_shown(name)}': image column '{column}' has missing values")
         lengths = values.value_lengths().to_numpy(zero_copy_only=False) if len(values) else np.zeros(0)
         if lengths.size and (lengths != lengths[0]).any():
-            raise DataError(f"dataset '{name}': images of column '{column}' differ in size; resize them to one size")
+            raise DataError(
+                f"dataset '{_shown(name)}': images of column '{column}' differ in size; resize them to one size"
+            )
         shape.append(int(lengths[0]) if lengths.size else 0)
         values = values.flatten()
     if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
-        raise DataError(f"dataset '{name}': image column '{column}' holds {values.type} values, not pixel numbers")
+        raise DataError(
+            f"dataset '{_shown(name)}': image column '{column}' holds {values.type} values, not pixel numbers"
+        )
     flat = _numbers(values, column, name)
     return flat.reshape(len(array), *shape)
 
@@ -329,11 +504,13 @@ def _decode(data: bytes | None, column: str, name: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     if data is None:
-        raise DataError(f"dataset '{name}': image column '{column}' has missing images")
+        raise DataError(f"dataset '{_shown(name)}': image column '{column}' has missing images")
     try:
         return np.asarray(Image.open(io.BytesIO(data)))
     except (UnidentifiedImageError, OSError) as error:
-        raise DataError(f"dataset '{name}': cannot decode an image of column '{column}' ({error})") from error
+        raise DataError(
+            f"dataset '{_shown(name)}': cannot decode an image of column '{column}' ({_first_line(error)})"
+        ) from error
 
 
 def _compact(images: np.ndarray, name: str) -> np.ndarray:
@@ -344,13 +521,16 @@ def _compact(images: np.ndarray, name: str) -> np.ndarray:
         finite = np.isfinite(images)
         if not finite.all():
             bad = images[~finite][0]
-            raise DataError(f"dataset '{name}' holds non-finite pixel values ({bad}); every pixel must be a number")
+            raise DataError(
+                f"dataset '{_shown(name)}' holds non-finite pixel values ({bad}); every pixel must be a number"
+            )
         return images.astype(np.float32)
     if images.dtype.kind in "iub" and images.size and images.min() >= 0 and images.max() <= 255:
         return images.astype(np.uint8)
     return images.astype(np.float32)
 
 
-def _first_line(error: BaseException) -> str:
+def _first_line(error: BaseException, limit: int = 120) -> str:
+    """The first line of an error from a library, printable and at most ``limit`` characters."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return one_line(text.splitlines()[0], limit) if text else type(error).__name__
