@@ -41,7 +41,7 @@ result = {}
 if stage == "cli":
     if hasattr(data, "check_data"):
         data.check_data(config)
-        data.share_run_data(config, os.environ["FEDPLUG_RUN_DIR"])
+        data.share_run_data(config, os.environ["FEDPLUG_RUN_DIR"], watched=False)
     else:
         data.data_spec(config)
         data.make_partitioner(config, nodes)

@@ -157,8 +157,13 @@ CASES = [
     case("out folder", ("--out", os.fsdecode(b"{work}/bad-\xff-name")), "is not valid Unicode"),
     case("out folder", "--seed -1", "'seed' must be between", out=False),  # the default folder is not made either
     case("out folder", (), "--out fedplug-runs is a file", out=False, files=("fedplug-runs",)),
-    # xfail until cli.py checks it (OUT_EMPTY); the bad seed ends the command before a run starts meanwhile
-    case("out folder", ("--out", "", "--seed", "-1"), "--out is empty"),
+    case("out folder", ("--out", ""), "--out is empty"),
+    case(
+        "data",
+        ("--dataset", "{work}/tiny8x8.csv", *rc("centralized-eval=true")),
+        "has no test split: centralized-eval=true has nothing to evaluate on",
+    ),
+    case("data", ("--dataset", ""), "--dataset is empty"),
     # the data: columns, labels, local files and hub ids
     case("columns", rc("image-column='label'"), "dataset 'embedded': its image column is 'image', not 'label'"),
     case("columns", rc("label-column='digit'"), "dataset 'embedded': its label column is 'label', not 'digit'"),
@@ -258,21 +263,13 @@ def children() -> set[int]:
     return {child.pid for child in psutil.Process().children(recursive=True) if child.status() != "zombie"}
 
 
-OUT_EMPTY = pytest.mark.xfail(
-    strict=True,
-    reason="cli.py must check --out '' with fedplug.results.out_problem (the lead's file); remove this mark then",
-)
 CAPPED = {"columns", "labels", "local file", "dataset name", "hub", "broken plugin"}
 """Kinds of rows whose message is made by the data or plugin layer: at most MESSAGE_LIMIT characters."""
 
 
-def marks(row: Case) -> tuple[pytest.MarkDecorator, ...]:
-    return (OUT_EMPTY,) if row.args[:2] == ("--out", "") else ()
-
-
 @pytest.mark.parametrize(
     "row",
-    [pytest.param(c, marks=marks(c)) for c in CASES],
+    CASES,
     ids=[f"{c.kind}:{c.backend} {' '.join(c.args)}"[:80] for c in CASES],
 )
 def test_mistake_is_one_line_before_anything_starts(row: Case, tmp_path: Path, monkeypatch) -> None:

@@ -1,6 +1,5 @@
 """fedplug: framework-agnostic federated learning on Flower, one backend plugin per framework."""
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from fedplug.privacy import switch_off_telemetry
@@ -19,11 +18,7 @@ from fedplug.backend import (  # noqa: E402
 )
 from fedplug.errors import ConfigError, DeployError, FedplugError, RunError, UnavailableError  # noqa: E402
 from fedplug.hookspecs import hookimpl  # noqa: E402
-
-try:
-    __version__ = version("fedplug-core")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
+from fedplug.version import __version__  # noqa: E402
 
 if TYPE_CHECKING:
     from fedplug.api import RunResult, run

@@ -154,8 +154,12 @@ def run(
 
 def _path(flag: str, value: str | os.PathLike[str] | None) -> Path | None:
     """A path argument; an empty one is a mistake (``Path("")`` would silently mean the current folder)."""
+    from fedplug.results import out_problem
+
     if value is None:
         return None
+    if flag == "--out" and (problem := out_problem(os.fspath(value))):
+        raise ConfigError(problem)
     if not os.fspath(value).strip():
         raise ConfigError(f"{flag} is empty; give a path, or leave {flag} out")
     return Path(value)
@@ -230,6 +234,8 @@ def _run_simulated(plan: RunPlan, verbose: bool, quiet: bool, started: float) ->
         + (f" · nodes {str(config['node-backends']).replace(',', ' ')}" if config.get("node-backends") else ""),
         quiet,
     )
+    for note in plan.notes:
+        _say(f"fedplug: {note}", quiet)
     Results(out, config)  # config.json: what the simulation process runs
     try:
         share_run_data(config, out)  # the run's other processes read the checked data and partitions from here

@@ -7,16 +7,29 @@ Every message is one line that says what to do instead. ``FedplugError.exit_code
 
 from __future__ import annotations
 
-MAX_MESSAGE = 600
-"""Characters of a message shown to a user; longer ones (a dump of raw bytes, a list of
-every key) are cut with an ellipsis."""
+MESSAGE_LIMIT = 300
+"""Characters of a message shown to a user at most; longer ones (a dump of raw bytes, a list of every
+key) are cut, and their makers cut the long part first so that the advice at the end survives."""
 
 
-def one_line(text: object, limit: int = MAX_MESSAGE) -> str:
-    """``text`` on one line, printable, at most ``limit`` characters."""
-    line = " ".join(str(text).split())
-    line = "".join(ch if ch.isprintable() else "?" for ch in line)
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+def one_line(text: object, limit: int = MESSAGE_LIMIT) -> str:
+    """``text`` as one printable line of at most ``limit`` characters.
+
+    Line breaks and runs of white space become one space, characters that a terminal would not
+    print (control characters, the bytes of a binary file) become escapes such as ``\\x00``.
+    """
+    flat = " ".join(str(text).split())
+    printable = "".join(char if char.isprintable() else ascii(char)[1:-1] for char in flat)
+    return printable if len(printable) <= limit else printable[: limit - 3] + "..."
+
+
+def shown(value: object, limit: int = 100) -> str:
+    """``value`` for a message, its middle elided when longer than ``limit``: the advice after it stays in view."""
+    text = str(value)
+    if len(text) <= limit:
+        return text
+    half = (limit - 3) // 2
+    return f"{text[:half]}...{text[-half:]}"
 
 
 class FedplugError(Exception):

@@ -24,10 +24,11 @@ from fedplug.availability import check_backend_available, find_backend
 from fedplug.backend import Backend, BackendUnavailable, ModelError, Scalar
 from fedplug.config import check_partitioner, resolve
 from fedplug.custom import is_custom, locate, no_native_output
-from fedplug.data import DataError, check_data, data_spec
+from fedplug.data import DataError, check_data, data_spec, held_out
+from fedplug.data.sources import dataset_problem
 from fedplug.deployment.flower_cli import Security
 from fedplug.deployment.network import port_open, split_address
-from fedplug.errors import ConfigError, DeployError
+from fedplug.errors import ConfigError, DeployError, shown
 from fedplug.models import canonical_shapes
 from fedplug.results import default_out
 from fedplug.strategies import check_strategy, strategy_kwargs
@@ -64,6 +65,8 @@ class RunPlan:
     engine: Engine
     out: Path | None
     resumed: bool = False
+    notes: tuple[str, ...] = ()
+    """What the plan decided that the user should know (e.g. centralized evaluation turned off)."""
 
 
 def plan_run(
@@ -118,11 +121,12 @@ def plan_run(
     check_backend_available(chosen)
     check_out_folder(out if out is not None else RUNS_ROOT)
     config = resolve_and_check(chosen, overrides)
+    notes = check_held_out(config, overrides)
     check_model(chosen, config)
     _check_node_backends(config)
     folder = out or default_out(chosen.name, RUNS_ROOT)  # made now: every check has passed
     config["out"] = str(folder.resolve())
-    return RunPlan(chosen, config, engine, folder)
+    return RunPlan(chosen, config, engine, folder, notes=notes)
 
 
 def _plan_deployed(
@@ -166,29 +170,29 @@ def check_ray_address(address: str) -> None:
 
 def check_out_folder(out: Path) -> None:
     """Refuse an ``out`` that cannot become this run's results folder, creating nothing."""
-    if not str(out).strip():
-        raise ConfigError("--out is empty; give a folder for the results, or leave --out out for ./fedplug-runs/")
+    name = shown(out)
     try:
         str(out).encode("utf-8")
     except UnicodeEncodeError:
         raise ConfigError(f"--out {str(out)!r} is not valid Unicode (undecodable bytes); choose another name") from None
     try:
         if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {out} is a file, not a folder; choose a folder for the results")
+            raise ConfigError(f"--out {name} is a file, not a folder; choose a folder for the results")
         if (out / "config.json").exists():
-            raise ConfigError(f"{out} already holds a run; choose another --out, or continue it with --resume {out}")
+            raise ConfigError(f"{name} already holds a run; choose another --out, or continue it with --resume {name}")
         existing = out.absolute()
         while not existing.exists():
             existing = existing.parent
         if not existing.is_dir():
-            raise ConfigError(f"--out {out} is inside {existing}, which is a file; choose a folder path")
+            raise ConfigError(f"--out {name} is inside {shown(existing)}, which is a file; choose a folder path")
     except OSError as error:
-        raise ConfigError(f"cannot use --out {out}: {error.strerror or error}; choose another folder") from error
+        raise ConfigError(f"cannot use --out {name}: {error.strerror or error}; choose another folder") from error
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".fedplug-probe-", dir=existing))  # a real write test, even as root
     except OSError as error:
         raise ConfigError(
-            f"cannot write --out {out}: {existing} refuses new folders ({error.strerror}); choose a writable one"
+            f"cannot write --out {name}: {shown(existing)} refuses new folders ({error.strerror}); "
+            "choose a writable one"
         ) from error
 
 
@@ -199,6 +203,8 @@ def resolve_and_check(backend: Backend, overrides: Mapping[str, Scalar], deploye
     simulated nodes are not checked.
     """
     config = resolve(backend, overrides, node_backends.others(overrides))
+    if problem := dataset_problem(str(config["dataset"])):  # '' would read as the current folder
+        raise ConfigError(problem)
     if not deployed:
         check_strategy(config)
         check_partitioner(config, num_classes=None)
@@ -214,6 +220,19 @@ def resolve_and_check(backend: Backend, overrides: Mapping[str, Scalar], deploye
     except DataError as error:
         raise ConfigError(str(error)) from error
     return config
+
+
+def check_held_out(config: dict[str, Scalar], overrides: Mapping[str, Scalar]) -> tuple[str, ...]:
+    """Centralized evaluation needs the dataset's test split: refused when asked for, else turned off and said."""
+    if not config["centralized-eval"] or held_out(config):
+        return ()
+    if overrides.get("centralized-eval") is True:
+        raise ConfigError(
+            f"dataset {config['dataset']} has no test split: centralized-eval=true has nothing to evaluate on; "
+            "leave it out (nodes still evaluate on their own held-out 20%) or use a dataset with a test split"
+        )
+    config["centralized-eval"] = False
+    return (f"no server held-out set (dataset {config['dataset']} has no test split): centralized evaluation off",)
 
 
 def check_model(backend: Backend, config: dict[str, Scalar]) -> None:

@@ -15,9 +15,10 @@ from importlib.metadata import entry_points
 
 import pluggy
 
-import fedplug
 from fedplug import hookspecs
 from fedplug.backend import OPERATIONS, Backend, Framework
+from fedplug.errors import MESSAGE_LIMIT, one_line
+from fedplug.version import __version__
 
 ENTRY_POINT_GROUP = "fedplug"
 DEFAULT_PLUGINS = ("fedplug.numpy_backend",)
@@ -39,21 +40,6 @@ KNOWN_BACKENDS = {
     "mxnet": "mxnet",
 }
 """Names users type for the backends of the fedplug project, and the backend each means."""
-
-
-MESSAGE_LIMIT = 300
-"""The most characters of a data or plugin error message; longer ones are cut, ending in '...'."""
-
-
-def one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
-    """``text`` as one printable line of at most ``limit`` characters.
-
-    Line breaks and runs of white space become one space, characters that a terminal would not
-    print (control characters, the bytes of a binary file) become escapes such as ``\\x00``.
-    """
-    flat = " ".join(text.split())
-    printable = "".join(char if char.isprintable() else ascii(char)[1:-1] for char in flat)
-    return printable if len(printable) <= limit else printable[: limit - 3] + "..."
 
 
 class UnknownBackend(LookupError):
@@ -245,7 +231,7 @@ def _fail(registry: Registry, plugin: str, distribution: str, error: BaseExcepti
 def load_plugins(manager: pluggy.PluginManager, registry: Registry) -> dict[str, tuple[str, str]]:
     """Register the built-in and installed plugins; return plugin -> (distribution, version)."""
     origins: dict[str, tuple[str, str]] = {}
-    core = ("fedplug-core", fedplug.__version__)  # also right in a source tree, without metadata
+    core = ("fedplug-core", __version__)  # also right in a source tree, without metadata
     candidates: list[tuple[str, str, str, object]] = [(module, *core, module) for module in DEFAULT_PLUGINS]
     for point in entry_points(group=ENTRY_POINT_GROUP):
         dist = point.dist

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from fedplug.backend import Config, Weights
+from fedplug.errors import one_line
 
 METRIC_COLUMNS = (
     "round",
@@ -169,8 +170,6 @@ def write_status(out: Path, status: str, reason: str = "") -> None:
     The reason is the CLI's last line: one printable line of at most ``MESSAGE_LIMIT`` characters
     (the full error is in ``simulation.log``).
     """
-    from fedplug.plugins import one_line
-
     write_atomic(out / "status.json", strict_json({"status": status, "reason": one_line(reason)}))
 
 

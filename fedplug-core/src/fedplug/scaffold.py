@@ -15,7 +15,7 @@ from importlib.resources import files
 from pathlib import Path
 from string import Template
 
-from fedplug import __version__
+from fedplug.version import __version__
 
 TEMPLATES = files("fedplug") / "templates" / "backend"
 FILES = {

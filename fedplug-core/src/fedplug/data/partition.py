@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 
 from fedplug.backend import Config, Scalar
-from fedplug.config import ConfigError
 from fedplug.data.sources import DataError
-from fedplug.plugins import one_line
+from fedplug.errors import ConfigError, one_line
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "shard")
 PARTITIONER_DEFAULTS: dict[str, dict[str, Scalar]] = {

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from fedplug.backend import DataSpec
-from fedplug.plugins import one_line
+from fedplug.errors import one_line
 
 EMBEDDED = "embedded"
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
