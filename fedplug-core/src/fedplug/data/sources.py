@@ -261,29 +261,30 @@ def _from_hub(name: str, path: Path, seed: int, image_column: str, label_column:
     """A hub id or hub-style folder through ``FederatedDataset``, converted to numpy once."""
     # no network: use the local Hugging Face cache only, instead of retrying for a minute
     offline = not path.exists() and "HF_HUB_OFFLINE" not in os.environ and not hub_reachable()
-    with _offline_while_imported(offline):
+    with _offline_while_loading(offline):
         import datasets
         from flwr_datasets import FederatedDataset
-    from fedplug.privacy import no_flwr_datasets_source_id
 
-    no_flwr_datasets_source_id()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    federated = FederatedDataset(
-        dataset=str(path) if path.is_dir() else name, partitioners={"train": 1}, shuffle=True, seed=seed
-    )
-    try:
-        train = federated.load_split("train")
-    except Exception as error:
-        if path.is_dir():
+        from fedplug.privacy import no_flwr_datasets_source_id
+
+        no_flwr_datasets_source_id()
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+        federated = FederatedDataset(
+            dataset=str(path) if path.is_dir() else name, partitioners={"train": 1}, shuffle=True, seed=seed
+        )
+        try:
+            train = federated.load_split("train")
+        except Exception as error:
+            if path.is_dir():
+                raise DataError(
+                    f"cannot load dataset folder {_shown(name)} ({_first_line(error)}); lay it out as a hub dataset "
+                    "(e.g. data/train-*.parquet and data/test-*.parquet) or give one .parquet or .csv file"
+                ) from error
             raise DataError(
-                f"cannot load dataset folder {_shown(name)} ({_first_line(error)}); lay it out as a hub dataset "
-                "(e.g. data/train-*.parquet and data/test-*.parquet) or give one .parquet or .csv file"
+                f"cannot load dataset '{_shown(name)}' ({_first_line(error)}); without network use the offline "
+                "default (--dataset embedded) or a local file (--dataset path/to/data.parquet)"
             ) from error
-        raise DataError(
-            f"cannot load dataset '{_shown(name)}' ({_first_line(error)}); without network use the offline "
-            "default (--dataset embedded) or a local file (--dataset path/to/data.parquet)"
-        ) from error
     test = None
     with suppress(ValueError):  # no held-out split: centralized evaluation is skipped
         test = federated.load_split("test")
@@ -300,21 +301,35 @@ def _from_hub(name: str, path: Path, seed: int, image_column: str, label_column:
 
 
 @contextmanager
-def _offline_while_imported(offline: bool) -> Iterator[None]:
-    """Set ``HF_HUB_OFFLINE=1`` while ``datasets`` and ``huggingface_hub`` are first imported, then restore it.
+def _offline_while_loading(offline: bool) -> Iterator[None]:
+    """Hugging Face's documented offline mode (local cache only), for this load only.
 
-    Both read the variable once, when imported: this process then loads from the local Hugging Face
-    cache only (its documented offline mode), while the environment, which the run's other processes
-    inherit, stays as the user set it. Already imported (a long-lived process), nothing changes:
-    the hub is tried and fails, and the error says what to do.
+    ``datasets`` and ``huggingface_hub`` read ``HF_HUB_OFFLINE`` when first imported, into their
+    ``config``/``constants`` modules, which they consult on every call: the variable is set while they
+    are imported here and their two flags while the dataset loads, then all three are restored. So the
+    environment that the run's other processes inherit stays as the user set it, and a long-lived
+    process (a notebook calling ``fedplug.run()``) is not left offline, nor waits a minute of retries.
     """
     if not offline:
         yield
         return
+    import sys
+
     os.environ["HF_HUB_OFFLINE"] = "1"
+    flags: list[tuple[Any, bool]] = []
     try:
+        for module_name in ("huggingface_hub.constants", "datasets.config"):
+            module = sys.modules.get(module_name)
+            if module is None:
+                import importlib
+
+                module = importlib.import_module(module_name)
+            flags.append((module, module.HF_HUB_OFFLINE))
+            module.HF_HUB_OFFLINE = True
         yield
     finally:
+        for module, value in flags:
+            module.HF_HUB_OFFLINE = value
         del os.environ["HF_HUB_OFFLINE"]
 
 
