@@ -16,11 +16,12 @@ import textwrap
 from importlib.metadata import version
 from pathlib import Path
 
+import flwr
 import pytest
 
 from fedplug import flower_adapter
 
-FLOWER = version("flwr")
+FLOWER = flwr.__version__  # the distribution is flwr, or flwr-nightly for a nightly
 DATASETS = version("flwr-datasets")
 
 
