@@ -82,13 +82,15 @@ def first_error(text: str) -> str:
     with it), else the first line that looks like an error, else the last line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     lines = [re.sub(r"^E\s+", "", line) for line in lines if not line.startswith("WARNING: Location")]
-    for line in lines:
-        if RAISED.match(line):
-            return line[:240]
-    for line in lines:
-        if ERROR.search(line) and not line.startswith("Traceback"):
-            return line[:240]
-    return lines[-1][:240] if lines else "(no output)"
+    found = next((i for i, line in enumerate(lines) if RAISED.match(line)), None)
+    if found is None:
+        found = next((i for i, line in enumerate(lines) if ERROR.search(line) and line != "Traceback"), None)
+    if found is None:
+        return lines[-1][:240] if lines else "(no output)"
+    line = lines[found]
+    if line.endswith(":") and found + 1 < len(lines):  # a heading: its first item says what
+        line = f"{line} {lines[found + 1]}"
+    return line[:240]
 
 
 def run(command: list[str], log: Path, env: dict[str, str], timeout: float, cwd: Path = REPO) -> tuple[int | None, str]:
@@ -175,7 +177,7 @@ def adapter_tests(python: Path, test_file: str, work: Path, env: dict[str, str],
         broken = case.find("failure")
         if broken is None:
             broken = case.find("error")
-        name = f"test {case.get('name')}"
+        name = re.sub(r"\[([^-\]]*)[^\]]*\]", r"[\1]", f"test {case.get('name')}")  # a parameter set by its first id
         if broken is None:
             rows.append(Row(name, case.find("skipped") is None, "skipped" if case.find("skipped") is not None else ""))
         else:
