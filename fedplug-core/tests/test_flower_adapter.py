@@ -202,21 +202,26 @@ def evaluate(msg, context):
 @server_app.main()
 def main(grid, context):
     report = {"server-marker": context.run_config.get("marker"), "grid": type(grid).__name__}
-    nodes = []
-    while len(nodes) < 2:
-        nodes = list(grid.get_node_ids())
-        time.sleep(0.05)
-    report["nodes"] = len(nodes)
-    report["poll-set"] = flower_adapter.set_reply_poll_interval(grid, 1.5)
-    started = time.perf_counter()
-    (reply,) = grid.send_and_receive([Message(RecordDict(), dst_node_id=nodes[0], message_type="train")])
-    report["slow-exchange"] = time.perf_counter() - started
-    report["node-marker"] = reply.content.config_records["seen"]["marker"]
-    flower_adapter.set_reply_poll_interval(grid, 0.01)
-    (failed,) = grid.send_and_receive([Message(RecordDict(), dst_node_id=nodes[1], message_type="evaluate")])
-    report["error-code"] = failed.error.code if failed.has_error() else None
-    with open(os.environ["PROBE_REPORT"], "w") as file:
-        json.dump(report, file)
+    try:
+        nodes = []
+        while len(nodes) < 2:
+            nodes = list(grid.get_node_ids())
+            time.sleep(0.05)
+        report["nodes"] = len(nodes)
+        report["poll-set"] = flower_adapter.set_reply_poll_interval(grid, 1.5)
+        started = time.perf_counter()
+        (reply,) = grid.send_and_receive([Message(RecordDict(), dst_node_id=nodes[0], message_type="train")])
+        report["slow-exchange"] = time.perf_counter() - started
+        if reply.has_error():
+            report["node-marker"] = f"the ClientApp failed: {reply.error.reason}"
+        else:
+            report["node-marker"] = reply.content.config_records["seen"]["marker"]
+        flower_adapter.set_reply_poll_interval(grid, 0.01)
+        (failed,) = grid.send_and_receive([Message(RecordDict(), dst_node_id=nodes[1], message_type="evaluate")])
+        report["error-code"] = failed.error.code if failed.has_error() else None
+    finally:
+        with open(os.environ["PROBE_REPORT"], "w") as file:
+            json.dump(report, file)
 '''
 
 RUN_PROBE = """
@@ -281,10 +286,12 @@ def test_run_simulation_engine_runs_an_app_folder(tmp_path: Path) -> None:
     )
     assert report_file.exists(), changed(name, f"the simulation did not run the ServerApp: {result.stderr[-1500:]}")
     report = json.loads(report_file.read_text())
+    assert report["server-marker"] == "from-context", changed(name, "the ServerApp did not get server_app_context")
+    assert report.get("node-marker") == "from-app-dir", changed(
+        name, f"the nodes did not read app_dir's run config: {report.get('node-marker')}"
+    )
     assert result.returncode == 0, changed(name, f"the simulation failed: {result.stderr[-1500:]}")
     assert report["nodes"] == 2
-    assert report["server-marker"] == "from-context", changed(name, "the ServerApp did not get server_app_context")
-    assert report["node-marker"] == "from-app-dir", changed(name, "the nodes did not read app_dir's run config")
     assert report["poll-set"] is True, changed("InMemoryGrid.pull_interval", f"{report['grid']} has no float one")
     # the first poll comes before the reply: the exchange waits one poll interval at least
     assert report["slow-exchange"] >= 1.5, changed(
