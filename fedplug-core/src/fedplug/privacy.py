@@ -10,7 +10,6 @@ and ClientApps on the Deployment Engine all run with telemetry off.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 NO_TELEMETRY_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -25,31 +24,17 @@ def switch_off_telemetry() -> None:
 
 
 def no_flwr_datasets_source_id() -> None:
-    """Keep flwr-datasets from writing a persistent id to ``~/.flwr/source``.
+    """Keep flwr-datasets from writing a persistent id to ``~/.flwr/source`` (see :mod:`fedplug.flower_adapter`).
 
-    flwr-datasets builds each telemetry event, and so reads or creates ``~/.flwr/source``,
-    before it looks at ``FLWR_TELEMETRY_ENABLED`` (it never sends the event when that is
-    0). Giving it a source id first means it never touches ``~/.flwr``. Call this before
-    using ``FederatedDataset``.
+    Call this before using ``FederatedDataset``.
     """
-    from flwr_datasets.common import telemetry
+    from fedplug import flower_adapter
 
-    _give_source_id(telemetry.state)
+    flower_adapter.no_flwr_datasets_source_id()
 
 
 def no_flower_source_id() -> None:
-    """Keep Flower from writing a persistent id to ``$FLWR_HOME/source``, as flwr-datasets above.
+    """Keep Flower from writing a persistent id to ``$FLWR_HOME/source`` (see :mod:`fedplug.flower_adapter`)."""
+    from fedplug import flower_adapter
 
-    Flower's exit event runs on a thread of its own that may outlive the simulation and
-    recreate a removed ``FLWR_HOME``; with a source id given, it writes nothing.
-    """
-    from flwr.supercore import telemetry
-
-    with telemetry.state_lock:
-        _give_source_id(telemetry.state)
-
-
-def _give_source_id(state: dict[str, Any]) -> None:
-    # the one use of Flower's and flwr-datasets' private telemetry modules in fedplug
-    if state.get("source") is None:
-        state["source"] = "disabled"
+    flower_adapter.no_flower_source_id()

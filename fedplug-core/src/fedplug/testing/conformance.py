@@ -647,13 +647,14 @@ class BasicConformance:
     def test_client_app_handles_train_and_evaluate_messages(self, backend: Backend) -> None:
         """fedplug's ClientApp serves the backend: a train and an evaluate Message get well-formed replies.
 
-        The Messages are built with Flower's public ``flwr.app`` API, as a SuperLink would send them.
+        The Messages are built as a SuperNode delivers them (``fedplug.flower_adapter.message_for_client_app``).
         Fix: return Python int/float metrics, take and give canonical weights.
         """
-        from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+        from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 
         from fedplug.apps import client_app
         from fedplug.data import data_spec
+        from fedplug.flower_adapter import message_for_client_app
         from fedplug.records import from_record, to_record
 
         config = self._config(backend, **{"num-supernodes": 20, "local-epochs": 1})
@@ -671,21 +672,12 @@ class BasicConformance:
             content = RecordDict(
                 {"arrays": to_record(sent), "config": ConfigRecord({"lr": config["lr"], "server-round": 1})}
             )
-            metadata = Metadata(
-                run_id=1,
-                message_id=f"{kind}-1",
-                src_node_id=0,
-                dst_node_id=1,
-                reply_to_message_id="",
-                group_id="1",
-                created_at=0.0,
-                ttl=3600.0,
-                message_type=kind,
+            # as Flower's runtimes deliver a message to a ClientApp (complete metadata);
+            # Message(content, dst_node_id, message_type) needs a running ServerApp
+            message = message_for_client_app(
+                content, message_type=kind, run_id=1, message_id=f"{kind}-1", dst_node_id=1, group_id="1"
             )
             try:
-                # Message(content, metadata=...) is how Flower's runtimes deliver a message to a
-                # ClientApp; Message(content, dst_node_id, message_type) needs a running ServerApp
-                message = Message(content=content, metadata=metadata)  # type: ignore[call-overload]
                 replies[kind] = client_app(message, context)
             except Exception as error:
                 pytest.fail(
