@@ -242,10 +242,10 @@ def test_unreachable_hub_leaves_the_environment_as_it_was(monkeypatch) -> None:
     which inherit this environment, must not be switched offline too."""
     import os
 
-    from fedplug.data.sources import load
-
     import datasets.config
     import huggingface_hub.constants
+
+    from fedplug.data.sources import load
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a closed loopback port: no network
@@ -254,7 +254,7 @@ def test_unreachable_hub_leaves_the_environment_as_it_was(monkeypatch) -> None:
     with pytest.raises(DataError, match="cannot load dataset 'someone/no-such-digits'"):
         load("someone/no-such-digits", 0, "", "")  # datasets is imported already: its flags are switched, briefly
     assert dict(os.environ) == before
-    assert (huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE) == flags
+    assert flags == (huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
 
 
 KILLED_CLI = r"""

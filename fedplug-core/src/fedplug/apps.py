@@ -16,9 +16,9 @@ from typing import Any, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
+from fedplug import flower_adapter
 from fedplug.backend import Backend, Config, Scalar, Weights
 from fedplug.data import data_spec, load_centralized
 from fedplug.node import backend_and_config, identity, node_data, session
@@ -35,7 +35,9 @@ def _failed(msg: Message, step: str, error: Exception) -> Message:
     log.error("%s failed on this node:\n%s", step, traceback.format_exc())
     reason = " ".join(str(error).split())[:240]
     return Message(
-        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{step} raised {type(error).__name__}: {reason}"),
+        Error(
+            code=flower_adapter.client_app_raised_exception(), reason=f"{step} raised {type(error).__name__}: {reason}"
+        ),
         reply_to=msg,
     )
 

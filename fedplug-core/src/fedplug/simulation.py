@@ -57,24 +57,6 @@ def quiet_logs(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def import_flower_simulation() -> None:
-    """Import Flower's Simulation Engine without importing TensorFlow.
-
-    ``flwr.simulation`` imports TensorFlow whenever it is installed, for a deprecated GPU helper that
-    fedplug does not use: seconds of start-up and hundreds of MB in the simulation process and in
-    every Ray worker, for runs that may not use TensorFlow at all. TensorFlow stays importable for
-    the backends that use it. Ray's workers run this before anything else (:func:`start_ray`).
-    """
-    if "flwr.simulation" in sys.modules or "tensorflow" in sys.modules:
-        return
-    sys.modules["tensorflow"] = None  # type: ignore[assignment]  # `import tensorflow` fails for this import
-    try:
-        import flwr.simulation  # noqa: F401
-    finally:
-        if sys.modules.get("tensorflow") is None:
-            del sys.modules["tensorflow"]
-
-
 def worker_threads(client_cpus: float) -> str:
     """``OMP_NUM_THREADS`` of every Ray worker process: Ray's own rule (the floor of a client's CPUs, at least
     1), or the value the user set.
@@ -94,7 +76,8 @@ def start_ray(client_cpus: float, **init_args: Any) -> None:
     or connect to a running Ray cluster (``address``: ``auto`` or its head's HOST:PORT).
 
     The same runtime environment as Flower's (this process's ``sys.path`` for the workers), plus
-    fedplug's set-up of each worker process: :func:`import_flower_simulation`, and their native thread
+    fedplug's set-up of each worker process: Flower's Simulation Engine imported without TensorFlow
+    (:func:`fedplug.flower_adapter.import_simulation_without_tensorflow`), and their native thread
     pools sized by :func:`worker_threads`. A cluster this run connected to keeps running when the run
     ends: ``ray.shutdown`` only disconnects from it, and its processes are not in this run's process group.
     """
@@ -106,7 +89,7 @@ def start_ray(client_cpus: float, **init_args: Any) -> None:
     os.environ["PYTHONPATH"] = pythonpath
     runtime_env = {
         "env_vars": {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": worker_threads(client_cpus)},
-        "worker_process_setup_hook": "fedplug.simulation.import_flower_simulation",  # not __name__: may be __main__
+        "worker_process_setup_hook": "fedplug.flower_adapter.import_simulation_without_tensorflow",
     }
     ray.init(runtime_env=runtime_env, **init_args)
 
@@ -125,14 +108,13 @@ def simulation_server_app() -> Any:
     """
     from flwr.serverapp import Grid, ServerApp
 
-    from fedplug import apps
+    from fedplug import apps, flower_adapter
 
     served = ServerApp()
 
     @served.main()
     def main(grid: Grid, context: Any) -> None:
-        if isinstance(getattr(grid, "pull_interval", None), float):
-            grid.pull_interval = PULL_INTERVAL  # type: ignore[attr-defined]
+        flower_adapter.set_reply_poll_interval(grid, PULL_INTERVAL)
         apps.main(grid, context)
 
     return served
@@ -151,15 +133,14 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float, r
     os.environ.update(environment(config))
     # Flower keeps state under FLWR_HOME: point it away from the user's ~/.flwr
     flwr_home = os.environ["FLWR_HOME"] = tempfile.mkdtemp(prefix=FLWR_HOME_PREFIX)
-    import_flower_simulation()
+    from fedplug import flower_adapter
+
+    flower_adapter.import_simulation_without_tensorflow()
     from flwr.app import Context, RecordDict
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.telemetry import EventType
 
     from fedplug.apps import client_app
-    from fedplug.privacy import no_flower_source_id
 
-    no_flower_source_id()
+    flower_adapter.no_flower_source_id()
 
     quiet_logs(verbose)  # again: importing Flower resets its logger's level
     write_flower_app(out, config)  # the results' portable copy
@@ -177,15 +158,13 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float, r
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(config))
     try:
         # Flower's own simulation runtime, as ``flwr run`` drives it for a Flower App folder
-        _run_simulation(
+        flower_adapter.run_simulation_engine(
             num_supernodes=int(config["num-supernodes"]),
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
             client_app=client_app,
             server_app=simulation_server_app(),
             backend_config=backend_config,
-            app_dir=str(app_dir),
+            app_dir=str(app_dir),  # the nodes read their run config from it, as under `flwr run`
             server_app_context=context,
-            is_app=True,  # nodes read their run config from the app folder, as under `flwr run`
             verbose_logging=verbose,
         )
     finally:
