@@ -78,3 +78,20 @@ def test_the_documented_example_runs_and_returns_the_rounds_the_results_folder_h
         fedplug.api.run("numpy", rounds=2, nodes=2, out=diverged, quiet=True, hidden_dims="16", lr=1e30)
     assert caught.value.exit_code == 1 and caught.value.out == diverged
     assert (diverged / "metrics.json").is_file()
+
+
+@pytest.mark.fast
+def test_check_makes_every_check_and_starts_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = fedplug.api.run("numpy", rounds=4, nodes=3, lr=0.05, check=True, quiet=True)
+    assert result.status == "checked" and result.rounds == []
+    assert result.config["num-server-rounds"] == 4 and result.config["lr"] == 0.05  # the resolved run config
+    assert list(tmp_path.iterdir()) == [], "--check wrote something"
+    with pytest.raises(ConfigError, match="'lr' must be a positive number"):
+        fedplug.api.run("numpy", lr=0.0, check=True, quiet=True)
+
+    from fedplug.testing.runs import cli
+
+    done = cli("run", "numpy", "--nodes", "3", "--check", env={"FEDPLUG_PLUGINS": ""})
+    assert done.returncode == 0 and "every check passed; nothing was started or written" in done.stdout
+    assert list(tmp_path.iterdir()) == []

@@ -102,6 +102,7 @@ def run(
     insecure: bool = False,
     verbose: bool = False,
     quiet: bool = False,
+    check: bool = False,
     **config: Scalar,
 ) -> RunResult:
     """Run a federated training of ``backend`` on Flower's Simulation Engine (or on a SuperLink) and return its result.
@@ -111,7 +112,9 @@ def run(
     ``batch_size=64``), and namespaced ones in ``run_config`` (``{"strategy.proximal-mu": 0.1}``,
     or the ``flwr run`` syntax ``"strategy.proximal-mu=0.1 lr=0.05"``). ``resume`` continues the
     run in that results folder (``rounds`` may extend it). ``quiet`` prints nothing; otherwise
-    the run's header, one line per round and a summary are printed, as by ``fedplug run``.
+    the run's header, one line per round and a summary are printed, as by ``fedplug run``. ``check``
+    makes every check and starts nothing: the result's ``status`` is ``checked``, its ``config`` the
+    resolved run config, and no results folder is made.
 
     Raises :class:`~fedplug.errors.FedplugError` (``ConfigError``, ``DeployError``) for a mistake,
     before anything starts; :class:`~fedplug.errors.RunError` when the run started but could not
@@ -144,7 +147,14 @@ def run(
         superlink=superlink,
         ca_cert=_path("--ca-cert", ca_cert),
         insecure=insecure,
+        create=not check,
     )
+    if check:
+        _say(f"fedplug: {_header(plan)}", quiet)
+        for note in plan.notes:
+            _say(f"fedplug: {note}", quiet)
+        _say("fedplug: every check passed; nothing was started or written (--check)", quiet)
+        return RunResult(plan.out or str(plan.config["out"]), "checked", plan.config)
     if not plan.resumed:
         _notice_once(plan.backend, quiet)
     if plan.engine.deployed:
@@ -220,6 +230,27 @@ def _report(rounds: list[dict[str, Any]], quiet: bool) -> None:
         _say(f"failed: {line}", quiet)
 
 
+def _header(plan: RunPlan) -> str:
+    """What the run is, in one line: backend, model, nodes, rounds, strategy, data, engine."""
+    config = plan.config
+    if plan.engine.deployed:
+        held_out = (
+            f"server held-out set: test split of {config['dataset']}"
+            if config["centralized-eval"]
+            else "no server held-out set"
+        )
+        return (
+            f"{plan.backend.name} · model {config['model']} · {config['num-server-rounds']} rounds · "
+            f"{config['strategy']} · SuperLink {plan.engine.superlink} · nodes train on their own data · {held_out}"
+        )
+    mixed = str(config["node-backends"]).replace(",", " ") if config.get("node-backends") else ""
+    return (
+        f"{plan.backend.name} · model {config['model']} · {config['num-supernodes']} nodes · "
+        f"{config['num-server-rounds']} rounds · {config['strategy']} · dataset {config['dataset']}"
+        + (f" · nodes {mixed}" if mixed else "")
+    )
+
+
 def _run_simulated(plan: RunPlan, verbose: bool, quiet: bool, started: float) -> RunResult:
     from fedplug.data import DataError, share_run_data
     from fedplug.results import Results, plot_metrics, read_metrics, read_status
@@ -227,13 +258,7 @@ def _run_simulated(plan: RunPlan, verbose: bool, quiet: bool, started: float) ->
 
     config, out = plan.config, plan.out
     assert out is not None
-    _say(
-        f"fedplug: {'resuming ' if plan.resumed else ''}{plan.backend.name} · model {config['model']} · "
-        f"{config['num-supernodes']} nodes · {config['num-server-rounds']} rounds · {config['strategy']} · "
-        f"dataset {config['dataset']}"
-        + (f" · nodes {str(config['node-backends']).replace(',', ' ')}" if config.get("node-backends") else ""),
-        quiet,
-    )
+    _say(f"fedplug: {'resuming ' if plan.resumed else ''}{_header(plan)}", quiet)
     for note in plan.notes:
         _say(f"fedplug: {note}", quiet)
     Results(out, config)  # config.json: what the simulation process runs
@@ -277,16 +302,7 @@ def _run_deployed(plan: RunPlan, verbose: bool, quiet: bool, started: float) -> 
 
     config, engine = plan.config, plan.engine
     assert engine.superlink is not None and engine.security is not None
-    held_out = (
-        f"server held-out set: test split of {config['dataset']}"
-        if config["centralized-eval"]
-        else "no server held-out set"
-    )
-    _say(
-        f"fedplug: {plan.backend.name} · model {config['model']} · {config['num-server-rounds']} rounds · "
-        f"{config['strategy']} · SuperLink {engine.superlink} · nodes train on their own data · {held_out}",
-        quiet,
-    )
+    _say(f"fedplug: {_header(plan)}", quiet)
     work = Path(tempfile.mkdtemp(prefix="fedplug-submit-"))
     # its paths (--out, --dataset) are the SuperLink machine's: keep them as they are
     app_dir = write_flower_app(work, config, portable=False, serverapp="fedplug.deploy_app:server_app")

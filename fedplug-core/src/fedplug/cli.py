@@ -131,6 +131,7 @@ def run(
         Path | None, typer.Option(help="With --superlink: the federation's CA certificate (ca.crt).")
     ] = None,
     insecure: Annotated[bool, typer.Option(help="With --superlink: the SuperLink runs without TLS.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Make every check of the run and start nothing.")] = False,
 ) -> None:
     """Run a federated training on Flower's Simulation Engine (or on a SuperLink) and write a results folder."""
     from fedplug.api import FLAG_KEYS, overrides_of
@@ -174,6 +175,7 @@ def run(
             ca_cert=ca_cert,
             insecure=insecure,
             verbose=verbose,
+            check=check,
         )
 
 

@@ -81,12 +81,14 @@ def plan_run(
     superlink: str | None = None,
     ca_cert: Path | None = None,
     insecure: bool = False,
+    create: bool = True,
 ) -> RunPlan:
     """Check everything a run needs before it starts; the :class:`RunPlan` to execute, or a one-line error.
 
     ``overrides`` are run-config values over the backend's defaults. ``resume`` continues the
     run in that results folder (only ``num-server-rounds`` may be given, to extend it). The
-    results folder of a simulation is created last, when every check has passed.
+    results folder of a simulation is created last, when every check has passed (``create=False``:
+    not at all, for a check of the run alone).
     """
     if superlink is not None:
         if resume is not None:
@@ -124,7 +126,9 @@ def plan_run(
     notes = check_held_out(config, overrides)
     check_model(chosen, config)
     _check_node_backends(config)
-    folder = out or default_out(chosen.name, RUNS_ROOT)  # made now: every check has passed
+    if out is None:  # made now: every check has passed
+        out = default_out(chosen.name, RUNS_ROOT) if create else RUNS_ROOT / f"<time>-{chosen.name}"
+    folder = out
     config["out"] = str(folder.resolve())
     return RunPlan(chosen, config, engine, folder, notes=notes)
 
