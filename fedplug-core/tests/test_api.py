@@ -32,6 +32,16 @@ def test_keyword_arguments_become_run_config_keys() -> None:
         ({"backend": "numpy", "client_cpus": 0.0}, "--client-cpus must be a positive number"),
         ({"backend": None}, "name a backend"),
         ({"backend": "numpy", "superlink": "nocolon"}, "is not HOST:PORT"),
+        (  # a run on a SuperLink: the strategy's ranges are checked too, though its nodes are not known yet
+            {
+                "backend": "numpy",
+                "strategy": "fedadam",
+                "superlink": "127.0.0.1:9",
+                "insecure": True,
+                "run_config": "strategy.beta-1=1.0",
+            },
+            "'strategy.beta-1' must be in [0, 1)",
+        ),
     ],
 )
 def test_mistakes_raise_one_line_errors_before_anything_starts(

@@ -203,14 +203,14 @@ def check_out_folder(out: Path) -> None:
 def resolve_and_check(backend: Backend, overrides: Mapping[str, Scalar], deployed: bool = False) -> dict[str, Scalar]:
     """The run config, resolved once, with its strategy, partitioner and data checked.
 
-    ``deployed``: the nodes hold the data, so the partitioner and the partitions of
-    simulated nodes are not checked.
+    ``deployed``: the nodes hold the data and join when they will, so the partitioner, the partitions
+    of simulated nodes and the strategy's needs in nodes are not checked (its parameters' ranges are).
     """
     config = resolve(backend, overrides, node_backends.others(overrides))
     if problem := dataset_problem(str(config["dataset"])):  # '' would read as the current folder
         raise ConfigError(problem)
+    check_strategy(config, nodes_known=not deployed)
     if not deployed:
-        check_strategy(config)
         check_partitioner(config, num_classes=None)
     if is_custom(config["model"]):  # a custom model: every process imports it from its file, wherever it runs
         config["model"], config["model-file"] = locate(str(config["model"]), Path.cwd())
