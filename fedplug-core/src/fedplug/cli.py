@@ -259,6 +259,9 @@ def supernode(
         int, typer.Option(help="Local port of Flower's SuperNode runtime API (default: a free one).")
     ] = 0,
     log: Annotated[Path, typer.Option(help="Where Flower's SuperNode log goes.")] = Path("fedplug-supernode.log"),
+    max_wait: Annotated[
+        float, typer.Option(help="Seconds to wait for the SuperLink to answer before giving up.")
+    ] = 300,
 ) -> None:
     """Join a SuperLink with this machine's backend and data; the data never leaves this machine."""
     from fedplug.deployment.network import free_port
@@ -280,6 +283,7 @@ def supernode(
             log.resolve(),
             typer.echo,
             _warn,
+            max_wait,
         )
     raise typer.Exit(code)
 
