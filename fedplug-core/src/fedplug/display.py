@@ -142,11 +142,16 @@ def show_info(backend: Backend) -> None:
         )
     else:
         console.print("custom models: not supported by this backend")
-    table = Table(title="default run config")
+    presets = dict(backend.presets)
+    table = Table(
+        title="default run config" + (" and presets (--preset NAME: its values over the defaults)" * bool(presets))
+    )
     table.add_column("key")
     table.add_column("default")
+    for name in presets:
+        table.add_column(f"--preset {name}")
     for key, value in defaults_for(backend).items():
-        table.add_row(key, json.dumps(value))
+        table.add_row(key, json.dumps(value), *(json.dumps(p[key]) if key in p else "" for p in presets.values()))
     console.print(table)
 
 
