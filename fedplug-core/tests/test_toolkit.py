@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import types
+from typing import Any
+
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from fedplug import toolkit
+from fedplug import ModelError, toolkit
 from fedplug.numpy_backend import Conv, Dense, Flatten
 
 pytestmark = pytest.mark.fast
@@ -77,3 +82,78 @@ def test_metrics_are_python_numbers() -> None:
     got = toolkit.metrics(np.float32(12.0), np.int64(6), 24, num_examples=12)
     assert got == {"loss": 0.5, "accuracy": 0.25, "num-examples": 12}
     assert [type(v) for v in got.values()] == [float, float, int]
+
+
+def test_channels_last_is_the_nhwc_view_of_the_reference_images() -> None:
+    x = RNG.normal(size=(2, 3, 4, 5)).astype(np.float32)
+    nhwc = toolkit.channels_last(x)
+    assert nhwc.shape == (2, 4, 5, 3) and nhwc.flags.c_contiguous
+    assert nhwc[1, 2, 3, 0] == x[1, 0, 2, 3]
+
+
+def test_eval_chunks_cover_every_example_once_in_eval_batches() -> None:
+    n = 2 * toolkit.EVAL_BATCH + 5
+    chunks = toolkit.eval_chunks(n)
+    assert [len(range(n)[chunk]) for chunk in chunks] == [toolkit.EVAL_BATCH, toolkit.EVAL_BATCH, 5]
+    assert toolkit.eval_chunks(0) == []
+
+
+def test_a_custom_model_of_the_wrong_type_is_refused_naming_what_it_is() -> None:
+    net = Dense(np.zeros((1, 1)), np.zeros(1))
+    assert toolkit.check_custom_model(net, Dense, "a Dense", {"model": "nets:make"}) is net
+    with pytest.raises(ModelError, match=r"^custom model nets:make returned a builtins\.list, not a Dense$"):
+        toolkit.check_custom_model([], Dense, "a Dense", {"model": "nets:make"})
+
+
+def test_held_back_stderr_shows_native_output_only_when_the_block_fails() -> None:
+    code = (
+        "import os\n"
+        "from fedplug.toolkit import held_back_stderr\n"
+        "with held_back_stderr():\n"
+        "    os.write(2, b'quiet native chatter\\n')\n"
+        "try:\n"
+        "    with held_back_stderr():\n"
+        "        os.write(2, b'why it failed\\n')\n"
+        "        raise SystemExit(3)\n"
+        "finally:\n"
+        "    os.write(2, b'after\\n')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and done.stderr == "why it failed\nafter\n"
+
+
+class FakeRay(types.ModuleType):
+    """``ray`` as ``cpu_share`` sees it: initialised, with a runtime context that raises ``error`` or assigns CPUs."""
+
+    def __init__(self, error: BaseException | None, cpus: float = 3.0) -> None:
+        super().__init__("ray")
+        self.error, self.cpus = error, cpus
+        self.exceptions = types.SimpleNamespace(RaySystemError=type("RaySystemError", (Exception,), {}))
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def get_runtime_context(self) -> Any:
+        def assigned() -> dict[str, float]:
+            if self.error is not None:
+                raise self.error
+            return {"CPU": self.cpus}
+
+        return types.SimpleNamespace(get_assigned_resources=assigned)
+
+
+def test_cpu_share_takes_ray_s_cpus_and_only_ray_s_not_a_worker_errors_fall_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(None, 3.0))
+    assert toolkit.cpu_share() == 3
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(AssertionError("only available when the process is a worker")))
+    assert toolkit.cpu_share() == 5  # a driver: not a worker
+    disconnected = FakeRay(None)
+    disconnected.error = disconnected.exceptions.RaySystemError("not connected")
+    monkeypatch.setitem(sys.modules, "ray", disconnected)
+    assert toolkit.cpu_share() == 5
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(KeyError("a bug")))
+    with pytest.raises(KeyError, match="a bug"):  # anything else is not swallowed
+        toolkit.cpu_share()

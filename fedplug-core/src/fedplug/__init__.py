@@ -1,4 +1,7 @@
-"""fedplug: framework-agnostic federated learning on Flower, one backend plugin per framework."""
+"""fedplug: framework-agnostic federated learning on Flower, one backend plugin per framework.
+
+``__all__`` and ``fedplug.toolkit`` are the whole API a backend may import.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
@@ -14,8 +17,10 @@ from fedplug.backend import (  # noqa: E402
     Framework,
     Implementation,
     ModelError,
+    Scalar,
     Weights,
 )
+from fedplug.config import ConfigError  # noqa: E402
 from fedplug.hookspecs import hookimpl  # noqa: E402
 
 try:
@@ -27,10 +32,12 @@ __all__ = [
     "Backend",
     "BackendUnavailable",
     "Config",
+    "ConfigError",
     "DataSpec",
     "Framework",
     "Implementation",
     "ModelError",
+    "Scalar",
     "Weights",
     "__version__",
     "hookimpl",
