@@ -31,13 +31,16 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from fedplug.backend import Config, ModelError
 from fedplug.models import LENET_CONV, LENET_DENSE, canonical_shapes, hidden_dims, lenet_flat_features
 from fedplug.runtime import cpu_share
+
+if TYPE_CHECKING:
+    from fedplug.numpy_backend import NumpyImplementation
 
 __all__ = [
     "ADAM_BETAS",
@@ -46,6 +49,7 @@ __all__ = [
     "LENET_CONV",
     "LENET_DENSE",
     "OPTIMIZERS",
+    "NumpyImplementation",
     "TrainSettings",
     "canonical_shapes",
     "channels_last",
@@ -66,6 +70,17 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+
+def __getattr__(name: str) -> Any:
+    """``NumpyImplementation``, the reference implementation a new backend starts from (``fedplug new-backend``),
+    imported on first use: ``fedplug.numpy_backend`` itself imports this module."""
+    if name == "NumpyImplementation":
+        from fedplug.numpy_backend import NumpyImplementation
+
+        return NumpyImplementation
+    raise AttributeError(f"module 'fedplug.toolkit' has no attribute {name!r}")
+
 
 EVAL_BATCH = 1024
 """Examples per forward pass in ``evaluate`` and ``predict`` (no gradients, so larger than training's)."""
