@@ -20,14 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from fedplug.backend import Config, DataSpec, Implementation, Weights
-from fedplug.toolkit import ADAM_BETAS, ADAM_EPS, TrainSettings, conv_from_canonical, conv_to_canonical, metrics
+from fedplug import Config, DataSpec, Implementation, Weights
+from fedplug.toolkit import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    EVAL_BATCH,
+    TrainSettings,
+    conv_from_canonical,
+    conv_to_canonical,
+    dense_from_canonical,
+    dense_to_canonical,
+    metrics,
+)
 from fedplug_jax import nets
 from fedplug_jax.framework import jax, jnp, nnx, optax, serialization
 from fedplug_jax.nets import Network
-
-EVAL_BATCH = 256
-"""Batch size of evaluate and predict: one compiled shape for any data size."""
 
 
 def sgd(learning_rate: float, momentum: float, weight_decay: float) -> optax.GradientTransformation:
@@ -109,11 +116,11 @@ def batches(order: np.ndarray, size: int, *arrays: np.ndarray) -> list[tuple[jax
 
 
 def to_canonical(array: np.ndarray) -> np.ndarray:
-    return conv_to_canonical(array, "hwio") if array.ndim == 4 else np.ascontiguousarray(array.T)
+    return conv_to_canonical(array, "hwio") if array.ndim == 4 else dense_to_canonical(array)
 
 
 def from_canonical(array: np.ndarray) -> np.ndarray:
-    return conv_from_canonical(array, "hwio") if array.ndim == 4 else np.ascontiguousarray(array.T)
+    return conv_from_canonical(array, "hwio") if array.ndim == 4 else dense_from_canonical(array)
 
 
 def parameters(model: Network) -> list[tuple[str, nnx.Param[jax.Array]]]:

@@ -23,14 +23,14 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from fedplug.backend import Config, DataSpec, Implementation, Weights
+from fedplug import Config, DataSpec, Implementation, Weights
 from fedplug.toolkit import (
     ADAM_BETAS,
     ADAM_EPS,
-    EVAL_BATCH,
     TrainSettings,
     conv_from_canonical,
     conv_to_canonical,
+    eval_chunks,
     metrics,
 )
 from fedplug_mlx import nets
@@ -127,7 +127,7 @@ def labels(y: np.ndarray) -> mx.array:
 
 
 def logits(net: Net, x: mx.array) -> mx.array:
-    return mx.concatenate([net(x[i : i + EVAL_BATCH]) for i in range(0, x.shape[0], EVAL_BATCH)])
+    return mx.concatenate([net(x[chunk]) for chunk in eval_chunks(x.shape[0])])
 
 
 class MlxImplementation(Implementation):

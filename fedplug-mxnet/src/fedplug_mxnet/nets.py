@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
-from fedplug.backend import Config, DataSpec
-from fedplug.models import LENET_CONV, LENET_DENSE, canonical_shapes, hidden_dims, lenet_flat_features
-from fedplug_mxnet.compat import import_mxnet
+from fedplug import Config, DataSpec
+from fedplug.toolkit import LENET_CONV, LENET_DENSE, canonical_shapes, hidden_dims, lenet_flat_features
+from fedplug_mxnet.framework import import_mxnet
 
 mx = import_mxnet()
 gluon = mx.gluon

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from fedplug.backend import Config, DataSpec, Implementation, Weights
-from fedplug.toolkit import ADAM_BETAS, ADAM_EPS, EVAL_BATCH, TrainSettings, metrics
+from fedplug import Config, DataSpec, Implementation, Weights
+from fedplug.toolkit import ADAM_BETAS, ADAM_EPS, TrainSettings, eval_chunks, metrics
 from fedplug_mxnet import nets
 from fedplug_mxnet.nets import GluonModel, mx
 
@@ -51,7 +51,7 @@ def make_trainer(model: GluonModel, settings: TrainSettings) -> mx.gluon.Trainer
 def logits_on_device(model: GluonModel, x: np.ndarray) -> mx.nd.NDArray:
     """The model's logits for ``x``, left on the device."""
     data = mx.nd.array(x, ctx=model.ctx, dtype="float32")
-    chunks = [model.net(data[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]
+    chunks = [model.net(data[chunk]) for chunk in eval_chunks(len(x))]
     return mx.nd.concat(*chunks, dim=0)
 
 
