@@ -98,7 +98,7 @@ def test_every_toolkit_helper_is_documented(name: str) -> None:
     [
         "fedplug.Implementation",
         'implementation = "module:Class"',
-        "fedplug: deprecated:",
+        "removed in fedplug 0.3",
         "drops an odd last row or column",
         "safetensors, Flax msgpack or `.npz`",
         "Keep no state from one call to the next",
