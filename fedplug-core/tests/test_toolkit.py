@@ -157,3 +157,19 @@ def test_cpu_share_takes_ray_s_cpus_and_only_ray_s_not_a_worker_errors_fall_back
     monkeypatch.setitem(sys.modules, "ray", FakeRay(KeyError("a bug")))
     with pytest.raises(KeyError, match="a bug"):  # anything else is not swallowed
         toolkit.cpu_share()
+
+
+@pytest.mark.parametrize("layout", ["hwio", "ohwi"])
+def test_any_weight_goes_to_a_layout_and_back(layout: str) -> None:
+    conv, dense, bias = RNG.normal(size=(4, 3, 5, 5)), RNG.normal(size=(6, 7)), RNG.normal(size=6)
+    np.testing.assert_array_equal(toolkit.from_canonical(conv, layout), toolkit.conv_from_canonical(conv, layout))
+    expected_dense = dense.T if layout == "hwio" else dense  # (in, out) kernels where conv kernels are hwio
+    np.testing.assert_array_equal(toolkit.from_canonical(dense, layout), expected_dense)
+    np.testing.assert_array_equal(toolkit.from_canonical(bias, layout), bias)
+    flat = RNG.normal(size=(6, 16 * 3 * 5))
+    np.testing.assert_array_equal(
+        toolkit.from_canonical(flat, layout, (3, 5, 16)), toolkit.flat_dense_from_canonical(flat, (3, 5, 16))
+    )
+    for weight, feature_map in [(conv, None), (dense, None), (bias, None), (flat, (3, 5, 16))]:
+        native = toolkit.from_canonical(weight, layout, feature_map)
+        np.testing.assert_array_equal(toolkit.to_canonical(native, layout, feature_map), weight)

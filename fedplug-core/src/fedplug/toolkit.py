@@ -63,10 +63,12 @@ __all__ = [
     "example_order",
     "flat_dense_from_canonical",
     "flat_dense_to_canonical",
+    "from_canonical",
     "held_back_stderr",
     "hidden_dims",
     "lenet_flat_features",
     "metrics",
+    "to_canonical",
 ]
 
 T = TypeVar("T")
@@ -281,3 +283,27 @@ def flat_dense_to_canonical(kernel: np.ndarray, feature_map: tuple[int, int, int
     out = kernel.shape[1]
     canonical = kernel.reshape(height, width, channels, out).transpose(3, 2, 0, 1)
     return np.ascontiguousarray(canonical.reshape(out, channels * height * width))
+
+
+def from_canonical(weight: np.ndarray, layout: str, feature_map: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Any canonical weight in a framework's ``layout`` (a key of ``CONV_AXES``): conv weights in that layout,
+    dense weights as ``(in, out)`` kernels where conv kernels put ``in`` before ``out`` (``"hwio"``), else
+    unchanged; a dense layer after a flatten of ``feature_map`` ``(H, W, C)``, as ``flat_dense_from_canonical``."""
+    if weight.ndim == 4:
+        return conv_from_canonical(weight, layout)
+    if weight.ndim == 2 and feature_map is not None:
+        return flat_dense_from_canonical(weight, feature_map)
+    if weight.ndim == 2 and layout == "hwio":
+        return dense_from_canonical(weight)
+    return np.array(weight)
+
+
+def to_canonical(native: np.ndarray, layout: str, feature_map: tuple[int, int, int] | None = None) -> np.ndarray:
+    """The inverse of ``from_canonical``."""
+    if native.ndim == 4:
+        return conv_to_canonical(native, layout)
+    if native.ndim == 2 and feature_map is not None:
+        return flat_dense_to_canonical(native, feature_map)
+    if native.ndim == 2 and layout == "hwio":
+        return dense_to_canonical(native)
+    return np.array(native)

@@ -26,11 +26,9 @@ from fedplug.toolkit import (
     ADAM_EPS,
     EVAL_BATCH,
     TrainSettings,
-    conv_from_canonical,
-    conv_to_canonical,
-    dense_from_canonical,
-    dense_to_canonical,
+    from_canonical,
     metrics,
+    to_canonical,
 )
 from fedplug_jax import nets
 from fedplug_jax.framework import jax, jnp, nnx, optax, serialization
@@ -115,14 +113,6 @@ def batches(order: np.ndarray, size: int, *arrays: np.ndarray) -> list[tuple[jax
     return list(zip(*jax.device_put(split)))
 
 
-def to_canonical(array: np.ndarray) -> np.ndarray:
-    return conv_to_canonical(array, "hwio") if array.ndim == 4 else dense_to_canonical(array)
-
-
-def from_canonical(array: np.ndarray) -> np.ndarray:
-    return conv_from_canonical(array, "hwio") if array.ndim == 4 else dense_from_canonical(array)
-
-
 def parameters(model: Network) -> list[tuple[str, nnx.Param[jax.Array]]]:
     """``(canonical name, Flax parameter)`` pairs in canonical order."""
     return [
@@ -161,16 +151,16 @@ class JaxImplementation(Implementation):
         """Canonical weights as fresh numpy arrays, fetched in one device transfer."""
         named = parameters(model)
         arrays = jax.device_get([variable[...] for _, variable in named])
-        return {name: to_canonical(np.asarray(array)) for (name, _), array in zip(named, arrays)}
+        return {name: to_canonical(np.asarray(array), "hwio") for (name, _), array in zip(named, arrays)}
 
     def set_weights(self, model: Network, weights: Weights) -> None:
         """Load canonical weights into ``model``, sent to the device in one transfer."""
         named = parameters(model)
         arrays = []
         for name, variable in named:
-            array = from_canonical(np.asarray(weights[name], dtype=np.float32))
+            array = from_canonical(np.asarray(weights[name], dtype=np.float32), "hwio")
             if array.shape != variable.shape:
-                expected = to_canonical(np.zeros(variable.shape)).shape
+                expected = to_canonical(np.zeros(variable.shape), "hwio").shape
                 raise ValueError(f"{name} must have shape {expected}, got {np.shape(weights[name])}")
             arrays.append(array)
         for (_, variable), value in zip(named, jax.device_put(arrays)):

@@ -41,22 +41,6 @@ def parametrised_layers(net: Any) -> Iterator[tuple[Any, FeatureMap]]:
             feature_map = shape  # type: ignore[assignment]
 
 
-def to_canonical(kernel: np.ndarray, feature_map: FeatureMap) -> np.ndarray:
-    if kernel.ndim == 4:
-        return toolkit.conv_to_canonical(kernel, "hwio")
-    if feature_map is not None:
-        return toolkit.flat_dense_to_canonical(kernel, feature_map)
-    return toolkit.dense_to_canonical(kernel)
-
-
-def from_canonical(weight: np.ndarray, feature_map: FeatureMap) -> np.ndarray:
-    if weight.ndim == 4:
-        return toolkit.conv_from_canonical(weight, "hwio")
-    if feature_map is not None:
-        return toolkit.flat_dense_from_canonical(weight, feature_map)
-    return toolkit.dense_from_canonical(weight)
-
-
 def model_inputs(net: Any, x: np.ndarray) -> np.ndarray:
     """NCHW images as the model takes them: NHWC, or flat ``C*H*W`` features for ``mlp``."""
     if len(net.input_shape) == 2:
@@ -115,14 +99,14 @@ class KerasImplementation(Implementation):
         weights: Weights = {}
         for i, (layer, feature_map) in enumerate(parametrised_layers(model)):
             kernel, bias = layer.get_weights()
-            weights[f"layers.{i}.weight"] = to_canonical(np.asarray(kernel, np.float32), feature_map)
+            weights[f"layers.{i}.weight"] = toolkit.to_canonical(np.asarray(kernel, np.float32), "hwio", feature_map)
             weights[f"layers.{i}.bias"] = np.array(bias, dtype=np.float32)
         return weights
 
     def set_weights(self, model: Any, weights: Weights) -> None:
         """Load canonical weights; Keras checks every shape."""
         for i, (layer, feature_map) in enumerate(parametrised_layers(model)):
-            kernel = from_canonical(np.asarray(weights[f"layers.{i}.weight"]), feature_map)
+            kernel = toolkit.from_canonical(np.asarray(weights[f"layers.{i}.weight"]), "hwio", feature_map)
             layer.set_weights([kernel, np.asarray(weights[f"layers.{i}.bias"])])
 
     def train(self, model: Any, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:

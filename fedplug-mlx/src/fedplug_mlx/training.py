@@ -28,10 +28,10 @@ from fedplug.toolkit import (
     ADAM_BETAS,
     ADAM_EPS,
     TrainSettings,
-    conv_from_canonical,
-    conv_to_canonical,
     eval_chunks,
+    from_canonical,
     metrics,
+    to_canonical,
 )
 from fedplug_mlx import nets
 from fedplug_mlx.nets import Net
@@ -150,16 +150,14 @@ class MlxImplementation(Implementation):
         """The parameters as fresh float32 numpy arrays in the canonical layout."""
         weights: Weights = {}
         for name, value in tree_flatten(model.parameters()):
-            array = np.array(value, dtype=np.float32)
-            weights[name] = conv_to_canonical(array, "ohwi") if array.ndim == 4 else array
+            weights[name] = to_canonical(np.array(value, dtype=np.float32), "ohwi")
         return weights
 
     def set_weights(self, model: Net, weights: Weights) -> None:
         """Load canonical weights; names and shapes must match the model exactly."""
         native = []
         for name, value in weights.items():
-            array = np.asarray(value, dtype=np.float32)
-            native.append((name, mx.array(conv_from_canonical(array, "ohwi") if array.ndim == 4 else array)))
+            native.append((name, mx.array(from_canonical(np.asarray(value, dtype=np.float32), "ohwi"))))
         model.load_weights(native, strict=True)
 
     def train(self, model: Net, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
