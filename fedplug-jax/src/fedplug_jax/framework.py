@@ -57,8 +57,11 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx, serialization  # noqa: E402
 
-if jax.config.jax_compilation_cache_dir is None:  # the user set none (JAX_COMPILATION_CACHE_DIR)
-    jax.config.update("jax_compilation_cache_dir", str(compilation_cache_dir()))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_CACHED_COMPILE_SECONDS)
+# jax.config's options are untyped attributes set by name
+if jax.config.jax_compilation_cache_dir is None:  # type: ignore[attr-defined]  # the user set none
+    jax.config.update("jax_compilation_cache_dir", str(compilation_cache_dir()))  # type: ignore[no-untyped-call]
+    jax.config.update(  # type: ignore[no-untyped-call]
+        "jax_persistent_cache_min_compile_time_secs", MIN_CACHED_COMPILE_SECONDS
+    )
 
 __all__ = ["jax", "jnp", "nnx", "optax", "serialization"]

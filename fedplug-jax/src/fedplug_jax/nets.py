@@ -62,7 +62,7 @@ class ConvNet(Network):
         x = jnp.transpose(x, (0, 2, 3, 1))
         pool = POOLS[self.pool]
         for conv in self.layers[: len(LENET_CONV)]:
-            x = pool(nnx.relu(conv(x)), window_shape=(2, 2), strides=(2, 2))
+            x = pool(nnx.relu(conv(x)), window_shape=(2, 2), strides=(2, 2))  # type: ignore[no-untyped-call]
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
         return dense_stack(self.layers[len(LENET_CONV) :], x)
 

@@ -85,18 +85,19 @@ def train_step(
 
     (_, sums), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
-    return totals + sums
+    return jnp.add(totals, sums)
 
 
 @nnx.jit
 def eval_step(model: Network, totals: jax.Array, x: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
     """Add ``[loss sum, correct count]`` of a padded batch to ``totals``."""
-    return totals + batch_sums(model(x), y, mask)[1]
+    return jnp.add(totals, batch_sums(model(x), y, mask)[1])
 
 
 @nnx.jit
 def logits_step(model: Network, x: jax.Array) -> jax.Array:
-    return model(x)
+    logits: jax.Array = model(x)
+    return logits
 
 
 def batches(order: np.ndarray, size: int, *arrays: np.ndarray) -> list[tuple[jax.Array, ...]]:
@@ -114,9 +115,9 @@ def batches(order: np.ndarray, size: int, *arrays: np.ndarray) -> list[tuple[jax
 
 
 def parameters(model: Network) -> list[tuple[str, nnx.Param[jax.Array]]]:
-    """``(canonical name, Flax parameter)`` pairs in canonical order."""
+    """``(canonical name, Flax parameter)`` pairs in canonical order (Flax types a bias as optional: all have one)."""
     return [
-        (f"layers.{i}.{part}", variable)
+        (f"layers.{i}.{part}", variable)  # type: ignore[misc]
         for i, layer in enumerate(model.layers)
         for part, variable in (("weight", layer.kernel), ("bias", layer.bias))
     ]

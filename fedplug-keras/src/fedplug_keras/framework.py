@@ -85,7 +85,8 @@ def _first_import(name: str) -> ModuleType:
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     with held_back_stderr():
         import keras
-    return keras
+    module: ModuleType = keras
+    return module
 
 
 @functools.cache

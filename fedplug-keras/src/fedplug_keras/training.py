@@ -38,7 +38,7 @@ def parametrised_layers(net: Any) -> Iterator[tuple[Any, FeatureMap]]:
             feature_map = None
         shape = tuple(layer.output.shape[1:])
         if len(shape) == 3:
-            feature_map = shape  # type: ignore[assignment]
+            feature_map = shape
 
 
 def model_inputs(net: Any, x: np.ndarray) -> np.ndarray:

@@ -35,8 +35,11 @@ class MlxBackend(fedplug.Backend):
 
     def check_available(self, config: Config | None = None) -> None:
         super().check_available()  # the platform and the mlx distribution
-        if problem := mlx_framework.problem(platform.system()):
-            raise BackendUnavailable(f"backend 'mlx' cannot run here: {problem}")
+        if not mlx_framework.has_native_library():
+            raise BackendUnavailable(
+                f"backend 'mlx' cannot run here: mlx is installed without its compute library (libmlx): "
+                f"{self.framework.hint}"
+            )
 
 
 @fedplug.hookimpl

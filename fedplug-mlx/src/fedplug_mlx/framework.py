@@ -35,10 +35,3 @@ def has_native_library() -> bool:
     except ImportError:
         return False
     return True
-
-
-def problem(system: str) -> str | None:
-    """One line saying why an installed MLX cannot run here and what to install, or None."""
-    if not has_native_library():
-        return f"mlx is installed without its compute library (libmlx): {install_hint(system)}"
-    return None

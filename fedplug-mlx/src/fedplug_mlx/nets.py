@@ -29,10 +29,11 @@ def relu_stack(layers: list[nn.Linear], x: mx.array) -> mx.array:
     """Apply dense ``layers`` with ReLU between them and none after the last."""
     for layer in layers[:-1]:
         x = nn.relu(layer(x))
-    return layers[-1](x)
+    logits: mx.array = layers[-1](x)
+    return logits
 
 
-class MLP(nn.Module):
+class MLP(nn.Module):  # type: ignore[misc]  # mlx.nn is untyped for mypy
     """Dense layers with ReLU between them, as in the MLX quickstart."""
 
     def __init__(self, widths: tuple[int, ...]) -> None:
@@ -47,7 +48,7 @@ class MLP(nn.Module):
         return relu_stack(self.layers, x)
 
 
-class LeNet(nn.Module):
+class LeNet(nn.Module):  # type: ignore[misc]
     """LeNet-5: two valid 5x5 conv + ReLU + 2x2 pool blocks, then three dense layers."""
 
     def __init__(self, spec: DataSpec, pool: str) -> None:

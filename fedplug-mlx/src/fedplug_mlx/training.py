@@ -104,7 +104,7 @@ class Trainer:
                 batch_loss, batch_correct = self.step(x[batch], y[batch], anchor, mu, decay)
                 loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
                 mx.eval(loss_sum, correct, self.net.state, self.optimizer.state)
-        return metrics(loss_sum.item(), correct.item(), y.size * settings.epochs, y.size)
+        return metrics(scalar(loss_sum), scalar(correct), y.size * settings.epochs, y.size)
 
 
 def trainer(net: Net, settings: TrainSettings) -> Trainer:
@@ -120,6 +120,11 @@ def trainer(net: Net, settings: TrainSettings) -> Trainer:
         on_gpu = mx.default_device().type == mx.DeviceType.gpu
         trainers[key] = Trainer(net, settings.optimizer, momentum, compiled=on_gpu)
     return trainers[key]
+
+
+def scalar(value: mx.array) -> float:
+    """A real scalar array's value (MLX types ``item()`` as possibly complex)."""
+    return float(np.asarray(value))
 
 
 def labels(y: np.ndarray) -> mx.array:
@@ -167,7 +172,7 @@ class MlxImplementation(Implementation):
     def evaluate(self, model: Net, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
         scores, targets = logits(model, model.native_input(x)), labels(y)
         loss = nn.losses.cross_entropy(scores, targets, reduction="sum")
-        return metrics(loss.item(), mx.sum(mx.argmax(scores, axis=1) == targets).item(), len(y))
+        return metrics(scalar(loss), scalar(mx.sum(mx.argmax(scores, axis=1) == targets)), len(y))
 
     def predict(self, model: Net, x: np.ndarray) -> np.ndarray:
         return np.array(logits(model, model.native_input(x)))

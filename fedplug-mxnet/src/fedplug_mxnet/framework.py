@@ -55,4 +55,5 @@ def import_mxnet() -> ModuleType:
         # distutils and removed-numpy-function DeprecationWarnings of mxnet's own code
         warnings.simplefilter("ignore")
         import mxnet
-    return mxnet
+    module: ModuleType = mxnet
+    return module

@@ -21,7 +21,7 @@ from fedplug_mxnet.nets import GluonModel, mx
 softmax_cross_entropy = mx.gluon.loss.SoftmaxCrossEntropyLoss()
 
 
-class ContractAdam(mx.optimizer.Adam):  # type: ignore[misc]
+class ContractAdam(mx.optimizer.Adam):  # type: ignore[misc, name-defined]
     """MXNet's Adam with the contract's epsilon: added to the bias-corrected ``sqrt(v_hat)``, as ``torch.optim.Adam``.
 
     MXNet folds both bias corrections into the learning rate, ``lr * sqrt(1 - b2^t) / (1 - b1^t)``,
@@ -35,7 +35,7 @@ class ContractAdam(mx.optimizer.Adam):  # type: ignore[misc]
         super().update(index, weight, grad, state)
 
 
-def make_trainer(model: GluonModel, settings: TrainSettings) -> mx.gluon.Trainer:
+def make_trainer(model: GluonModel, settings: TrainSettings) -> Any:
     """A Gluon trainer with zero state for one ``train`` call: the contract's SGD (``mx.optimizer.SGD``,
     momentum, coupled ``wd``) or Adam (``ContractAdam``)."""
     if settings.optimizer == "adam":
@@ -48,7 +48,7 @@ def make_trainer(model: GluonModel, settings: TrainSettings) -> mx.gluon.Trainer
     return mx.gluon.Trainer(model.net.collect_params(), optimizer)
 
 
-def logits_on_device(model: GluonModel, x: np.ndarray) -> mx.nd.NDArray:
+def logits_on_device(model: GluonModel, x: np.ndarray) -> Any:
     """The model's logits for ``x``, left on the device."""
     data = mx.nd.array(x, ctx=model.ctx, dtype="float32")
     chunks = [model.net(data[chunk]) for chunk in eval_chunks(len(x))]
@@ -111,7 +111,8 @@ class MXNetImplementation(Implementation):
         return metrics(loss_sum, (logits.argmax(axis=1) == labels).sum().asscalar(), len(y))
 
     def predict(self, model: GluonModel, x: np.ndarray) -> np.ndarray:
-        return logits_on_device(model, x).asnumpy()
+        logits: np.ndarray = logits_on_device(model, x).asnumpy()
+        return logits
 
     def save(self, model: GluonModel, path: Path) -> None:
         """Gluon's native ``.params`` file (MXNet's NDArray list format)."""
