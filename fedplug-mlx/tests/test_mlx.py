@@ -20,12 +20,11 @@ import pytest
 
 from fedplug import BackendUnavailable, DataSpec
 from fedplug.config import resolve
-from fedplug.models import canonical_shapes
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.plugins import get_backend
 from fedplug.testing import BackendConformance
 from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_results, fedplug
-from fedplug.toolkit import TrainSettings
+from fedplug.toolkit import TrainSettings, canonical_shapes
 from fedplug_mlx import MlxBackend
 
 GREY, COLOUR = DataSpec((1, 28, 28), 10), DataSpec((3, 32, 32), 3)

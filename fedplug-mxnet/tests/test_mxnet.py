@@ -18,10 +18,10 @@ import pytest
 
 from fedplug import BackendUnavailable, DataSpec, Framework
 from fedplug.config import defaults_for
-from fedplug.models import canonical_shapes
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.testing import BackendConformance
 from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_results, fedplug
+from fedplug.toolkit import canonical_shapes
 from fedplug_mxnet import MXNetBackend, framework
 
 GREY, COLOUR = DataSpec((1, 28, 28), 10), DataSpec((3, 32, 32), 3)

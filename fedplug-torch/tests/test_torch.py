@@ -12,11 +12,10 @@ import torch.nn.functional as F
 
 from fedplug.backend import DataSpec
 from fedplug.config import resolve
-from fedplug.models import canonical_shapes
 from fedplug.numpy_backend import NumpyBackend
-from fedplug.runtime import cpu_share
 from fedplug.testing import BackendConformance
 from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_results
+from fedplug.toolkit import canonical_shapes, cpu_share
 from fedplug_torch import TorchBackend, framework
 
 GREY = DataSpec((1, 28, 28), 10)
