@@ -12,7 +12,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from fedplug import ModelError, toolkit
-from fedplug.numpy_backend import Conv, Dense, Flatten
+from fedplug.numpy_backend import Conv, Dense, Flatten, softmax_cross_entropy
 
 pytestmark = pytest.mark.fast
 
@@ -173,3 +173,13 @@ def test_any_weight_goes_to_a_layout_and_back(layout: str) -> None:
     for weight, feature_map in [(conv, None), (dense, None), (bias, None), (flat, (3, 5, 16))]:
         native = toolkit.from_canonical(weight, layout, feature_map)
         np.testing.assert_array_equal(toolkit.to_canonical(native, layout, feature_map), weight)
+
+
+def test_evaluation_from_logits_is_the_reference_s() -> None:
+    logits = RNG.normal(size=(7, 4)).astype(np.float32) * 5
+    y = np.array([0, 1, 2, 3, 0, 1, 2])
+    loss, _ = softmax_cross_entropy(logits, y)
+    got = toolkit.evaluation(logits, y)
+    assert got["num-examples"] == 7 and got["accuracy"] == float((logits.argmax(axis=1) == y).mean())
+    assert got["loss"] == pytest.approx(loss, rel=1e-6)
+    assert [type(v) for v in got.values()] == [float, float, int]

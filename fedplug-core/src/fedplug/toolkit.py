@@ -60,6 +60,7 @@ __all__ = [
     "dense_from_canonical",
     "dense_to_canonical",
     "eval_chunks",
+    "evaluation",
     "example_order",
     "flat_dense_from_canonical",
     "flat_dense_to_canonical",
@@ -187,6 +188,15 @@ def metrics(loss_sum: float, correct: float, seen: int, num_examples: int | None
         "accuracy": float(correct) / count,
         "num-examples": int(seen if num_examples is None else num_examples),
     }
+
+
+def evaluation(logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """``evaluate``'s metrics from the logits ``(N, classes)`` of every example (``predict``'s): the mean softmax
+    cross-entropy, the accuracy and ``num-examples``, computed on the host as the numpy reference does."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss_sum = -float(log_probs[np.arange(len(y)), y].sum(dtype=np.float64))
+    return metrics(loss_sum, int((logits.argmax(axis=1) == y).sum()), len(y))
 
 
 def eval_chunks(n: int) -> list[slice]:

@@ -26,6 +26,7 @@ from fedplug.toolkit import (
     ADAM_EPS,
     EVAL_BATCH,
     TrainSettings,
+    evaluation,
     from_canonical,
     metrics,
     to_canonical,
@@ -86,12 +87,6 @@ def train_step(
     (_, sums), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
     return jnp.add(totals, sums)
-
-
-@nnx.jit
-def eval_step(model: Network, totals: jax.Array, x: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
-    """Add ``[loss sum, correct count]`` of a padded batch to ``totals``."""
-    return jnp.add(totals, batch_sums(model(x), y, mask)[1])
 
 
 @nnx.jit
@@ -187,11 +182,7 @@ class JaxImplementation(Implementation):
         return metrics(loss_sum, correct, len(y) * settings.epochs, len(y))
 
     def evaluate(self, model: Network, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        totals = jnp.zeros(2)
-        for xb, yb, mb in batches(np.arange(len(y)), EVAL_BATCH, x, y.astype(np.int32)):
-            totals = eval_step(model, totals, xb, yb, mb)
-        loss_sum, correct = jax.device_get(totals)
-        return metrics(loss_sum, correct, len(y))
+        return evaluation(self.predict(model, x), y)
 
     def predict(self, model: Network, x: np.ndarray) -> np.ndarray:
         """Logits ``(N, classes)``, computed in padded batches and fetched in one transfer."""

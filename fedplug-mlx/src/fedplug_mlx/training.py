@@ -29,6 +29,7 @@ from fedplug.toolkit import (
     ADAM_EPS,
     TrainSettings,
     eval_chunks,
+    evaluation,
     from_canonical,
     metrics,
     to_canonical,
@@ -170,9 +171,7 @@ class MlxImplementation(Implementation):
         return trainer(model, settings).fit(model.native_input(x), labels(y), settings)
 
     def evaluate(self, model: Net, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        scores, targets = logits(model, model.native_input(x)), labels(y)
-        loss = nn.losses.cross_entropy(scores, targets, reduction="sum")
-        return metrics(scalar(loss), scalar(mx.sum(mx.argmax(scores, axis=1) == targets)), len(y))
+        return evaluation(self.predict(model, x), y)
 
     def predict(self, model: Net, x: np.ndarray) -> np.ndarray:
         return np.array(logits(model, model.native_input(x)))

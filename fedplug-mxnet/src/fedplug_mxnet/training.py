@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fedplug import Config, DataSpec, Implementation, Weights
-from fedplug.toolkit import ADAM_BETAS, ADAM_EPS, TrainSettings, eval_chunks, metrics
+from fedplug.toolkit import ADAM_BETAS, ADAM_EPS, TrainSettings, eval_chunks, evaluation, metrics
 from fedplug_mxnet import nets
 from fedplug_mxnet.nets import GluonModel, mx
 
@@ -46,13 +46,6 @@ def make_trainer(model: GluonModel, settings: TrainSettings) -> Any:
     else:
         optimizer = mx.optimizer.SGD(learning_rate=settings.lr, momentum=settings.momentum, wd=settings.weight_decay)
     return mx.gluon.Trainer(model.net.collect_params(), optimizer)
-
-
-def logits_on_device(model: GluonModel, x: np.ndarray) -> Any:
-    """The model's logits for ``x``, left on the device."""
-    data = mx.nd.array(x, ctx=model.ctx, dtype="float32")
-    chunks = [model.net(data[chunk]) for chunk in eval_chunks(len(x))]
-    return mx.nd.concat(*chunks, dim=0)
 
 
 class MXNetImplementation(Implementation):
@@ -105,13 +98,11 @@ class MXNetImplementation(Implementation):
         return metrics(total_loss.asscalar(), correct.asscalar(), len(y) * settings.epochs, len(y))
 
     def evaluate(self, model: GluonModel, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        logits = logits_on_device(model, x)
-        labels = mx.nd.array(y, ctx=model.ctx, dtype="float32")
-        loss_sum = softmax_cross_entropy(logits, labels).sum().asscalar()
-        return metrics(loss_sum, (logits.argmax(axis=1) == labels).sum().asscalar(), len(y))
+        return evaluation(self.predict(model, x), y)
 
     def predict(self, model: GluonModel, x: np.ndarray) -> np.ndarray:
-        logits: np.ndarray = logits_on_device(model, x).asnumpy()
+        data = mx.nd.array(x, ctx=model.ctx, dtype="float32")
+        logits: np.ndarray = mx.nd.concat(*[model.net(data[chunk]) for chunk in eval_chunks(len(x))], dim=0).asnumpy()
         return logits
 
     def save(self, model: GluonModel, path: Path) -> None:

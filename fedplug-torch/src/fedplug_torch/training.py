@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedplug import Config, DataSpec, Implementation, Weights
-from fedplug.toolkit import ADAM_BETAS, ADAM_EPS, EVAL_BATCH, TrainSettings, metrics
+from fedplug.toolkit import ADAM_BETAS, ADAM_EPS, EVAL_BATCH, TrainSettings, evaluation, metrics
 from fedplug_torch import nets
 from fedplug_torch.framework import F, device, nn, torch
 
@@ -87,18 +87,8 @@ class TorchImplementation(Implementation):
                 correct += (logits.detach().argmax(1) == labels[batch]).sum()
         return metrics(loss_sum.item(), correct.item(), len(y) * settings.epochs, len(y))
 
-    @torch.inference_mode()
     def evaluate(self, model: nn.Module, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        target = next(model.parameters()).device
-        inputs, labels = to_device(x, np.float32, target), to_device(y, np.int64, target)
-        model.eval()
-        loss_sum = torch.zeros((), device=target)
-        correct = torch.zeros((), dtype=torch.int64, device=target)
-        for chunk, chunk_labels in zip(torch.split(inputs, EVAL_BATCH), torch.split(labels, EVAL_BATCH)):
-            logits = model(chunk)
-            loss_sum += F.cross_entropy(logits, chunk_labels, reduction="sum")
-            correct += (logits.argmax(1) == chunk_labels).sum()
-        return metrics(loss_sum.item(), correct.item(), len(y))
+        return evaluation(self.predict(model, x), y)
 
     @torch.inference_mode()
     def predict(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
