@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedplug import BackendUnavailable, DataSpec, Framework
+from fedplug import BackendUnavailable, DataSpec
 from fedplug.config import defaults_for
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.testing import BackendConformance
@@ -24,6 +24,8 @@ from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_
 from fedplug.toolkit import canonical_shapes
 from fedplug_mxnet import MXNetBackend, framework
 
+NUMPY_1 = (("numpy", "numpy<2"),)
+"""MXNet 1.9.1's numpy requirement, checked with the framework's."""
 GREY, COLOUR = DataSpec((1, 28, 28), 10), DataSpec((3, 32, 32), 3)
 CONFIG = {"seed": 7, "hidden-dims": "32,16", "pool": "max", "lr": 0.1, "batch-size": 16, "local-epochs": 1}
 
@@ -68,7 +70,8 @@ def test_defaults_reproduce_quickstart_mxnet(backend: MXNetBackend) -> None:
     assert config["strategy"] == "fedavg"
     assert backend.quickstart_dataset == "ylecun/mnist"
     assert backend.models == ("mlp", "lenet") and backend.file_suffix == ".params"
-    assert backend.framework == Framework("mxnet", "mxnet==1.9.1")
+    framework = backend.framework
+    assert (framework.import_name, framework.requirement, framework.also) == ("mxnet", "mxnet==1.9.1", NUMPY_1)
 
 
 def test_notice_says_retired_and_points_to_maintained_backends(backend: MXNetBackend) -> None:
