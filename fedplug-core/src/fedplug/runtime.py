@@ -5,15 +5,18 @@ from __future__ import annotations
 import os
 import sys
 
+from fedplug.machine import cores
+
 
 def cpu_share() -> int:
-    """CPU cores this process may use: what Ray gave this simulation worker, else ``OMP_NUM_THREADS``, else all."""
+    """CPU cores this process may use: what Ray gave this simulation worker, else ``OMP_NUM_THREADS``, else the
+    machine's (:func:`fedplug.machine.cores`: the affinity, capped by a cgroup quota, counted as the run checks count it)."""
     if "ray" in sys.modules and (assigned := _ray_cpus()):
         return assigned
     threads = os.environ.get("OMP_NUM_THREADS", "")
     if threads.isdigit() and int(threads) > 0:
         return int(threads)
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return max(1, int(cores()))
 
 
 def _ray_cpus() -> int:
