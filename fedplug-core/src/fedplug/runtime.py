@@ -10,7 +10,7 @@ from fedplug.machine import cores
 
 def cpu_share() -> int:
     """CPU cores this process may use: what Ray gave this simulation worker, else ``OMP_NUM_THREADS``, else the
-    machine's (:func:`fedplug.machine.cores`: the affinity, capped by a cgroup quota, counted as the run checks count it)."""
+    machine's (:func:`fedplug.machine.cores`: its affinity capped by a cgroup quota, as the run checks count)."""
     if "ray" in sys.modules and (assigned := _ray_cpus()):
         return assigned
     threads = os.environ.get("OMP_NUM_THREADS", "")
