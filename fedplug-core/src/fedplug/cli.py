@@ -104,6 +104,10 @@ def run(
             help="Mixed frameworks: other backends for some nodes, e.g. '0-1:torch,2-3:jax' (the others run BACKEND)."
         ),
     ] = None,
+    track: Annotated[
+        str | None,
+        typer.Option(help="Also log each round to tensorboard, mlflow or both ('tensorboard,mlflow'), in the results."),
+    ] = None,
     out: Annotated[str | None, typer.Option(help="Results folder (default: ./fedplug-runs/<time>-<backend>).")] = None,
     resume: Annotated[
         Path | None,
@@ -149,6 +153,7 @@ def run(
         "partitioner": partitioner,
         "seed": seed,
         "node_backends": node_backends,
+        "track": track,
     }
     if resume is not None:  # name the flag the user gave, not its run-config key
         changed = [f"--{name.replace('_', '-')}" for name, value in flags.items() if value is not None]
