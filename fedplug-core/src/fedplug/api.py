@@ -41,6 +41,7 @@ FLAG_KEYS = {
     "partitioner": "partitioner",
     "seed": "seed",
     "node_backends": "node-backends",
+    "track": "track",
 }
 """Keyword arguments of :func:`run` (and flags of ``fedplug run``) that set a run-config key."""
 
@@ -91,6 +92,7 @@ def run(
     partitioner: str | None = None,
     seed: int | None = None,
     node_backends: str | None = None,
+    track: str | None = None,
     preset: str | None = None,
     run_config: Mapping[str, Scalar] | str | None = None,
     out: str | os.PathLike[str] | None = None,
@@ -135,6 +137,7 @@ def run(
         "partitioner": partitioner,
         "seed": seed,
         "node_backends": node_backends,
+        "track": track,
     }
     overrides = overrides_of(run_config, config, given)
     started = time.monotonic()

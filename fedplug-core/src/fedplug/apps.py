@@ -21,11 +21,13 @@ from flwr.serverapp import Grid, ServerApp
 from fedplug import flower_adapter
 from fedplug.backend import Backend, Config, Scalar, Weights
 from fedplug.data import data_spec, load_centralized
+from fedplug.errors import ConfigError
 from fedplug.node import backend_and_config, identity, node_data, session
 from fedplug.records import from_record, to_record
-from fedplug.results import Results, default_out, mark, plot_metrics, write_status
+from fedplug.results import Results, default_out, mark, plot_metrics, progress_log, write_status
 from fedplug.rounds import NODE_RECORD, TIMING_RECORD, RoundLoop, RunFailed, resume
 from fedplug.strategies import make_strategy, sampling
+from fedplug.tracking import track
 
 log = logging.getLogger("fedplug.apps")
 
@@ -130,13 +132,15 @@ def main(grid: Grid, context: Context) -> None:
     strategy = make_strategy(config)
     evaluation = CentralEvaluation(backend, config, model)
     try:
-        arrays = _run_rounds(grid, strategy, config, out, backend.get_weights(model), evaluation)
-    except RunFailed as error:
+        with track(config, out, progress_log) as tracking:  # --track: TensorBoard, MLflow (fedplug.tracking)
+            arrays = _run_rounds(grid, strategy, config, out, backend.get_weights(model), evaluation)
+            mark(out, "rounds-done")
+            backend.set_weights(model, from_record(arrays))
+            backend.save(model, out / f"model{backend.file_suffix}")
+            tracking.finished(out / f"model{backend.file_suffix}")
+    except (RunFailed, ConfigError) as error:  # ConfigError: a tracker's library missing where the ServerApp runs
         write_status(out, "failed", str(error))
         raise
-    mark(out, "rounds-done")
-    backend.set_weights(model, from_record(arrays))
-    backend.save(model, out / f"model{backend.file_suffix}")
     plot_metrics(out, title=f"fedplug {backend.name} · {config['model']} · {config['strategy']}")
     write_status(out, "finished")
 

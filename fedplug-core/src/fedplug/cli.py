@@ -107,6 +107,10 @@ def run(
     preset: Annotated[
         str | None, typer.Option(help="Start from a set of values the backend ships, e.g. quickstart (fedplug info).")
     ] = None,
+    track: Annotated[
+        str | None,
+        typer.Option(help="Also log each round to tensorboard, mlflow or both ('tensorboard,mlflow'), in the results."),
+    ] = None,
     out: Annotated[str | None, typer.Option(help="Results folder (default: ./fedplug-runs/<time>-<backend>).")] = None,
     resume: Annotated[
         Path | None,
@@ -153,6 +157,7 @@ def run(
         "partitioner": partitioner,
         "seed": seed,
         "node_backends": node_backends,
+        "track": track,
     }
     if resume is not None:  # name the flag the user gave, not its run-config key
         changed = [f"--{name.replace('_', '-')}" for name, value in flags.items() if value is not None]

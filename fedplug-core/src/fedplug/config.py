@@ -53,6 +53,7 @@ CORE_DEFAULTS: dict[str, Scalar] = {
     "label-column": "",
     "out": "",
     "node-backends": "",
+    "track": "",
 }
 """Defaults every backend starts from; a backend's ``defaults`` override and extend them."""
 
@@ -68,6 +69,27 @@ PARTITIONER_CHOICES: dict[str, tuple[str, ...]] = {
 }
 """Values flwr-datasets' partitioners accept for their string parameters."""
 _PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+
+
+TRACKERS = ("tensorboard", "mlflow")
+"""Where ``track`` can send every round's metrics besides the results folder (``fedplug.tracking``)."""
+
+
+def parse_track(text: str) -> tuple[str, ...]:
+    """``"tensorboard,mlflow"`` as ``("tensorboard", "mlflow")``, ``""`` as none; ConfigError for another name."""
+    names: list[str] = []
+    for part in text.split(","):
+        name = part.strip().lower()
+        if not name:
+            continue
+        if name not in TRACKERS:
+            raise ConfigError(
+                f"run-config 'track' names no tracker {name!r}: choose {', '.join(TRACKERS)} or both, "
+                "comma-separated (e.g. --track tensorboard,mlflow)"
+            )
+        if name not in names:
+            names.append(name)
+    return tuple(names)
 
 
 NODE_BACKENDS = "node-backends"
@@ -285,6 +307,7 @@ def check_values(backend: Backend, config: Config) -> None:
         )
     if config["pool"] not in ("max", "avg"):
         raise ConfigError(f"run-config 'pool' must be 'max' or 'avg', got '{config['pool']}'")
+    parse_track(str(config.get("track", "")))
     parse_node_backends(str(config.get(NODE_BACKENDS, "")))  # its syntax; the backends: node_backends.check
     try:
         hidden_dims(config)

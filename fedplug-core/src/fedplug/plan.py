@@ -32,6 +32,7 @@ from fedplug.errors import ConfigError, DeployError, shown
 from fedplug.models import canonical_shapes
 from fedplug.results import default_out
 from fedplug.strategies import check_strategy, strategy_kwargs
+from fedplug.tracking import missing_library
 
 RUNS_ROOT = Path("fedplug-runs")
 """Where runs go without ``out``: one new folder each."""
@@ -124,6 +125,7 @@ def plan_run(
         rounds = overrides.get("num-server-rounds")
         chosen, config = resume_config(resume, int(rounds) if rounds is not None else None, backend)
         _check_node_backends(config)
+        check_trackers(config)
         return RunPlan(chosen, config, engine, resume, resumed=True)
     if backend is None:
         raise ConfigError("name a backend (fedplug run numpy), or continue a run with --resume DIR")
@@ -132,6 +134,7 @@ def plan_run(
     check_out_folder(out if out is not None else RUNS_ROOT)
     config = resolve_and_check(chosen, with_preset(chosen, preset, overrides))
     check_backend_available(chosen, config)  # now with the run config it runs (keras.backend=jax needs jax)
+    check_trackers(config)
     notes = check_held_out(config, overrides)
     check_model(chosen, config)
     _check_node_backends(config)
@@ -176,6 +179,16 @@ def _plan_deployed(
         check_model(chosen, config)
     config["out"] = str(out) if out else ""  # a path on the SuperLink's machine, where the ServerApp runs
     return RunPlan(chosen, config, Engine(superlink=superlink, security=security), None)
+
+
+def check_trackers(config: Mapping[str, Scalar]) -> None:
+    """The libraries of ``track`` (TensorBoard, MLflow) are installed where the ServerApp runs: here, in a simulation.
+
+    A run on a SuperLink is not checked here: its ServerApp runs on the SuperLink's machine, and
+    ends the run with the same one-line reason there if a library is missing.
+    """
+    if problem := missing_library(str(config.get("track", ""))):
+        raise ConfigError(problem)
 
 
 def check_ray_address(address: str) -> None:
