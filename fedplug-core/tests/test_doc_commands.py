@@ -12,6 +12,10 @@ Sybil (https://sybil.readthedocs.io) reads every ```bash block of the pages; eac
   the folder of the real run above). A command that is written twice runs once.
 - not runnable here: the block follows ``<!-- not-run: REASON -->`` (a second machine, the
   package index, the whole suite, a benchmark), and the reason must be given.
+
+The model factories of docs/custom-models.md (```python blocks, one per framework) are each
+written to ``my_nets.py`` and checked by ``fedplug run BACKEND --model my_nets:Cnn --check``,
+which builds the model and runs a batch through it.
 """
 
 from __future__ import annotations
@@ -217,6 +221,43 @@ def test_every_block_is_run_or_says_why_not() -> None:
                 assert words[0] == "fedplug", (
                     f"{block.id}: `{shlex.join(words)}` cannot run here; mark the block <!-- not-run: REASON -->"
                 )
+
+
+# -- the custom models of docs/custom-models.md -------------------------------------------------
+
+
+def build_custom_model(example: Example) -> None:
+    """Sybil's evaluator of a model block: as ``my_nets.py``, ``--check`` builds it and runs a batch through it."""
+    source = str(example.parsed)
+    framework = re.match(r"# (\w+)", source)
+    assert framework, "a custom-model block starts with a comment naming its framework"
+    backend = "torch" if framework.group(1) == "my_nets" else framework.group(1)
+    cwd: Path = example.namespace["cwd"]
+    (cwd / "my_nets.py").write_text(source, encoding="utf-8")
+    done = run(["fedplug", "run", backend, "--model", "my_nets:Cnn", "--check"], cwd)
+    assert done.returncode == 0, f"the {backend} model of docs/custom-models.md:{example.line}:\n{done.stderr}"
+
+
+MODELS = list(
+    Sybil(parsers=[CodeBlockParser(language="python", evaluator=build_custom_model)])
+    .parse(ROOT / "docs" / "custom-models.md")
+    .examples()
+)
+
+
+@pytest.mark.parametrize("example", MODELS, ids=lambda example: f"docs/custom-models.md:{example.line}")
+def test_the_custom_model_examples_build_and_give_one_logit_per_class(example: Example, tmp_path: Path) -> None:
+    example.namespace["cwd"] = tmp_path
+    example.evaluate()
+
+
+def test_every_framework_has_a_custom_model_example() -> None:
+    assert {re.match(r"# (\w+)", str(example.parsed)).group(1) for example in MODELS} == {  # type: ignore[union-attr]
+        "my_nets",
+        "keras",
+        "jax",
+        "mlx",
+    }
 
 
 def test_the_pages_name_the_resumed_folder() -> None:
