@@ -32,6 +32,16 @@ def test_keyword_arguments_become_run_config_keys() -> None:
         ({"backend": "numpy", "client_cpus": 0.0}, "--client-cpus must be a positive number"),
         ({"backend": None}, "name a backend"),
         ({"backend": "numpy", "superlink": "nocolon"}, "is not HOST:PORT"),
+        (  # a run on a SuperLink: the strategy's ranges are checked too, though its nodes are not known yet
+            {
+                "backend": "numpy",
+                "strategy": "fedadam",
+                "superlink": "127.0.0.1:9",
+                "insecure": True,
+                "run_config": "strategy.beta-1=1.0",
+            },
+            "'strategy.beta-1' must be in [0, 1)",
+        ),
     ],
 )
 def test_mistakes_raise_one_line_errors_before_anything_starts(
@@ -95,3 +105,30 @@ def test_check_makes_every_check_and_starts_nothing(tmp_path: Path, monkeypatch:
     done = cli("run", "numpy", "--nodes", "3", "--check", env={"FEDPLUG_PLUGINS": ""})
     assert done.returncode == 0 and "every check passed; nothing was started or written" in done.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.fast
+def test_a_preset_is_applied_over_the_defaults_and_under_the_users_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedplug import plugins
+    from fedplug.numpy_backend import NumpyBackend
+
+    class Shipped(NumpyBackend):
+        name = "shipped"
+        description = "stand-in that ships a preset"
+        presets = {"quickstart": {"num-server-rounds": 7, "lr": 0.01}}  # noqa: RUF012
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="backend 'numpy' has no preset 'quickstart'; it ships none"):
+        fedplug.api.run("numpy", preset="quickstart", check=True, quiet=True)
+    found = plugins.Registry()
+    found.backends["shipped"] = plugins.Registered(Shipped(), "test", "test", "0")
+    monkeypatch.setattr(plugins, "get_registry", lambda: found)
+    monkeypatch.setattr("fedplug.availability.get_registry", lambda: found)
+    config = fedplug.api.run("shipped", preset="quickstart", check=True, quiet=True).config
+    assert (config["num-server-rounds"], config["lr"]) == (7, 0.01)
+    config = fedplug.api.run("shipped", preset="quickstart", lr=0.2, check=True, quiet=True).config
+    assert (config["num-server-rounds"], config["lr"]) == (7, 0.2)
+    with pytest.raises(ConfigError, match="backend 'shipped' has no preset 'fast'; its presets: quickstart"):
+        fedplug.api.run("shipped", preset="fast", check=True, quiet=True)

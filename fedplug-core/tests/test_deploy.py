@@ -446,3 +446,20 @@ def test_with_node_local_data_the_server_evaluates_only_on_a_held_out_set_it_is_
         )
         assert expected in done.stdout.replace("\n", ""), done.stdout
         assert done.returncode == 1 and done.stderr.startswith("fedplug: error: "), done.stdout + done.stderr
+
+
+def test_a_supernode_gives_up_on_an_unreachable_superlink_after_max_wait(tmp_path: Path) -> None:
+    """Flower's SuperNode retries for ever: fedplug supernode stops it after --max-wait, in one line, exit 1."""
+    env = {**os.environ, "FEDPLUG_PLUGINS": "", MARK: f"maxwait-{uuid.uuid4().hex}"}
+    started = time.monotonic()
+    done = subprocess.run(
+        [FEDPLUG, "supernode", "numpy", "--superlink", f"127.0.0.1:{free_port()}", "--insecure", "--data",
+         "embedded", "--partition-id", "0", "--num-partitions", "2", "--max-wait", "3",
+         "--log", str(tmp_path / "supernode.log")],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no SuperLink answered at 127.0.0.1:" in lines[0] and "within 3 s" in lines[0]
+    assert time.monotonic() - started < 60
+    assert marked(env[MARK]) == [], "the SuperNode outlived the command"

@@ -68,3 +68,49 @@ def test_two_runs_started_together_get_their_own_folders(tmp_path: Path) -> None
     assert len(folders) == 2, folders
     for folder in folders:
         assert [r["round"] for r in read_rounds(folder)] == [0, 1]
+
+
+ORPHAN = r"""
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], start_new_session=True,
+                         env={**os.environ, "FEDPLUG_PARENT_PID": str(os.getpid())})
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+WITHOUT_PDEATHSIG = r"""
+import sys, time
+sys.platform = "darwin"  # as on macOS: no parent-death signal, only the watchdog
+from fedplug import simulation
+simulation.die_with_parent()
+open(sys.argv[1], "w").close()  # ready
+time.sleep(120)
+"""
+
+
+def test_the_simulation_process_ends_itself_when_the_command_dies_without_a_parent_death_signal(
+    tmp_path: Path,
+) -> None:
+    """macOS has no parent-death signal: the simulation's watchdog notices the command is gone (SIGKILL)."""
+    ready = tmp_path / "ready"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN, WITHOUT_PDEATHSIG, str(ready)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        wait_for(ready.exists, timeout=60, what="the simulation process to set up its watch")
+        os.kill(child, 0)  # running
+        parent.kill()
+        parent.wait(timeout=10)
+
+        def gone() -> bool:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                return True
+            with open(f"/proc/{child}/stat") as stat:  # a zombie waiting for init counts as gone
+                return stat.read().split()[2] == "Z"
+
+        wait_for(gone, timeout=15, what="the orphaned simulation process to end itself")
+    finally:
+        parent.kill()

@@ -243,3 +243,10 @@ def test_a_backend_of_the_basic_tier_runs_alone_and_joins_no_mixed_federation(re
     run_config = resolve(plugins.get_backend("numpy"), {})
     with pytest.raises(ValueError, match="backend 'solo' \\(this node\\) declares conformance 'basic'"):
         node_run_config(run_config, {"backend": "solo"})  # a SuperNode of the basic tier joining a numpy run
+
+
+@pytest.mark.fast
+def test_the_backends_line_counts_deployed_nodes_that_have_their_own_data() -> None:
+    """Nodes with their own data stand for a partition with their node id: the line counts them instead."""
+    record = {"round": 1, "partition-backends": {"429010618": "torch", "1132468589": "jax", "1791660335": "torch"}}
+    assert backends_line([record]) == "backends: torch 2 nodes · jax 1 node"

@@ -91,6 +91,7 @@ def run(
     partitioner: str | None = None,
     seed: int | None = None,
     node_backends: str | None = None,
+    preset: str | None = None,
     run_config: Mapping[str, Scalar] | str | None = None,
     out: str | os.PathLike[str] | None = None,
     resume: str | os.PathLike[str] | None = None,
@@ -110,7 +111,8 @@ def run(
     Every run-config key can be given: the common ones as keyword arguments (``rounds``,
     ``nodes``, ``strategy``, ...), any other with underscores for dashes (``lr=0.05``,
     ``batch_size=64``), and namespaced ones in ``run_config`` (``{"strategy.proximal-mu": 0.1}``,
-    or the ``flwr run`` syntax ``"strategy.proximal-mu=0.1 lr=0.05"``). ``resume`` continues the
+    or the ``flwr run`` syntax ``"strategy.proximal-mu=0.1 lr=0.05"``). ``preset`` starts from a set of
+    values the backend ships (``"quickstart"``: its Flower quickstart's settings). ``resume`` continues the
     run in that results folder (``rounds`` may extend it). ``quiet`` prints nothing; otherwise
     the run's header, one line per round and a summary are printed, as by ``fedplug run``. ``check``
     makes every check and starts nothing: the result's ``status`` is ``checked``, its ``config`` the
@@ -148,6 +150,7 @@ def run(
         ca_cert=_path("--ca-cert", ca_cert),
         insecure=insecure,
         create=not check,
+        preset=preset,
     )
     if check:
         _say(f"fedplug: {_header(plan)}", quiet)

@@ -235,6 +235,11 @@ class Backend(abc.ABC):
 
     ``fedplug list`` and ``fedplug info`` show it; the suite checks the backend's tests run its tier.
     """
+    presets: ClassVar[Mapping[str, Mapping[str, Scalar]]] = {}
+    """Named sets of run-config values the backend ships, applied over its defaults and under the user's
+    values (``fedplug run torch --preset quickstart``), e.g. ``{"quickstart": {...}}``: the Flower
+    quickstart's exact settings, when the defaults differ. ``fedplug info`` lists them.
+    """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Say once, in one line, that a class defining all eight operations itself follows the 0.1 contract.

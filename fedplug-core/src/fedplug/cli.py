@@ -104,6 +104,9 @@ def run(
             help="Mixed frameworks: other backends for some nodes, e.g. '0-1:torch,2-3:jax' (the others run BACKEND)."
         ),
     ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Start from a set of values the backend ships, e.g. quickstart (fedplug info).")
+    ] = None,
     out: Annotated[str | None, typer.Option(help="Results folder (default: ./fedplug-runs/<time>-<backend>).")] = None,
     resume: Annotated[
         Path | None,
@@ -153,7 +156,7 @@ def run(
     }
     if resume is not None:  # name the flag the user gave, not its run-config key
         changed = [f"--{name.replace('_', '-')}" for name, value in flags.items() if value is not None]
-        changed += ["--run-config"] * bool(run_config) + ["--out"] * (out is not None)
+        changed += ["--run-config"] * bool(run_config) + ["--out"] * (out is not None) + ["--preset"] * bool(preset)
         changed = [flag for flag in changed if flag != "--rounds"]
         if changed:
             fail(
@@ -166,6 +169,7 @@ def run(
         run_federation(
             backend,
             run_config=overrides,
+            preset=preset,
             out=out,
             resume=resume,
             client_cpus=client_cpus,
@@ -259,6 +263,9 @@ def supernode(
         int, typer.Option(help="Local port of Flower's SuperNode runtime API (default: a free one).")
     ] = 0,
     log: Annotated[Path, typer.Option(help="Where Flower's SuperNode log goes.")] = Path("fedplug-supernode.log"),
+    max_wait: Annotated[
+        float, typer.Option(help="Seconds to wait for the SuperLink to answer before giving up.")
+    ] = 300,
 ) -> None:
     """Join a SuperLink with this machine's backend and data; the data never leaves this machine."""
     from fedplug.deployment.network import free_port
@@ -280,6 +287,7 @@ def supernode(
             log.resolve(),
             typer.echo,
             _warn,
+            max_wait,
         )
     raise typer.Exit(code)
 

@@ -142,11 +142,16 @@ def show_info(backend: Backend) -> None:
         )
     else:
         console.print("custom models: not supported by this backend")
-    table = Table(title="default run config")
+    presets = dict(backend.presets)
+    table = Table(
+        title="default run config" + (" and presets (--preset NAME: its values over the defaults)" * bool(presets))
+    )
     table.add_column("key")
     table.add_column("default")
+    for name in presets:
+        table.add_column(f"--preset {name}")
     for key, value in defaults_for(backend).items():
-        table.add_row(key, json.dumps(value))
+        table.add_row(key, json.dumps(value), *(json.dumps(p[key]) if key in p else "" for p in presets.values()))
     console.print(table)
 
 
@@ -205,15 +210,26 @@ def summary_table(rounds: list[dict[str, Any]]) -> Table:
     return table
 
 
+NODE_IDS = 2**20
+"""Partition ids from here on are a deployed node's own id standing for one (data of its own): not worth showing."""
+
+
 def backends_line(rounds: list[dict[str, Any]]) -> str:
-    """``backends: torch 0-1 · jax 2-3 · numpy 4-5`` for a run whose nodes ran several backends, else ``""``."""
-    from fedplug.node_backends import compact
+    """``backends: torch 0-1 · jax 2-3 · numpy 4-5`` for a run whose nodes ran several backends, else ``""``.
+
+    Nodes with their own data (a deployment's ``--data FILE``) have no partition ids to show: their
+    backends are counted instead, ``backends: torch 2 nodes · jax 1 node``.
+    """
+    from fedplug.node_backends import compact, counts
 
     ran: dict[int, str] = {}
     for record in rounds:
         ran.update({int(partition): name for partition, name in record.get("partition-backends", {}).items()})
     if len(set(ran.values())) < 2:
         return ""
+    if max(ran) >= NODE_IDS:
+        tally = counts(ran[partition] for partition in sorted(ran))
+        return "backends: " + " · ".join(f"{name} {n} node{'s' * (n != 1)}" for name, n in tally.items())
     parts: dict[str, list[str]] = {}
     for entry in compact(ran).split(","):
         partitions, name = entry.split(":")

@@ -82,11 +82,14 @@ def plan_run(
     ca_cert: Path | None = None,
     insecure: bool = False,
     create: bool = True,
+    preset: str | None = None,
 ) -> RunPlan:
     """Check everything a run needs before it starts; the :class:`RunPlan` to execute, or a one-line error.
 
     ``overrides`` are run-config values over the backend's defaults. ``resume`` continues the
-    run in that results folder (only ``num-server-rounds`` may be given, to extend it). The
+    run in that results folder (only ``num-server-rounds`` may be given, to extend it). ``preset``
+    names a set of run-config values the backend ships (``quickstart``: its Flower quickstart's
+    settings), applied over its defaults and under ``overrides``. The
     results folder of a simulation is created last, when every check has passed (``create=False``:
     not at all, for a check of the run alone).
     """
@@ -95,7 +98,8 @@ def plan_run(
             raise ConfigError("--resume continues a simulation; a run on a SuperLink cannot be resumed yet")
         if ray_address is not None:
             raise ConfigError("--ray-address is for the Simulation Engine; a run on a SuperLink uses the SuperNodes")
-        return _plan_deployed(backend, dict(overrides), out, superlink, ca_cert, insecure)
+        chosen = find_backend(backend) if backend is not None else None
+        return _plan_deployed(chosen, with_preset(chosen, preset, overrides), out, superlink, ca_cert, insecure)
     machine.check_resources(client_cpus, client_gpus)
     if ray_address is not None:
         check_ray_address(ray_address)
@@ -105,6 +109,10 @@ def plan_run(
         ray_address=ray_address,
     )
     if resume is not None:
+        if preset:
+            raise ConfigError(
+                f"--preset would change the experiment: a resumed run keeps the config stored in {resume}"
+            )
         extra = sorted(set(overrides) - {"num-server-rounds"})
         if extra:
             raise ConfigError(
@@ -122,7 +130,7 @@ def plan_run(
     chosen = find_backend(backend)
     check_backend_available(chosen)
     check_out_folder(out if out is not None else RUNS_ROOT)
-    config = resolve_and_check(chosen, overrides)
+    config = resolve_and_check(chosen, with_preset(chosen, preset, overrides))
     notes = check_held_out(config, overrides)
     check_model(chosen, config)
     _check_node_backends(config)
@@ -133,8 +141,20 @@ def plan_run(
     return RunPlan(chosen, config, engine, folder, notes=notes)
 
 
+def with_preset(backend: Backend | None, preset: str | None, overrides: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    """``overrides`` over the values of the backend's ``preset`` (none: ``overrides`` alone)."""
+    if not preset:
+        return dict(overrides)
+    presets = backend.presets if backend is not None else {}
+    if preset not in presets:
+        shipped = f"its presets: {', '.join(presets)}" if presets else "it ships none"
+        name = backend.name if backend is not None else "?"
+        raise ConfigError(f"backend '{name}' has no preset '{preset}'; {shipped} (fedplug info {name} shows them)")
+    return {**presets[preset], **overrides}
+
+
 def _plan_deployed(
-    backend: str | None,
+    chosen: Backend | None,
     overrides: dict[str, Scalar],
     out: Path | None,
     superlink: str,
@@ -142,9 +162,8 @@ def _plan_deployed(
     insecure: bool,
 ) -> RunPlan:
     """A run on a SuperLink: the nodes hold the data; the run config is checked here, as far as it can be."""
-    if backend is None:
+    if chosen is None:
         raise ConfigError("name the server's backend (fedplug run numpy --superlink HOST:PORT)")
-    chosen = find_backend(backend)
     check_backend_available(chosen)
     split_address(superlink)
     security = Security.of(ca_cert, insecure)
@@ -203,14 +222,14 @@ def check_out_folder(out: Path) -> None:
 def resolve_and_check(backend: Backend, overrides: Mapping[str, Scalar], deployed: bool = False) -> dict[str, Scalar]:
     """The run config, resolved once, with its strategy, partitioner and data checked.
 
-    ``deployed``: the nodes hold the data, so the partitioner and the partitions of
-    simulated nodes are not checked.
+    ``deployed``: the nodes hold the data and join when they will, so the partitioner, the partitions
+    of simulated nodes and the strategy's needs in nodes are not checked (its parameters' ranges are).
     """
     config = resolve(backend, overrides, node_backends.others(overrides))
     if problem := dataset_problem(str(config["dataset"])):  # '' would read as the current folder
         raise ConfigError(problem)
+    check_strategy(config, nodes_known=not deployed)
     if not deployed:
-        check_strategy(config)
         check_partitioner(config, num_classes=None)
     if is_custom(config["model"]):  # a custom model: every process imports it from its file, wherever it runs
         config["model"], config["model-file"] = locate(str(config["model"]), Path.cwd())

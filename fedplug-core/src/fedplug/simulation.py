@@ -21,6 +21,8 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -228,7 +230,11 @@ def _end_group(signum: int, frame: object) -> None:
 
 
 def die_with_parent() -> None:
-    """End this simulation and everything it started when the ``fedplug`` command is gone, however it ended."""
+    """End this simulation and everything it started when the ``fedplug`` command is gone, however it ended.
+
+    On Linux the kernel says so at once (the parent-death signal); everywhere (macOS included) a
+    watchdog thread checks every second that the command is still this process's parent.
+    """
     signal.signal(signal.SIGTERM, _end_group)
     signal.signal(signal.SIGHUP, _end_group)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the command's SIGINT, even if inherited ignored
@@ -236,8 +242,17 @@ def die_with_parent() -> None:
         with_errno = ctypes.CDLL(None, use_errno=True)
         with_errno.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     parent = os.environ.get(PARENT_ENV, "")
-    if parent.isdigit() and os.getppid() != int(parent):  # the command died before prctl took effect
+    if not parent.isdigit():
+        return
+    if os.getppid() != int(parent):  # the command died before prctl took effect
         _end_group(signal.SIGTERM, None)
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(1.0)
+        _end_group(signal.SIGTERM, None)
+
+    threading.Thread(target=watch, name="fedplug-parent-watchdog", daemon=True).start()
 
 
 def main(argv: list[str]) -> int:

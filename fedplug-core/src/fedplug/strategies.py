@@ -174,13 +174,14 @@ def _interval(low: float, low_in: bool, high: float, high_in: bool) -> str:
     return f"{'[' if low_in else '('}{low:g}, {'inf' if high == INF else f'{high:g}'}{']' if high_in else ')'}"
 
 
-def check_strategy(config: Config) -> None:
+def check_strategy(config: Config, nodes_known: bool = True) -> None:
     """Check the strategy's parameters against their valid ranges and the node count.
 
     Flower's classes accept out-of-range values; a run would then wait for nodes that never
     come (``min-*-nodes`` above the node count, ``fraction-train`` above 1), diverge
     (``beta-1`` of 1, ``tau`` of 0) or skip every aggregation (Bulyan with too few nodes):
-    all of that is refused here, before Ray starts.
+    all of that is refused here, before Ray starts. ``nodes_known=False`` (a run on a SuperLink,
+    whose nodes join when they will): the ranges only, not the checks against the node count.
     """
     name = str(config["strategy"])
     kwargs = strategy_kwargs(config)
@@ -202,11 +203,13 @@ def check_strategy(config: Config) -> None:
                 raise ConfigError(
                     f"strategy '{name}': {shown(param)} must be in {_interval(*RANGES[param])}, got {value}"
                 )
-        if param in NODE_COUNTS and not NODE_COUNTS[param] <= value <= nodes:
+        if param in NODE_COUNTS and not NODE_COUNTS[param] <= value <= (nodes if nodes_known else math.inf):
             raise ConfigError(
                 f"strategy '{name}': {shown(param)} must be between {NODE_COUNTS[param]} and the number of nodes "
                 f"({nodes}), got {value}; the run would wait for nodes that never come"
             )
+    if not nodes_known:
+        return
     sampled = max(int(nodes * float(kwargs["fraction_train"])), int(kwargs["min_train_nodes"]))
     if sampled < 1:
         raise ConfigError(

@@ -84,12 +84,23 @@ def serve_supernode(
     log: Path,
     echo: Callable[[str], None],
     warn: Callable[[str], None],
+    max_wait: float = 300.0,
 ) -> int:
-    """``fedplug supernode``: Flower's SuperNode with this node's config until Ctrl-C or refusal."""
+    """``fedplug supernode``: Flower's SuperNode with this node's config until Ctrl-C or refusal.
+
+    Flower's SuperNode retries an unreachable SuperLink for ever: after ``max_wait`` seconds
+    without joining, it is stopped and the reason said in one line.
+    """
     with supervised() as group:
         process = group.start(supernode_command(superlink, security, key, node_config, runtime_port), log=log)
         echo(f"fedplug: connecting to the SuperLink {superlink} (Flower's log: {log}) ...")
-        connected = wait_for(lambda: "SuperNode ID:" in read_text(log), timeout=1e9, process=process)
+        connected = wait_for(lambda: "SuperNode ID:" in read_text(log), timeout=max_wait, process=process)
+        if not connected and process.poll() is None:
+            warn(
+                f"fedplug: error: no SuperLink answered at {superlink} within {max_wait:g} s: is it running, and "
+                f"is this its address and port (fedplug superlink prints them)? --max-wait waits longer (log: {log})"
+            )
+            return 1
         if connected:
             node_id = read_text(log).split("SuperNode ID:", 1)[1].split()[0]
             echo(f"fedplug: connected to {superlink} as SuperNode {node_id}; waiting for runs (Ctrl-C leaves)")
