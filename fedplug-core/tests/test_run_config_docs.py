@@ -2,11 +2,11 @@
 
 Every key of ``fedplug.config.CORE_DEFAULTS`` has a row with its type and default, and every row
 is such a key; so for each backend's own keys (``<backend>.<key>``), each backend's defaults over
-the core's, the ``strategy.<param>`` parameters of every strategy (Flower's classes, read by
-``fedplug.strategies.strategy_parameters``), the ``partitioner.<param>`` parameters of every
-partitioner (flwr-datasets' classes, as ``fedplug.data.partition.make_partitioner`` builds them)
-and which backends do not honour a key (``Backend.unsupported``). A failure prints the row the
-code expects.
+the core's, each backend's presets (``--preset NAME``), the ``strategy.<param>`` parameters of
+every strategy (Flower's classes, read by ``fedplug.strategies.strategy_parameters``), the
+``partitioner.<param>`` parameters of every partitioner (flwr-datasets' classes, as
+``fedplug.data.partition.make_partitioner`` builds them) and which backends do not honour a key
+(``Backend.unsupported``). A failure prints the row the code expects.
 
 The backends are the six of this repository. ``fedplug-mxnet`` is not installed in the test
 environment (MXNet needs numpy<2): its descriptor, which imports no framework, is read from the
@@ -137,6 +137,17 @@ def backend_default_rows_expected() -> dict[str, str]:
     return rows
 
 
+def preset_rows_expected() -> dict[str, str]:
+    rows = {}
+    for name, backend in backends().items():
+        presets = [
+            f"`{preset}`: " + ", ".join(f"`{key}={fmt(value)}`" for key, value in values.items())
+            for preset, values in backend.presets.items()
+        ]
+        rows[name] = "; ".join(presets) or "-"
+    return rows
+
+
 def strategy_rows_expected() -> dict[str, tuple[str, str, str]]:
     found = backends()
     rows = {}
@@ -228,6 +239,10 @@ def test_every_backends_defaults_are_documented() -> None:
         rows("Each backend's defaults"),
         {k: (v,) for k, v in backend_default_rows_expected().items()},
     )
+
+
+def test_every_backends_presets_are_documented() -> None:
+    compare("Presets", rows("Presets"), {name: (text,) for name, text in preset_rows_expected().items()})
 
 
 def test_every_strategy_and_its_parameters_are_documented() -> None:
