@@ -273,3 +273,23 @@ def test_the_comparison_catches_a_key_that_is_gone_or_undocumented() -> None:
         compare("Every key", documented, {**expected, "new-key": ("int", "1")})
     with pytest.raises(AssertionError, match="the row of `lr`"):
         compare("Every key", documented, {**expected, "lr": ("float", "0.5")})
+
+
+def test_every_flag_the_reference_names_is_an_option_of_its_command() -> None:
+    import typer.main
+
+    from fedplug.cli import app
+
+    group = typer.main.get_command(app)
+
+    def options(command: str) -> set[str]:
+        params = group.commands[command].params  # type: ignore[attr-defined]
+        return {opt for param in params for opt in param.opts + param.secondary_opts}
+
+    for key, cells in rows("Every key").items():
+        flag = cells[3]
+        if flag in ("-", "BACKEND"):
+            continue
+        name = flag.split("`")[1]
+        command = "supernode" if "(supernode)" in flag else "run"
+        assert name in options(command), f"docs/run-config.md: `{key}` names {name}, which `fedplug {command}` lacks"
