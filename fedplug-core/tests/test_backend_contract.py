@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import platform
 import sys
+import warnings
 from collections.abc import Mapping
+from importlib.metadata import version
 from pathlib import Path
 from typing import ClassVar
 
@@ -11,7 +14,7 @@ import numpy as np
 import pytest
 
 import fedplug
-from fedplug.backend import OPERATIONS, BackendUnavailable, Config, Scalar
+from fedplug.backend import OPERATIONS, BackendUnavailable, Config, Scalar, require_available
 from fedplug.config import ConfigError, check_for_backend, check_supported, resolve
 from fedplug.numpy_backend import NumpyBackend
 
@@ -155,7 +158,7 @@ def test_a_backend_s_own_keys_live_in_its_namespace_and_are_checked_per_backend(
         check_for_backend(owner, {**mixed, "model": "cnn"})
 
 
-def test_a_class_defining_every_operation_itself_gets_one_deprecation_line(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_class_defining_every_operation_itself_gets_one_deprecation_warning_naming_the_removal() -> None:
     def old_style() -> type:
         class OldStyle(NumpyBackend):  # as fedplug 0.1's new-backend generated it
             name = "old_style"
@@ -170,14 +173,79 @@ def test_a_class_defining_every_operation_itself_gets_one_deprecation_line(capsy
 
         return OldStyle
 
-    class Wrapper(NumpyBackend):  # a test double overriding one operation: fine
-        name = "wrapper"
-        train = NumpyBackend.train
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
 
-    assert old_style() is not old_style()  # the same class statement twice: said once
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1, lines
-    where = f"{__name__}.{old_style.__qualname__}.<locals>.OldStyle"
-    assert lines[0].startswith(f"fedplug: deprecated: {where} defines the operations itself")
-    assert "fedplug.Implementation subclass" in lines[0] and "implementation = 'module:Class'" in lines[0]
+        class Wrapper(NumpyBackend):  # a test double overriding one operation: fine
+            name = "wrapper"
+            train = NumpyBackend.train
+
+        assert old_style() is not old_style()  # the same class statement twice: said once
+    assert [type(w.message) for w in caught] == [DeprecationWarning], [str(w.message) for w in caught]
+    message, where = str(caught[0].message), f"{__name__}.{old_style.__qualname__}.<locals>.OldStyle"
+    assert message.startswith(f"{where} defines the operations itself")
+    assert "removed in fedplug 0.3" in message and "fedplug.Implementation subclass" in message
+    assert caught[0].filename == __file__  # it points at the class statement, not at fedplug
     assert set(OPERATIONS) <= set(vars(old_style()))
+
+
+def test_a_malformed_framework_requirement_is_a_problem_not_trusted() -> None:
+    problem = fedplug.Framework("numpy", "numpy>=>1").problem()
+    assert problem is not None and problem.startswith("declares a malformed requirement 'numpy>=>1'")
+
+
+def test_a_framework_checks_every_requirement_it_carries() -> None:
+    both = fedplug.Framework("numpy", "numpy>=1.26", also=(("packaging", "packaging>=20"),))
+    assert both.problem() is None
+    assert fedplug.Framework("numpy", "numpy>=1.26", also=(("packaging", "packaging<1"),)).problem() == (
+        f"needs packaging<1, found packaging {version('packaging')}: pip install -U 'packaging<1'"
+    )
+    missing = fedplug.Framework("numpy", "numpy", also=(("no_such_helper_x", "no-such-helper-x"),), hint="pip go")
+    assert missing.problem() == "needs no_such_helper_x: pip go"
+
+
+@pytest.mark.parametrize(
+    ("system", "machine", "ok"),
+    [("Linux", "x86_64", True), ("Darwin", "arm64", True), ("Darwin", "x86_64", False), ("Windows", "AMD64", False)],
+)
+def test_a_framework_checks_its_platforms(monkeypatch: pytest.MonkeyPatch, system: str, machine: str, ok: bool) -> None:
+    monkeypatch.setattr(platform, "system", lambda: system)
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    framework = fedplug.Framework("numpy", "numpy", platforms=("Darwin/arm64", "Linux"))
+    if ok:
+        assert framework.problem() is None
+        return
+    assert framework.problem() == (
+        f"cannot run here: numpy runs on Apple silicon Macs and Linux, not on {system} {machine.lower()}; "
+        "use another backend (fedplug list)"
+    )
+    assert fedplug.Framework("numpy", "numpy").problem() is None  # no platforms: any
+
+
+def test_backend_itself_is_a_base_class_not_a_backend() -> None:
+    with pytest.raises(TypeError, match=r"fedplug\.Backend is a base class: subclass it"):
+        fedplug.Backend()
+    assert NumpyBackend().name == "numpy"
+
+
+def test_availability_takes_the_run_config_and_serves_overrides_without_it() -> None:
+    seen: list[object] = []
+
+    class WithConfig(NumpyBackend):
+        name = "with_config"
+
+        def check_available(self, config: Config | None = None) -> None:
+            seen.append(config)
+
+    class Legacy(NumpyBackend):  # an override written for fedplug 0.1: no config parameter
+        name = "legacy_check"
+
+        def check_available(self) -> None:
+            seen.append("legacy")
+
+    config = resolve(NumpyBackend(), {})
+    require_available(WithConfig(), config)
+    require_available(WithConfig())
+    require_available(Legacy(), config)
+    assert seen == [config, None, "legacy"]
+    NumpyBackend().check_available(config)  # the default takes it too

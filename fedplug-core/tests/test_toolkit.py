@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import types
+from typing import Any
+
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from fedplug import toolkit
-from fedplug.numpy_backend import Conv, Dense, Flatten
+from fedplug import ModelError, toolkit
+from fedplug.numpy_backend import Conv, Dense, Flatten, softmax_cross_entropy
 
 pytestmark = pytest.mark.fast
 
@@ -76,4 +81,105 @@ def test_settings_are_read_from_the_config_and_batch_every_example_each_epoch() 
 def test_metrics_are_python_numbers() -> None:
     got = toolkit.metrics(np.float32(12.0), np.int64(6), 24, num_examples=12)
     assert got == {"loss": 0.5, "accuracy": 0.25, "num-examples": 12}
+    assert [type(v) for v in got.values()] == [float, float, int]
+
+
+def test_channels_last_is_the_nhwc_view_of_the_reference_images() -> None:
+    x = RNG.normal(size=(2, 3, 4, 5)).astype(np.float32)
+    nhwc = toolkit.channels_last(x)
+    assert nhwc.shape == (2, 4, 5, 3) and nhwc.flags.c_contiguous
+    assert nhwc[1, 2, 3, 0] == x[1, 0, 2, 3]
+
+
+def test_eval_chunks_cover_every_example_once_in_eval_batches() -> None:
+    n = 2 * toolkit.EVAL_BATCH + 5
+    chunks = toolkit.eval_chunks(n)
+    assert [len(range(n)[chunk]) for chunk in chunks] == [toolkit.EVAL_BATCH, toolkit.EVAL_BATCH, 5]
+    assert toolkit.eval_chunks(0) == []
+
+
+def test_a_custom_model_of_the_wrong_type_is_refused_naming_what_it_is() -> None:
+    net = Dense(np.zeros((1, 1)), np.zeros(1))
+    assert toolkit.check_custom_model(net, Dense, "a Dense", {"model": "nets:make"}) is net
+    with pytest.raises(ModelError, match=r"^custom model nets:make returned a builtins\.list, not a Dense$"):
+        toolkit.check_custom_model([], Dense, "a Dense", {"model": "nets:make"})
+
+
+def test_held_back_stderr_shows_native_output_only_when_the_block_fails() -> None:
+    code = (
+        "import os\n"
+        "from fedplug.toolkit import held_back_stderr\n"
+        "with held_back_stderr():\n"
+        "    os.write(2, b'quiet native chatter\\n')\n"
+        "try:\n"
+        "    with held_back_stderr():\n"
+        "        os.write(2, b'why it failed\\n')\n"
+        "        raise SystemExit(3)\n"
+        "finally:\n"
+        "    os.write(2, b'after\\n')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and done.stderr == "why it failed\nafter\n"
+
+
+class FakeRay(types.ModuleType):
+    """``ray`` as ``cpu_share`` sees it: initialised, with a runtime context that raises ``error`` or assigns CPUs."""
+
+    def __init__(self, error: BaseException | None, cpus: float = 3.0) -> None:
+        super().__init__("ray")
+        self.error, self.cpus = error, cpus
+        self.exceptions = types.SimpleNamespace(RaySystemError=type("RaySystemError", (Exception,), {}))
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def get_runtime_context(self) -> Any:
+        def assigned() -> dict[str, float]:
+            if self.error is not None:
+                raise self.error
+            return {"CPU": self.cpus}
+
+        return types.SimpleNamespace(get_assigned_resources=assigned)
+
+
+def test_cpu_share_takes_ray_s_cpus_and_only_ray_s_not_a_worker_errors_fall_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(None, 3.0))
+    assert toolkit.cpu_share() == 3
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(AssertionError("only available when the process is a worker")))
+    assert toolkit.cpu_share() == 5  # a driver: not a worker
+    disconnected = FakeRay(None)
+    disconnected.error = disconnected.exceptions.RaySystemError("not connected")
+    monkeypatch.setitem(sys.modules, "ray", disconnected)
+    assert toolkit.cpu_share() == 5
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(KeyError("a bug")))
+    with pytest.raises(KeyError, match="a bug"):  # anything else is not swallowed
+        toolkit.cpu_share()
+
+
+@pytest.mark.parametrize("layout", ["hwio", "ohwi"])
+def test_any_weight_goes_to_a_layout_and_back(layout: str) -> None:
+    conv, dense, bias = RNG.normal(size=(4, 3, 5, 5)), RNG.normal(size=(6, 7)), RNG.normal(size=6)
+    np.testing.assert_array_equal(toolkit.from_canonical(conv, layout), toolkit.conv_from_canonical(conv, layout))
+    expected_dense = dense.T if layout == "hwio" else dense  # (in, out) kernels where conv kernels are hwio
+    np.testing.assert_array_equal(toolkit.from_canonical(dense, layout), expected_dense)
+    np.testing.assert_array_equal(toolkit.from_canonical(bias, layout), bias)
+    flat = RNG.normal(size=(6, 16 * 3 * 5))
+    np.testing.assert_array_equal(
+        toolkit.from_canonical(flat, layout, (3, 5, 16)), toolkit.flat_dense_from_canonical(flat, (3, 5, 16))
+    )
+    for weight, feature_map in [(conv, None), (dense, None), (bias, None), (flat, (3, 5, 16))]:
+        native = toolkit.from_canonical(weight, layout, feature_map)
+        np.testing.assert_array_equal(toolkit.to_canonical(native, layout, feature_map), weight)
+
+
+def test_evaluation_from_logits_is_the_reference_s() -> None:
+    logits = RNG.normal(size=(7, 4)).astype(np.float32) * 5
+    y = np.array([0, 1, 2, 3, 0, 1, 2])
+    loss, _ = softmax_cross_entropy(logits, y)
+    got = toolkit.evaluation(logits, y)
+    assert got["num-examples"] == 7 and got["accuracy"] == float((logits.argmax(axis=1) == y).mean())
+    assert got["loss"] == pytest.approx(loss, rel=1e-6)
     assert [type(v) for v in got.values()] == [float, float, int]

@@ -20,7 +20,7 @@ from fedplug.config import ConfigError, resolve
 from fedplug.numpy_backend import Conv, Dense, Flatten, Pool, Relu
 from fedplug.testing import BackendConformance
 from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_results
-from fedplug_keras import KerasBackend, framework, optimizers
+from fedplug_keras import KerasBackend, framework, nets
 
 GREY = DataSpec((1, 28, 28), 10)
 COLOUR = DataSpec((3, 32, 32), 3)
@@ -106,7 +106,7 @@ def test_quickstart_model_and_optimizer(backend: KerasBackend, config: dict, ker
     assert (conv1.filters, conv1.kernel_size, conv2.filters, conv2.kernel_size) == (32, (3, 3), 64, (3, 3))
     assert net.layers[5].rate == 0.5
     assert dense.units == COLOUR.num_classes and dense.activation is keras.activations.linear  # logits
-    assert isinstance(net.optimizer, optimizers.optimizer_class(keras))  # the contract's Adam, not Keras's
+    assert isinstance(net.optimizer, nets.optimizer_class(keras))  # the contract's Adam, not Keras's
     assert isinstance(net.loss, keras.losses.SparseCategoricalCrossentropy)
     backend.train(net, images(COLOUR, 8), labels(COLOUR, 8), {**config, "server-round": 1})
     assert float(net.optimizer.learning_rate) == pytest.approx(0.001)
@@ -133,6 +133,17 @@ def test_check_available_gives_install_hint(backend: KerasBackend, monkeypatch: 
     monkeypatch.setattr(framework, "is_installed", lambda module: False)
     with pytest.raises(BackendUnavailable, match="needs Keras 3"):
         backend.check_available()
+
+
+def test_check_available_with_a_run_config_checks_its_keras_backend(
+    backend: KerasBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fedplug list` and `fedplug run keras keras.backend=jax` agree: no jax, not available."""
+    monkeypatch.setattr(framework, "is_installed", lambda module: module != "jax")
+    backend.check_available()  # without a run config: some framework for Keras is installed
+    backend.check_available({"keras.backend": "tensorflow"})
+    with pytest.raises(BackendUnavailable, match=r"keras\.backend=jax needs jax: pip install 'fedplug-keras\[jax\]'"):
+        backend.check_available({"keras.backend": "jax"})
 
 
 # -- layout: the quickstart's cnn --------------------------------------------------------------

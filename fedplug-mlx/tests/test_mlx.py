@@ -7,6 +7,7 @@ determinism, the ClientApp) come from fedplug's conformance suite at the end.
 from __future__ import annotations
 
 import json
+import platform
 import struct
 import subprocess
 import sys
@@ -19,13 +20,12 @@ import pytest
 
 from fedplug import BackendUnavailable, DataSpec
 from fedplug.config import resolve
-from fedplug.models import canonical_shapes
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.plugins import get_backend
 from fedplug.testing import BackendConformance
 from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_results, fedplug
-from fedplug.toolkit import TrainSettings
-from fedplug_mlx import MlxBackend, availability
+from fedplug.toolkit import TrainSettings, canonical_shapes
+from fedplug_mlx import MlxBackend
 
 GREY, COLOUR = DataSpec((1, 28, 28), 10), DataSpec((3, 32, 32), 3)
 
@@ -236,8 +236,8 @@ def test_saves_mlx_safetensors(backend: MlxBackend, config: dict, tmp_path: Path
 def test_unsupported_platform_is_one_line(
     backend: MlxBackend, monkeypatch: pytest.MonkeyPatch, system: str, machine: str, says: str
 ) -> None:
-    monkeypatch.setattr(availability.platform, "system", lambda: system)
-    monkeypatch.setattr(availability.platform, "machine", lambda: machine)
+    monkeypatch.setattr(platform, "system", lambda: system)
+    monkeypatch.setattr(platform, "machine", lambda: machine)
     with pytest.raises(BackendUnavailable, match=says) as error:
         backend.check_available()
     assert "\n" not in str(error.value) and "fedplug list" in str(error.value)

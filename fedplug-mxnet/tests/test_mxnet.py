@@ -6,22 +6,26 @@ venv, then ``python -m pytest fedplug-mxnet/tests``.
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fedplug import BackendUnavailable, DataSpec, Framework
+from fedplug import BackendUnavailable, DataSpec
 from fedplug.config import defaults_for
-from fedplug.models import canonical_shapes
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.testing import BackendConformance
 from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_results, fedplug
-from fedplug_mxnet import MXNetBackend, compat
+from fedplug.toolkit import canonical_shapes
+from fedplug_mxnet import MXNetBackend, framework
 
+NUMPY_1 = (("numpy", "numpy<2"),)
+"""MXNet 1.9.1's numpy requirement, checked with the framework's."""
 GREY, COLOUR = DataSpec((1, 28, 28), 10), DataSpec((3, 32, 32), 3)
 CONFIG = {"seed": 7, "hidden-dims": "32,16", "pool": "max", "lr": 0.1, "batch-size": 16, "local-epochs": 1}
 
@@ -66,7 +70,8 @@ def test_defaults_reproduce_quickstart_mxnet(backend: MXNetBackend) -> None:
     assert config["strategy"] == "fedavg"
     assert backend.quickstart_dataset == "ylecun/mnist"
     assert backend.models == ("mlp", "lenet") and backend.file_suffix == ".params"
-    assert backend.framework == Framework("mxnet", "mxnet==1.9.1")
+    framework = backend.framework
+    assert (framework.import_name, framework.requirement, framework.also) == ("mxnet", "mxnet==1.9.1", NUMPY_1)
 
 
 def test_notice_says_retired_and_points_to_maintained_backends(backend: MXNetBackend) -> None:
@@ -83,9 +88,9 @@ def test_mxnet_import_fails_without_the_aliases_and_works_with_them() -> None:
     assert bare.returncode != 0 and "has no attribute 'bool'" in bare.stderr
     shimmed = python(
         "import numpy as np\n"
-        "from fedplug_mxnet import compat\n"
+        "from fedplug_mxnet import framework\n"
         "before = dict(vars(np))\n"
-        "assert compat.restore_numpy_aliases() == ['bool', 'int']\n"
+        "assert framework.restore_numpy_aliases() == ['bool', 'int']\n"
         "added = {k for k in vars(np) if k not in before}\n"
         "assert added == {'bool', 'int'}, added\n"
         "assert all(vars(np)[k] is before[k] for k in before), 'numpy attribute changed'\n"
@@ -102,9 +107,9 @@ def test_aliases_restored_only_where_numpy_lacks_them(monkeypatch: pytest.Monkey
     sentinel = object()
     monkeypatch.setattr(np, "int", sentinel, raising=False)
     monkeypatch.setattr(np, "bool", bool, raising=False)
-    assert compat.restore_numpy_aliases() == []
+    assert framework.restore_numpy_aliases() == []
     assert np.int is sentinel and np.bool is bool
-    assert set(compat.MXNET_NUMPY_ALIASES) == {"bool", "int"}
+    assert set(framework.MXNET_NUMPY_ALIASES) == {"bool", "int"}
 
 
 def test_mxnet_imports_quietly_and_sizes_its_threads() -> None:
@@ -114,7 +119,7 @@ def test_mxnet_imports_quietly_and_sizes_its_threads() -> None:
         "os.environ.pop('OMP_NUM_THREADS', None)\n"
         "import numpy as np\n"
         "from fedplug import DataSpec\n"
-        "from fedplug.runtime import cpu_share\n"
+        "from fedplug.toolkit import cpu_share\n"
         "from fedplug_mxnet import MXNetBackend\n"
         "expected = str(cpu_share())\n"
         "b = MXNetBackend()\n"
@@ -130,21 +135,19 @@ def test_mxnet_imports_quietly_and_sizes_its_threads() -> None:
     assert proc.stdout == "" and proc.stderr == ""
 
 
-def test_numpy_support_check() -> None:
-    assert compat.numpy_supported("1.26.4")
-    assert not compat.numpy_supported("2.0.0")
-
-
 def test_check_available_refuses_numpy_2_and_missing_mxnet(
     backend: MXNetBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backend.check_available()
-    monkeypatch.setattr("fedplug_mxnet.numpy_supported", lambda: False)
-    with pytest.raises(BackendUnavailable, match=r'numpy<2.*pip install fedplug-mxnet "numpy<2"'):
+    found = importlib.metadata.version
+    monkeypatch.setattr("fedplug.backend.version", lambda name: "2.0.0" if name == "numpy" else found(name))
+    with pytest.raises(
+        BackendUnavailable, match=r'needs numpy<2, found numpy 2\.0\.0: pip install fedplug-mxnet "numpy<2"'
+    ):
         backend.check_available()
     monkeypatch.undo()
-    monkeypatch.setattr(backend, "framework", Framework("no_such_mxnet", "mxnet==1.9.1"))
-    with pytest.raises(BackendUnavailable, match=r"needs mxnet 1\.9\.1: pip install"):
+    monkeypatch.setattr(backend, "framework", replace(backend.framework, import_name="no_such_mxnet"))
+    with pytest.raises(BackendUnavailable, match=r'needs no_such_mxnet: pip install fedplug-mxnet "numpy<2"'):
         backend.check_available()
 
 

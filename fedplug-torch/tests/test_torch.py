@@ -12,12 +12,11 @@ import torch.nn.functional as F
 
 from fedplug.backend import DataSpec
 from fedplug.config import resolve
-from fedplug.models import canonical_shapes
 from fedplug.numpy_backend import NumpyBackend
-from fedplug.runtime import cpu_share
 from fedplug.testing import BackendConformance
 from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_results
-from fedplug_torch import TorchBackend, training
+from fedplug.toolkit import canonical_shapes, cpu_share
+from fedplug_torch import TorchBackend, framework
 
 GREY = DataSpec((1, 28, 28), 10)
 COLOUR = DataSpec((3, 32, 32), 3)
@@ -117,11 +116,11 @@ def test_build_sizes_threads_to_cpu_share(backend: TorchBackend, config: dict) -
 def test_device_prefers_cuda_then_mps(monkeypatch: pytest.MonkeyPatch, cuda: bool, mps: bool, expected: str) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
-    training.device.cache_clear()
+    framework.device.cache_clear()
     try:
-        assert training.device().type == expected
+        assert framework.device().type == expected
     finally:
-        training.device.cache_clear()
+        framework.device.cache_clear()
 
 
 def test_train_is_sgd_with_momentum_on_cross_entropy(backend: TorchBackend, config: dict) -> None:

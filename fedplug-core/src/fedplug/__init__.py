@@ -1,4 +1,7 @@
-"""fedplug: framework-agnostic federated learning on Flower, one backend plugin per framework."""
+"""fedplug: framework-agnostic federated learning on Flower, one backend plugin per framework.
+
+``__all__`` and ``fedplug.toolkit`` are the whole API a backend may import.
+"""
 
 from typing import TYPE_CHECKING
 
@@ -14,6 +17,7 @@ from fedplug.backend import (  # noqa: E402
     Framework,
     Implementation,
     ModelError,
+    Scalar,
     Weights,
 )
 from fedplug.errors import ConfigError, DeployError, FedplugError, RunError, UnavailableError  # noqa: E402
@@ -22,16 +26,18 @@ from fedplug.version import __version__  # noqa: E402
 
 if TYPE_CHECKING:
     from fedplug.api import RunResult, run
+    from fedplug.numpy_backend import NumpyImplementation
 
-_API = {"run", "RunResult"}
-"""Names of fedplug's Python API, imported on first use: ``import fedplug`` stays light for plugins and the CLI."""
+_LAZY = {"run": "fedplug.api", "RunResult": "fedplug.api", "NumpyImplementation": "fedplug.numpy_backend"}
+"""Names imported on first use, so that ``import fedplug`` stays light for plugins and the CLI: the Python
+API, and the reference implementation a new backend starts from (``fedplug new-backend``)."""
 
 
 def __getattr__(name: str) -> object:
-    if name in _API:
-        from fedplug import api
+    if name in _LAZY:
+        import importlib
 
-        return getattr(api, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fedplug' has no attribute {name!r}")
 
 
@@ -46,8 +52,10 @@ __all__ = [
     "Framework",
     "Implementation",
     "ModelError",
+    "NumpyImplementation",
     "RunError",
     "RunResult",
+    "Scalar",
     "UnavailableError",
     "Weights",
     "__version__",

@@ -6,7 +6,7 @@ and every command answers the same way, in one line.
 
 from __future__ import annotations
 
-from fedplug.backend import Backend, BackendUnavailable
+from fedplug.backend import Backend, BackendUnavailable, Config, require_available
 from fedplug.errors import ConfigError, UnavailableError
 from fedplug.plugins import UnknownBackend, get_registry
 
@@ -19,10 +19,11 @@ def find_backend(name: str) -> Backend:
         raise ConfigError(str(error)) from error
 
 
-def check_backend_available(backend: Backend) -> None:
-    """The backend's own check; a plugin that fails it with anything else is named in one line."""
+def check_backend_available(backend: Backend, config: Config | None = None) -> None:
+    """The backend's own check (with the run config it would run, once resolved); a plugin that fails it
+    with anything else is named in one line."""
     try:
-        backend.check_available()
+        require_available(backend, config)
     except BackendUnavailable as error:
         raise UnavailableError(str(error)) from error
     except (Exception, SystemExit) as error:

@@ -13,7 +13,9 @@ import abc
 import functools
 import importlib
 import importlib.util
-import sys
+import inspect
+import platform
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
@@ -23,108 +25,106 @@ from typing import Any, ClassVar
 import numpy as np
 from packaging.requirements import InvalidRequirement, Requirement
 
-Scalar = bool | int | float | str
-Config = Mapping[str, Scalar]
-"""A flat run config, as Flower passes it: kebab-case keys, scalar values."""
+from fedplug.custom import CustomModel, build_custom
+from fedplug.errors import BackendUnavailable, ModelError
+from fedplug.types import Config, DataSpec, Scalar, Weights
 
-Weights = dict[str, np.ndarray]
-"""Canonical weights: ordered ``layers.<i>.weight`` / ``layers.<i>.bias`` -> array.
+__all__ = [
+    "Backend",
+    "BackendUnavailable",
+    "Config",
+    "CustomModel",
+    "DataSpec",
+    "Framework",
+    "Implementation",
+    "ModelError",
+    "Scalar",
+    "Weights",
+    "require_available",
+]
 
-Dense weights are ``(out, in)``, conv weights ``(out_ch, in_ch, kh, kw)``, biases
-``(out,)``; ``<i>`` counts the layers that hold parameters, from 0. A flattened
-feature vector is in channels-first ``(C, H, W)`` order, as in PyTorch.
-"""
-
-
-class BackendUnavailable(RuntimeError):
-    """The backend's framework is missing or cannot run on this machine."""
-
-
-class ModelError(ValueError):
-    """A model cannot be built for this data spec or run config."""
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What a model needs to know about the data: image shape ``(C, H, W)`` and classes."""
-
-    input_shape: tuple[int, int, int]
-    num_classes: int
-
-    @property
-    def channels(self) -> int:
-        return self.input_shape[0]
-
-    @property
-    def num_features(self) -> int:
-        return int(np.prod(self.input_shape))
+PLATFORM_NAMES = {"Darwin/arm64": "Apple silicon Macs", "Darwin": "macOS", "Linux": "Linux", "Windows": "Windows"}
+"""How a ``Framework.platforms`` entry is said to users."""
 
 
 @dataclass(frozen=True)
 class Framework:
-    """The framework a backend needs: its import name and a pip requirement with version specifiers.
+    """What a backend needs installed: its framework's import name and pip requirement, and more if it must.
 
     ``requirement`` is a PEP 508 requirement such as ``"torch>=2.2"`` or ``"mlx[cpu]"``;
-    ``check`` compares its specifiers with the installed distribution's version.
+    ``problem`` compares its specifiers with the installed distribution's version. ``also``
+    holds further ``(import name, requirement)`` pairs checked the same way (JAX's ``flax``
+    and ``optax``, MXNet's ``numpy<2``); ``platforms`` the ``platform.system()`` values, or
+    ``"system/machine"`` pairs (``"Darwin/arm64"``), the framework runs on (empty: any); ``hint``
+    the install command to show instead of ``pip install '<requirement>'``.
     """
 
     import_name: str
     requirement: str
+    also: tuple[tuple[str, str], ...] = ()
+    platforms: tuple[str, ...] = ()
+    hint: str = ""
+
+    @property
+    def requirements(self) -> tuple[tuple[str, str], ...]:
+        """Every ``(import name, requirement)`` to check, the framework's first."""
+        return ((self.import_name, self.requirement), *self.also)
 
     def is_installed(self) -> bool:
         """Whether the framework can be found, without importing it."""
-        try:
-            return importlib.util.find_spec(self.import_name) is not None
-        except (ImportError, ValueError):
-            return False
+        return is_installed(self.import_name)
+
+    def platform_problem(self) -> str | None:
+        """Why the framework has no build for this OS and CPU, or None."""
+        system, machine = platform.system(), platform.machine().lower()
+        if not self.platforms or system in self.platforms or f"{system}/{machine}" in self.platforms:
+            return None
+        where = " and ".join(PLATFORM_NAMES.get(name, name) for name in self.platforms)
+        return (
+            f"cannot run here: {self.import_name} runs on {where}, not on {system or 'this system'} {machine}; "
+            "use another backend (fedplug list)"
+        )
 
     def problem(self) -> str | None:
-        """Why the framework cannot be used (not installed, wrong version) and the pip command that fixes it."""
-        if not self.is_installed():
-            return f"needs {self.import_name}: pip install '{self.requirement}'"
+        """Why the framework cannot be used (platform, not installed, wrong version) and the command that fixes it."""
+        if reason := self.platform_problem():
+            return reason
+        for import_name, requirement in self.requirements:
+            if reason := self._requirement_problem(import_name, requirement):
+                return reason
+        return None
+
+    def _requirement_problem(self, import_name: str, requirement: str) -> str | None:
         try:
-            wanted = Requirement(self.requirement)
+            wanted = Requirement(requirement)
+        except InvalidRequirement as error:
+            return f"declares a malformed requirement {requirement!r} ({error}): report it to the backend's authors"
+        fix = self.hint or f"pip install '{requirement}'"
+        if not is_installed(import_name):
+            return f"needs {import_name}: {fix}"
+        try:
             found = version(wanted.name)
-        except (InvalidRequirement, PackageNotFoundError):
-            return None  # no requirement to compare, or a source build without metadata: trust it
+        except PackageNotFoundError:
+            return None  # a source build without metadata: trust it
         if wanted.specifier and not wanted.specifier.contains(found, prereleases=True):
-            return f"needs {self.requirement}, found {wanted.name} {found}: pip install -U '{self.requirement}'"
+            fix = self.hint or f"pip install -U '{requirement}'"
+            return f"needs {requirement}, found {wanted.name} {found}: {fix}"
         return None
 
 
-@dataclass(frozen=True)
-class CustomModel:
-    """A model the user wrote (``--model module:factory``), as the core hands it to the backend's operations.
-
-    ``net`` is the framework's own model object, as the implementation's ``build_custom``
-    returned it; ``layout`` is its weights' names, in order, with their shapes: the core
-    checks every ``set_weights`` against it. Its weights travel under the framework's own
-    parameter names (``get_native_weights``), not in the canonical layout.
-    """
-
-    ref: str
-    net: Any
-    layout: tuple[tuple[str, tuple[int, ...]], ...]
-
-    def check(self, weights: Weights) -> None:
-        """Raise ``ValueError`` unless ``weights`` has this model's names, in order, and shapes."""
-        names = [name for name, _ in self.layout]
-        if list(weights) != names:
-            missing = [name for name in names if name not in weights]
-            extra = [name for name in weights if name not in names]
-            problem = f"missing {missing[:3]}, unexpected {extra[:3]}" if missing or extra else "in another order"
-            raise ValueError(f"weights do not fit custom model {self.ref}: {problem}")
-        for name, shape in self.layout:
-            if tuple(np.shape(weights[name])) != shape:
-                raise ValueError(
-                    f"weights do not fit custom model {self.ref}: {name} has shape "
-                    f"{tuple(np.shape(weights[name]))}, the model's is {shape}"
-                )
+def is_installed(import_name: str) -> bool:
+    """Whether module ``import_name`` can be found, without importing it."""
+    try:
+        return importlib.util.find_spec(import_name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 OPERATIONS = ("build_model", "get_weights", "set_weights", "train", "evaluate", "predict", "save", "load")
 """The operations the core calls, on the descriptor, which forwards them to the implementation."""
 _LEGACY_SAID: set[str] = set()
+LEGACY_REMOVAL = "0.3"
+"""The fedplug release that removes the 0.1 backend contract."""
 
 
 class Implementation(abc.ABC):
@@ -193,12 +193,13 @@ class Implementation(abc.ABC):
         raise NotImplementedError
 
 
-class Backend(abc.ABC):
+class Backend:
     """Base class of every backend descriptor: class attributes, and the operations forwarded once, here.
 
-    A subclass sets the class attributes and ``implementation``. Backends written against
-    fedplug 0.1's contract (the operations defined on the ``Backend`` subclass itself) still
-    work, with one deprecation line, until fedplug 0.3.
+    A subclass sets the class attributes and ``implementation``; ``Backend`` itself is not a
+    backend and cannot be instantiated. Backends written against fedplug 0.1's contract (the
+    operations defined on the ``Backend`` subclass itself) still work, with a
+    ``DeprecationWarning``, until fedplug 0.3 removes that contract.
     """
 
     name: ClassVar[str]
@@ -241,8 +242,13 @@ class Backend(abc.ABC):
     quickstart's exact settings, when the defaults differ. ``fedplug info`` lists them.
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Backend:
+        if cls is Backend:
+            raise TypeError("fedplug.Backend is a base class: subclass it and set name, framework, models, ...")
+        return super().__new__(cls)
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Say once, in one line, that a class defining all eight operations itself follows the 0.1 contract.
+        """Warn once (``DeprecationWarning``) that a class defining all eight operations follows the 0.1 contract.
 
         Overriding a few operations of a backend to wrap its implementation (a test double) is fine.
         """
@@ -250,15 +256,21 @@ class Backend(abc.ABC):
         where = f"{cls.__module__}.{cls.__qualname__}"
         if all(name in vars(cls) for name in OPERATIONS) and where not in _LEGACY_SAID:
             _LEGACY_SAID.add(where)
-            print(
-                f"fedplug: deprecated: {where} defines the operations itself (the fedplug 0.1 backend contract, "
-                "supported until 0.3): move them to a fedplug.Implementation subclass in a module of their own "
+            warnings.warn(
+                f"{where} defines the operations itself (the fedplug 0.1 backend contract, removed in fedplug "
+                f"{LEGACY_REMOVAL}): move them to a fedplug.Implementation subclass in a module of their own "
                 "and set implementation = 'module:Class' (see 'The backend' in fedplug's docs/plugins.md)",
-                file=sys.stderr,
+                DeprecationWarning,
+                stacklevel=2,  # the class statement
             )
 
-    def check_available(self) -> None:
-        """Raise ``BackendUnavailable`` with an install hint if the framework cannot run here."""
+    def check_available(self, config: Config | None = None) -> None:
+        """Raise ``BackendUnavailable`` with an install hint if the framework cannot run here.
+
+        ``config``, when given, is the run config the backend would run with: a backend whose
+        needs depend on it (Keras's ``keras.backend``) checks those too. Call it through
+        ``require_available``, which also serves overrides written without the parameter.
+        """
         if problem := self.framework.problem():
             raise BackendUnavailable(f"backend '{self.name}' {problem}")
 
@@ -305,8 +317,6 @@ class Backend(abc.ABC):
     def build_model(self, model: str, spec: DataSpec, config: Config) -> Any:
         """Build model ``model`` (one of ``self.models``, or a custom ``module:factory``) for ``spec``, seeded."""
         if ":" in model:
-            from fedplug.custom import build_custom
-
             return build_custom(self, model, spec, config)
         return self.impl.build_model(model, spec, config)
 
@@ -348,6 +358,14 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+def require_available(backend: Backend, config: Config | None = None) -> None:
+    """``backend.check_available(config)``; without ``config`` for an override that takes none (fedplug 0.1's)."""
+    if config is not None and "config" in inspect.signature(backend.check_available).parameters:
+        backend.check_available(config)
+    else:
+        backend.check_available()
 
 
 def _net(model: Any) -> Any:

@@ -29,15 +29,48 @@ import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedplug.backend import Config, CustomModel, DataSpec, ModelError
+from fedplug.errors import ModelError
+from fedplug.types import Config, DataSpec, Weights
 
 if TYPE_CHECKING:
     from fedplug.backend import Backend
+
+
+@dataclass(frozen=True)
+class CustomModel:
+    """A model the user wrote (``--model module:factory``), as the core hands it to the backend's operations.
+
+    ``net`` is the framework's own model object, as the implementation's ``build_custom``
+    returned it; ``layout`` is its weights' names, in order, with their shapes: the core
+    checks every ``set_weights`` against it. Its weights travel under the framework's own
+    parameter names (``get_native_weights``), not in the canonical layout.
+    """
+
+    ref: str
+    net: Any
+    layout: tuple[tuple[str, tuple[int, ...]], ...]
+
+    def check(self, weights: Weights) -> None:
+        """Raise ``ValueError`` unless ``weights`` has this model's names, in order, and shapes."""
+        names = [name for name, _ in self.layout]
+        if list(weights) != names:
+            missing = [name for name in names if name not in weights]
+            extra = [name for name in weights if name not in names]
+            problem = f"missing {missing[:3]}, unexpected {extra[:3]}" if missing or extra else "in another order"
+            raise ValueError(f"weights do not fit custom model {self.ref}: {problem}")
+        for name, shape in self.layout:
+            if tuple(np.shape(weights[name])) != shape:
+                raise ValueError(
+                    f"weights do not fit custom model {self.ref}: {name} has shape "
+                    f"{tuple(np.shape(weights[name]))}, the model's is {shape}"
+                )
+
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _MODULE = re.compile(rf"{_NAME}(\.{_NAME})*")

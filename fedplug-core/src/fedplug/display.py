@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import re
@@ -11,7 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fedplug.backend import Backend, Config
+from fedplug.backend import Backend, require_available
+from fedplug.errors import ConfigError
 from fedplug.plugins import Registry, stdout_to_stderr
 
 console = Console()
@@ -31,14 +31,6 @@ def description_text(backend: Backend) -> str:
     return backend.description[named.end() :] if named else backend.description
 
 
-def check_available(backend: Backend, config: Config) -> None:
-    """``backend.check_available(config)``; ``check_available()`` for a backend whose method takes no run config."""
-    if inspect.signature(backend.check_available).parameters:
-        backend.check_available(config)  # type: ignore[call-arg]
-    else:
-        backend.check_available()
-
-
 def availability(backend: Backend) -> str | None:
     """Why ``fedplug run NAME`` would refuse to start here with the backend's defaults, or None.
 
@@ -46,11 +38,11 @@ def availability(backend: Backend) -> str | None:
     config and the run-config checks (``fedplug.config.resolve``). Neither imports the framework.
     """
     from fedplug.backend import BackendUnavailable
-    from fedplug.config import ConfigError, defaults_for, resolve
+    from fedplug.config import defaults_for, resolve
 
     try:
         with stdout_to_stderr():  # finding a framework may import a package that prints
-            check_available(backend, defaults_for(backend))
+            require_available(backend, defaults_for(backend))
             resolve(backend, {})
     except (BackendUnavailable, ConfigError) as error:
         return str(error)

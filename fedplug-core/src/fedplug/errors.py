@@ -38,6 +38,14 @@ class FedplugError(Exception):
     exit_code = 2
 
 
+class BackendUnavailable(RuntimeError):
+    """The backend's framework is missing or cannot run on this machine."""
+
+
+class ModelError(ValueError):
+    """A model cannot be built for this data spec or run config."""
+
+
 class ConfigError(FedplugError, ValueError):
     """A run-config key or value is wrong; the message says what to write instead."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from fedplug.backend import Backend, Config, Scalar
+from fedplug.backend import Backend, Config, Scalar, require_available
 from fedplug.config import resolve
 from fedplug.data import EMBEDDED, DataError, Partition, data_spec, load_local, load_partition
 from fedplug.node_backends import node_run_config, others
@@ -22,8 +22,9 @@ from fedplug.plugins import get_backend
 def backend_and_config(run_config: Config) -> tuple[Backend, dict[str, Scalar]]:
     """The backend named by the run config and the config completed with its defaults."""
     backend = get_backend(str(run_config.get("backend", "numpy")))
-    backend.check_available()
-    return backend, resolve(backend, run_config, others(run_config))
+    config = resolve(backend, run_config, others(run_config))
+    require_available(backend, config)
+    return backend, config
 
 
 @cache

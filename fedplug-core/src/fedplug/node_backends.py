@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
 
-from fedplug.backend import Backend, BackendUnavailable, Config, Scalar
+from fedplug.backend import Backend, BackendUnavailable, Config, Scalar, require_available
 from fedplug.config import NODE_BACKENDS, PREFIXES, check_for_backend, defaults_for, node_backends_error
 from fedplug.config import parse_node_backends as parse
 from fedplug.custom import check_same_backend
@@ -135,12 +135,12 @@ def check(config: dict[str, Scalar]) -> list[Backend]:
         where = _nodes_of(config, name)
         try:
             backend = get_backend(name)
+            if mixed:
+                check_mixable(backend, where)
             if name != config["backend"]:
-                backend.check_available()
+                require_available(backend, node_config_for(config, name))
         except (UnknownBackend, BackendUnavailable) as error:
             raise node_backends_error(f"{error} ({where})") from error
-        if mixed:
-            check_mixable(backend, where)
         if name != config["backend"]:
             if config["model"] not in backend.models:
                 raise node_backends_error(

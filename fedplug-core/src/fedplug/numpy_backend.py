@@ -16,10 +16,8 @@ from typing import Any, ClassVar
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from fedplug.backend import Backend, Config, DataSpec, Framework, Implementation, Scalar, Weights
-from fedplug.hookspecs import hookimpl
-from fedplug.models import LENET_CONV, canonical_shapes
-from fedplug.toolkit import ADAM_BETAS, ADAM_EPS, EVAL_BATCH, TrainSettings, metrics
+from fedplug import Backend, Config, DataSpec, Framework, Implementation, Scalar, Weights, hookimpl
+from fedplug.toolkit import ADAM_BETAS, ADAM_EPS, LENET_CONV, TrainSettings, canonical_shapes, eval_chunks, metrics
 
 
 class Dense:
@@ -205,17 +203,7 @@ class NumpyBackend(Backend):
     framework = Framework("numpy", "numpy")
     implementation = "fedplug.numpy_backend:NumpyImplementation"
     models = ("mlp", "lenet")
-    defaults: ClassVar[Mapping[str, Scalar]] = {
-        "model": "mlp",
-        "hidden-dims": "128",
-        "optimizer": "sgd",
-        "lr": 0.1,
-        "momentum": 0.0,
-        "batch-size": 32,
-        "local-epochs": 1,
-        "num-server-rounds": 5,
-        "num-supernodes": 10,
-    }
+    defaults: ClassVar[Mapping[str, Scalar]] = {"num-server-rounds": 5}  # the rest: the core's
     quickstart_dataset = "ylecun/mnist"
     file_suffix = ".npz"
 
@@ -263,7 +251,7 @@ class NumpyImplementation(Implementation):
 
     def predict(self, model: NumpyModel, x: np.ndarray) -> np.ndarray:
         x = x.reshape(len(x), -1) if model.name == "mlp" else x
-        return np.concatenate([model.forward(x[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)])
+        return np.concatenate([model.forward(x[chunk]) for chunk in eval_chunks(len(x))])
 
     def save(self, model: NumpyModel, path: Path) -> None:
         with open(path, "wb") as file:

@@ -131,6 +131,7 @@ def plan_run(
     check_backend_available(chosen)
     check_out_folder(out if out is not None else RUNS_ROOT)
     config = resolve_and_check(chosen, with_preset(chosen, preset, overrides))
+    check_backend_available(chosen, config)  # now with the run config it runs (keras.backend=jax needs jax)
     notes = check_held_out(config, overrides)
     check_model(chosen, config)
     _check_node_backends(config)

@@ -66,7 +66,7 @@ def render(template: str, name: str) -> str:
         package=f"fedplug_{name}",
         cls=f"{title}Backend",
         impl_cls=f"{title}Implementation",
-        core_requirement=f"fedplug-core>={major}.{minor}",
+        core_requirement=f"fedplug-core>={major}.{minor},<{major}.{int(minor) + 1}",
     )
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedplug.backend import Config, Scalar
-from fedplug.config import ConfigError, coerce
+from fedplug.config import coerce
+from fedplug.errors import ConfigError
 
 STRATEGIES = {
     "fedavg": "FedAvg",

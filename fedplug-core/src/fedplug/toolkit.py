@@ -9,37 +9,67 @@ other (and with the reference ``numpy`` backend) wherever the contract fixes a c
 - ``example_order``: the core's order of a node's examples, one seeded permutation per
   node, round and epoch, from ``seed``, ``server-round`` and ``partition-id``;
 - ``metrics``: the metrics dict ``train`` and ``evaluate`` return, with Python types;
-- ``EVAL_BATCH``: the batch size of ``evaluate`` and ``predict``;
+- ``EVAL_BATCH`` and ``eval_chunks``: the batches of ``evaluate`` and ``predict``;
 - the layout conversions between the canonical layout (dense ``(out, in)``, conv
-  ``(out, in, kh, kw)``, features flattened ``(C, H, W)``) and the usual native ones.
+  ``(out, in, kh, kw)``, features flattened ``(C, H, W)``) and the usual native ones, and
+  ``channels_last`` for the images of a channels-last framework;
+- the shared models' architecture (``LENET_CONV``, ``LENET_DENSE``, ``hidden_dims``,
+  ``lenet_flat_features``, ``canonical_shapes``), ``check_custom_model`` for what a custom
+  model's factory returned, ``cpu_share`` for thread pools, and ``held_back_stderr`` for
+  native start-up chatter.
 
-Only numpy is imported here.
+Together with ``fedplug.__all__`` this module is the whole API a backend may import
+(``fedplug-core/tests/test_backend_api.py`` checks every bundled backend). Only numpy is
+imported here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
-from fedplug.backend import Config
+from fedplug.backend import Config, ModelError
+from fedplug.models import LENET_CONV, LENET_DENSE, canonical_shapes, hidden_dims, lenet_flat_features
+from fedplug.runtime import cpu_share
 
 __all__ = [
     "ADAM_BETAS",
     "ADAM_EPS",
     "EVAL_BATCH",
+    "LENET_CONV",
+    "LENET_DENSE",
     "OPTIMIZERS",
     "TrainSettings",
+    "canonical_shapes",
+    "channels_last",
+    "check_custom_model",
     "conv_from_canonical",
     "conv_to_canonical",
+    "cpu_share",
     "dense_from_canonical",
     "dense_to_canonical",
+    "eval_chunks",
+    "evaluation",
     "example_order",
     "flat_dense_from_canonical",
     "flat_dense_to_canonical",
+    "from_canonical",
+    "held_back_stderr",
+    "hidden_dims",
+    "lenet_flat_features",
     "metrics",
+    "to_canonical",
 ]
+
+T = TypeVar("T")
+
 
 EVAL_BATCH = 1024
 """Examples per forward pass in ``evaluate`` and ``predict`` (no gradients, so larger than training's)."""
@@ -146,7 +176,65 @@ def metrics(loss_sum: float, correct: float, seen: int, num_examples: int | None
     }
 
 
+def evaluation(logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """``evaluate``'s metrics from the logits ``(N, classes)`` of every example (``predict``'s): the mean softmax
+    cross-entropy, the accuracy and ``num-examples``, computed on the host as the numpy reference does."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss_sum = -float(log_probs[np.arange(len(y)), y].sum(dtype=np.float64))
+    return metrics(loss_sum, int((logits.argmax(axis=1) == y).sum()), len(y))
+
+
+def eval_chunks(n: int) -> list[slice]:
+    """Slices of ``n`` examples for ``evaluate`` and ``predict``: ``EVAL_BATCH`` each, the last shorter."""
+    return [slice(start, start + EVAL_BATCH) for start in range(0, n, EVAL_BATCH)]
+
+
+def check_custom_model(net: object, kind: type[T] | tuple[type, ...], what: str, config: Config) -> T:
+    """Return ``net`` if it is a ``kind``; else raise ``ModelError`` naming what the factory returned instead.
+
+    ``what`` names ``kind`` for users, e.g. ``"a torch.nn.Module"``; ``config['model']`` is the factory."""
+    if not isinstance(net, kind):
+        returned = f"{type(net).__module__}.{type(net).__qualname__}"
+        raise ModelError(f"custom model {config.get('model', '')} returned a {returned}, not {what}")
+    return net  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def held_back_stderr(unless_imported: str = "") -> Iterator[None]:
+    """Hold back what native code writes to stderr (file descriptor 2) in the block; show it if the block fails.
+
+    For a framework that logs at start-up before its log level is read (TensorFlow's oneDNN
+    notice): import it inside the block. Nothing is held back if module ``unless_imported``
+    is imported already.
+    """
+    if unless_imported in sys.modules:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if failed:
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))
+
+
 # -- layout conversions: canonical <-> native -----------------------------------------------
+
+
+def channels_last(x: np.ndarray) -> np.ndarray:
+    """Images ``(N, C, H, W)`` as a channels-last framework takes them: contiguous ``(N, H, W, C)``."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
 
 CONV_AXES = {"hwio": (2, 3, 1, 0), "ohwi": (0, 2, 3, 1), "oihw": (0, 1, 2, 3)}
 """Axis order taking a canonical conv weight ``(out, in, kh, kw)`` to each native layout:
@@ -191,3 +279,27 @@ def flat_dense_to_canonical(kernel: np.ndarray, feature_map: tuple[int, int, int
     out = kernel.shape[1]
     canonical = kernel.reshape(height, width, channels, out).transpose(3, 2, 0, 1)
     return np.ascontiguousarray(canonical.reshape(out, channels * height * width))
+
+
+def from_canonical(weight: np.ndarray, layout: str, feature_map: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Any canonical weight in a framework's ``layout`` (a key of ``CONV_AXES``): conv weights in that layout,
+    dense weights as ``(in, out)`` kernels where conv kernels put ``in`` before ``out`` (``"hwio"``), else
+    unchanged; a dense layer after a flatten of ``feature_map`` ``(H, W, C)``, as ``flat_dense_from_canonical``."""
+    if weight.ndim == 4:
+        return conv_from_canonical(weight, layout)
+    if weight.ndim == 2 and feature_map is not None:
+        return flat_dense_from_canonical(weight, feature_map)
+    if weight.ndim == 2 and layout == "hwio":
+        return dense_from_canonical(weight)
+    return np.array(weight)
+
+
+def to_canonical(native: np.ndarray, layout: str, feature_map: tuple[int, int, int] | None = None) -> np.ndarray:
+    """The inverse of ``from_canonical``."""
+    if native.ndim == 4:
+        return conv_to_canonical(native, layout)
+    if native.ndim == 2 and feature_map is not None:
+        return flat_dense_to_canonical(native, feature_map)
+    if native.ndim == 2 and layout == "hwio":
+        return dense_to_canonical(native)
+    return np.array(native)

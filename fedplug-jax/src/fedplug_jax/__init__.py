@@ -10,25 +10,21 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import fedplug
-from fedplug.backend import BackendUnavailable, Scalar
-
-REQUIREMENTS = {"jax": "jax>=0.7.1", "jaxlib": "jaxlib>=0.7.1", "flax": "flax>=0.12", "optax": "optax>=0.2"}
-"""Import name -> pip requirement of each package the backend needs (pyproject.toml's bounds; jax brings jaxlib)."""
+from fedplug import Scalar
 
 
 class JaxBackend(fedplug.Backend):
     name = "jax"
     description = "JAX + Flax NNX + Optax: the Flower JAX quickstart's CNN, MLP and LeNet"
-    framework = fedplug.Framework("jax", REQUIREMENTS["jax"])
+    framework = fedplug.Framework(  # pyproject.toml's bounds; jax brings jaxlib
+        "jax", "jax>=0.7.1", also=(("jaxlib", "jaxlib>=0.7.1"), ("flax", "flax>=0.12"), ("optax", "optax>=0.2"))
+    )
     implementation = "fedplug_jax.training:JaxImplementation"
     models = ("cnn", "mlp", "lenet")
-    defaults: ClassVar[Mapping[str, Scalar]] = {
+    defaults: ClassVar[Mapping[str, Scalar]] = {  # the quickstart's, where they differ from the core's
         "model": "cnn",
-        "optimizer": "sgd",
-        "lr": 0.1,
         "momentum": 0.9,
         "batch-size": 64,
-        "local-epochs": 1,
         "num-server-rounds": 5,
         "num-supernodes": 50,
         "fraction-train": 0.4,
@@ -40,11 +36,6 @@ class JaxBackend(fedplug.Backend):
     )
     quickstart_dataset = "ylecun/mnist"
     file_suffix = ".msgpack"
-
-    def check_available(self) -> None:
-        for module, requirement in REQUIREMENTS.items():
-            if problem := fedplug.Framework(module, requirement).problem():
-                raise BackendUnavailable(f"backend 'jax' {problem}")
 
 
 @fedplug.hookimpl

@@ -13,9 +13,8 @@ from collections.abc import Callable, Sequence
 from itertools import pairwise
 from typing import Any
 
-from fedplug.backend import Config, DataSpec, ModelError
-from fedplug.custom import type_name
-from fedplug.models import LENET_CONV, LENET_DENSE, hidden_dims, lenet_flat_features
+from fedplug import Config, DataSpec, ModelError
+from fedplug.toolkit import LENET_CONV, LENET_DENSE, check_custom_model, hidden_dims, lenet_flat_features
 from fedplug_jax.framework import jax, jnp, nnx
 
 POOLS = {"avg": nnx.avg_pool, "max": nnx.max_pool}
@@ -63,7 +62,7 @@ class ConvNet(Network):
         x = jnp.transpose(x, (0, 2, 3, 1))
         pool = POOLS[self.pool]
         for conv in self.layers[: len(LENET_CONV)]:
-            x = pool(nnx.relu(conv(x)), window_shape=(2, 2), strides=(2, 2))
+            x = pool(nnx.relu(conv(x)), window_shape=(2, 2), strides=(2, 2))  # type: ignore[no-untyped-call]
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
         return dense_stack(self.layers[len(LENET_CONV) :], x)
 
@@ -94,10 +93,7 @@ NATIVE = (nnx.Param, nnx.BatchStat)
 
 def build_custom(make: Callable[[], Any], config: Config) -> nnx.Module:
     """The user's Flax NNX module (its weights drawn from ``nnx.Rngs(config['seed'])`` by the factory)."""
-    net = make()
-    if not isinstance(net, nnx.Module):
-        raise ModelError(f"custom model {config['model']} returned a {type_name(net)}, not a flax.nnx.Module")
-    return net
+    return check_custom_model(make(), nnx.Module, "a flax.nnx.Module", config)
 
 
 def native_paths(net: nnx.Module) -> list[tuple[str, tuple[Any, ...]]]:

@@ -20,14 +20,20 @@ from typing import Any
 
 import numpy as np
 
-from fedplug.backend import Config, DataSpec, Implementation, Weights
-from fedplug.toolkit import ADAM_BETAS, ADAM_EPS, TrainSettings, conv_from_canonical, conv_to_canonical, metrics
+from fedplug import Config, DataSpec, Implementation, Weights
+from fedplug.toolkit import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    EVAL_BATCH,
+    TrainSettings,
+    evaluation,
+    from_canonical,
+    metrics,
+    to_canonical,
+)
 from fedplug_jax import nets
 from fedplug_jax.framework import jax, jnp, nnx, optax, serialization
 from fedplug_jax.nets import Network
-
-EVAL_BATCH = 256
-"""Batch size of evaluate and predict: one compiled shape for any data size."""
 
 
 def sgd(learning_rate: float, momentum: float, weight_decay: float) -> optax.GradientTransformation:
@@ -80,18 +86,13 @@ def train_step(
 
     (_, sums), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
-    return totals + sums
-
-
-@nnx.jit
-def eval_step(model: Network, totals: jax.Array, x: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
-    """Add ``[loss sum, correct count]`` of a padded batch to ``totals``."""
-    return totals + batch_sums(model(x), y, mask)[1]
+    return jnp.add(totals, sums)
 
 
 @nnx.jit
 def logits_step(model: Network, x: jax.Array) -> jax.Array:
-    return model(x)
+    logits: jax.Array = model(x)
+    return logits
 
 
 def batches(order: np.ndarray, size: int, *arrays: np.ndarray) -> list[tuple[jax.Array, ...]]:
@@ -108,18 +109,10 @@ def batches(order: np.ndarray, size: int, *arrays: np.ndarray) -> list[tuple[jax
     return list(zip(*jax.device_put(split)))
 
 
-def to_canonical(array: np.ndarray) -> np.ndarray:
-    return conv_to_canonical(array, "hwio") if array.ndim == 4 else np.ascontiguousarray(array.T)
-
-
-def from_canonical(array: np.ndarray) -> np.ndarray:
-    return conv_from_canonical(array, "hwio") if array.ndim == 4 else np.ascontiguousarray(array.T)
-
-
 def parameters(model: Network) -> list[tuple[str, nnx.Param[jax.Array]]]:
-    """``(canonical name, Flax parameter)`` pairs in canonical order."""
+    """``(canonical name, Flax parameter)`` pairs in canonical order (Flax types a bias as optional: all have one)."""
     return [
-        (f"layers.{i}.{part}", variable)
+        (f"layers.{i}.{part}", variable)  # type: ignore[misc]
         for i, layer in enumerate(model.layers)
         for part, variable in (("weight", layer.kernel), ("bias", layer.bias))
     ]
@@ -154,16 +147,16 @@ class JaxImplementation(Implementation):
         """Canonical weights as fresh numpy arrays, fetched in one device transfer."""
         named = parameters(model)
         arrays = jax.device_get([variable[...] for _, variable in named])
-        return {name: to_canonical(np.asarray(array)) for (name, _), array in zip(named, arrays)}
+        return {name: to_canonical(np.asarray(array), "hwio") for (name, _), array in zip(named, arrays)}
 
     def set_weights(self, model: Network, weights: Weights) -> None:
         """Load canonical weights into ``model``, sent to the device in one transfer."""
         named = parameters(model)
         arrays = []
         for name, variable in named:
-            array = from_canonical(np.asarray(weights[name], dtype=np.float32))
+            array = from_canonical(np.asarray(weights[name], dtype=np.float32), "hwio")
             if array.shape != variable.shape:
-                expected = to_canonical(np.zeros(variable.shape)).shape
+                expected = to_canonical(np.zeros(variable.shape), "hwio").shape
                 raise ValueError(f"{name} must have shape {expected}, got {np.shape(weights[name])}")
             arrays.append(array)
         for (_, variable), value in zip(named, jax.device_put(arrays)):
@@ -189,11 +182,7 @@ class JaxImplementation(Implementation):
         return metrics(loss_sum, correct, len(y) * settings.epochs, len(y))
 
     def evaluate(self, model: Network, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        totals = jnp.zeros(2)
-        for xb, yb, mb in batches(np.arange(len(y)), EVAL_BATCH, x, y.astype(np.int32)):
-            totals = eval_step(model, totals, xb, yb, mb)
-        loss_sum, correct = jax.device_get(totals)
-        return metrics(loss_sum, correct, len(y))
+        return evaluation(self.predict(model, x), y)
 
     def predict(self, model: Network, x: np.ndarray) -> np.ndarray:
         """Logits ``(N, classes)``, computed in padded batches and fetched in one transfer."""

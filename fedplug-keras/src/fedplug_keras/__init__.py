@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import fedplug
-from fedplug.backend import Backend, Config, Framework, Scalar
+from fedplug import Backend, Config, Framework, Scalar
 from fedplug_keras.framework import CONFIG_KEY, DEFAULT_BACKEND, check_choice, check_installed
 
 
@@ -21,16 +21,11 @@ class KerasBackend(Backend):
     framework = Framework("keras", "keras>=3")
     implementation = "fedplug_keras.training:KerasImplementation"
     models = ("cnn", "mlp", "lenet")
-    defaults: ClassVar[Mapping[str, Scalar]] = {
+    defaults: ClassVar[Mapping[str, Scalar]] = {  # the quickstart's, where they differ from the core's
         "model": "cnn",
         "optimizer": "adam",
         "lr": 0.001,
-        "batch-size": 32,
-        "local-epochs": 1,
-        "num-server-rounds": 3,
-        "num-supernodes": 10,
         "fraction-train": 0.5,
-        "fraction-evaluate": 1.0,
         CONFIG_KEY: DEFAULT_BACKEND,
     }
     custom_models = (
@@ -40,8 +35,9 @@ class KerasBackend(Backend):
     quickstart_dataset = "uoft-cs/cifar10"
     file_suffix = ".keras"
 
-    def check_available(self) -> None:
-        check_installed()
+    def check_available(self, config: Config | None = None) -> None:
+        check_installed(config)  # Keras and a framework for it: the run config's keras.backend, if given
+        super().check_available()  # Keras's version
 
     def check_config(self, config: Config) -> None:
         check_choice(config)

@@ -9,19 +9,14 @@ TensorFlow when it is installed. That case is detected and explained.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import importlib.util
 import logging
 import os
 import sys
-import tempfile
-from collections.abc import Iterator
 from types import ModuleType
 
-from fedplug.backend import BackendUnavailable, Config
-from fedplug.config import ConfigError
-from fedplug.runtime import cpu_share
+from fedplug import BackendUnavailable, Config, ConfigError, Framework
+from fedplug.toolkit import cpu_share, held_back_stderr
 
 CONFIG_KEY = "keras.backend"
 DEFAULT_BACKEND = "tensorflow"
@@ -34,18 +29,23 @@ INSTALL_HINT = (
 
 def is_installed(module: str) -> bool:
     """Whether ``module`` can be imported, without importing it."""
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
+    return Framework(module, module).is_installed()
 
 
-def check_installed() -> None:
-    """Raise ``BackendUnavailable`` unless Keras and at least one framework for it are installed."""
+def check_installed(config: Config | None = None) -> None:
+    """Raise ``BackendUnavailable`` unless Keras and a framework for it are installed: the run config's
+    ``keras.backend`` if ``config`` is given (a name Keras does not know is ``check_choice``'s to refuse), else any."""
     if not is_installed("keras"):
         raise BackendUnavailable(f"backend 'keras' needs Keras 3: {INSTALL_HINT}")
+    wanted = str(config.get(CONFIG_KEY, DEFAULT_BACKEND)) if config is not None else ""
+    if wanted in EXTRAS and not is_installed(wanted):
+        raise BackendUnavailable(f"backend 'keras' with {CONFIG_KEY}={wanted} {framework_missing(wanted)}")
     if not any(is_installed(name) for name in EXTRAS):
         raise BackendUnavailable(f"Keras needs TensorFlow, JAX or PyTorch to run on: {INSTALL_HINT}")
+
+
+def framework_missing(name: str) -> str:
+    return f"needs {name}: pip install 'fedplug-keras[{EXTRAS[name]}]'"
 
 
 def check_choice(config: Config) -> str:
@@ -79,41 +79,14 @@ def set_seed(keras: ModuleType, seed: int) -> None:
 
 def _first_import(name: str) -> ModuleType:
     if not is_installed(name):
-        raise BackendUnavailable(f"{CONFIG_KEY} '{name}' needs {name}: pip install 'fedplug-keras[{EXTRAS[name]}]'")
+        raise BackendUnavailable(f"{CONFIG_KEY} '{name}' {framework_missing(name)}")
     os.environ["KERAS_BACKEND"] = name
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # C++ INFO/WARNING/ERROR: CUDA probes
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     with held_back_stderr():
         import keras
-    return keras
-
-
-@contextlib.contextmanager
-def held_back_stderr(unless_imported: str = "") -> Iterator[None]:
-    """Hold back what native code writes to stderr (fd 2) in the block; show it if the block fails.
-
-    TensorFlow logs its oneDNN notice before its log level is read, so
-    ``TF_CPP_MIN_LOG_LEVEL`` cannot hide it; the import itself is held back instead.
-    Nothing is held back if module ``unless_imported`` is already imported.
-    """
-    if unless_imported in sys.modules:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        failed = True
-        try:
-            yield
-            failed = False
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            if failed:
-                held.seek(0)
-                sys.stderr.write(held.read().decode(errors="replace"))
+    module: ModuleType = keras
+    return module
 
 
 @functools.cache

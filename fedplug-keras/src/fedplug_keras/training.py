@@ -21,10 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from fedplug import toolkit
-from fedplug.backend import Config, DataSpec, Implementation, Weights
-from fedplug_keras import nets, optimizers
-from fedplug_keras.framework import held_back_stderr, import_keras, set_seed
+from fedplug import Config, DataSpec, Implementation, Weights, toolkit
+from fedplug_keras import nets
+from fedplug_keras.framework import import_keras, set_seed
 
 FeatureMap = tuple[int, int, int] | None
 """``(H, W, C)`` of the feature map a dense layer's input was flattened from, or None."""
@@ -39,30 +38,14 @@ def parametrised_layers(net: Any) -> Iterator[tuple[Any, FeatureMap]]:
             feature_map = None
         shape = tuple(layer.output.shape[1:])
         if len(shape) == 3:
-            feature_map = shape  # type: ignore[assignment]
-
-
-def to_canonical(kernel: np.ndarray, feature_map: FeatureMap) -> np.ndarray:
-    if kernel.ndim == 4:
-        return toolkit.conv_to_canonical(kernel, "hwio")
-    if feature_map is not None:
-        return toolkit.flat_dense_to_canonical(kernel, feature_map)
-    return toolkit.dense_to_canonical(kernel)
-
-
-def from_canonical(weight: np.ndarray, feature_map: FeatureMap) -> np.ndarray:
-    if weight.ndim == 4:
-        return toolkit.conv_from_canonical(weight, "hwio")
-    if feature_map is not None:
-        return toolkit.flat_dense_from_canonical(weight, feature_map)
-    return toolkit.dense_from_canonical(weight)
+            feature_map = shape
 
 
 def model_inputs(net: Any, x: np.ndarray) -> np.ndarray:
     """NCHW images as the model takes them: NHWC, or flat ``C*H*W`` features for ``mlp``."""
     if len(net.input_shape) == 2:
         return x.reshape(len(x), -1)
-    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    return toolkit.channels_last(x)
 
 
 def feed(inputs: np.ndarray, labels: np.ndarray | None, batch_size: int) -> dict[str, Any]:
@@ -116,30 +99,30 @@ class KerasImplementation(Implementation):
         weights: Weights = {}
         for i, (layer, feature_map) in enumerate(parametrised_layers(model)):
             kernel, bias = layer.get_weights()
-            weights[f"layers.{i}.weight"] = to_canonical(np.asarray(kernel, np.float32), feature_map)
+            weights[f"layers.{i}.weight"] = toolkit.to_canonical(np.asarray(kernel, np.float32), "hwio", feature_map)
             weights[f"layers.{i}.bias"] = np.array(bias, dtype=np.float32)
         return weights
 
     def set_weights(self, model: Any, weights: Weights) -> None:
         """Load canonical weights; Keras checks every shape."""
         for i, (layer, feature_map) in enumerate(parametrised_layers(model)):
-            kernel = from_canonical(np.asarray(weights[f"layers.{i}.weight"]), feature_map)
+            kernel = toolkit.from_canonical(np.asarray(weights[f"layers.{i}.weight"]), "hwio", feature_map)
             layer.set_weights([kernel, np.asarray(weights[f"layers.{i}.bias"])])
 
     def train(self, model: Any, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        """``local-epochs`` epochs of ``fit`` with the contract's optimiser (``optimizers.ContractOptimizer``,
+        """``local-epochs`` epochs of ``fit`` with the contract's optimiser (``nets.ContractOptimizer``,
         restarted every call), FedProx's term included, in the core's example order."""
         settings = toolkit.TrainSettings.from_config(config)
         keras = import_keras(config)
         set_seed(keras, settings.round_seed)
         reseed(model, settings.round_seed)
-        optimizers.restart(model, settings)
+        nets.restart(model, settings)
         inputs, losses, accuracies = model_inputs(model, x), [], []
         for epoch in range(settings.epochs):
             order = settings.order(len(y), epoch)
             # tf.data's C++ runtime sometimes logs a benign graph-rewrite error while fit builds its input
             # pipeline, past TF_CPP_MIN_LOG_LEVEL: shown only if fit fails
-            with held_back_stderr():
+            with toolkit.held_back_stderr():
                 data = feed(inputs[order], y[order], settings.batch_size)
                 history = model.fit(**data, epochs=1, shuffle=False, verbose=0).history
             losses += history["loss"]

@@ -10,30 +10,22 @@ import platform
 from typing import Any, ClassVar
 
 import fedplug
-from fedplug import BackendUnavailable
-from fedplug.backend import Scalar
-from fedplug_mlx import availability
+from fedplug import BackendUnavailable, Config, Scalar
+from fedplug_mlx import framework as mlx_framework
 
 
 class MlxBackend(fedplug.Backend):
     name = "mlx"
     description = "Apple MLX (Metal on Apple silicon, CPU on Linux): MLP and LeNet with SGD or Adam"
-    framework = fedplug.Framework("mlx", "mlx" if platform.system() == "Darwin" else "mlx[cpu]")
+    framework = fedplug.Framework(
+        "mlx",
+        "mlx" if platform.system() == "Darwin" else "mlx[cpu]",
+        platforms=("Darwin/arm64", "Linux"),  # Metal on Apple silicon; CPU or CUDA on Linux
+        hint=mlx_framework.install_hint(platform.system()),
+    )
     implementation = "fedplug_mlx.training:MlxImplementation"
     models = ("mlp", "lenet")
-    defaults: ClassVar[dict[str, Scalar]] = {
-        "model": "mlp",
-        "hidden-dims": "32,32",
-        "optimizer": "sgd",
-        "lr": 0.1,
-        "momentum": 0.0,
-        "batch-size": 256,
-        "local-epochs": 1,
-        "num-server-rounds": 3,
-        "num-supernodes": 10,
-        "fraction-train": 1.0,
-        "fraction-evaluate": 1.0,
-    }
+    defaults: ClassVar[dict[str, Scalar]] = {"hidden-dims": "32,32", "batch-size": 256}  # the rest: the core's
     custom_models = (
         "an mlx.nn.Module taking float32 images channels-last (N, H, W, C) in [0, 1] (or what its own "
         "native_input(x) makes of numpy (N, C, H, W)) and returning logits (N, num_classes)"
@@ -41,9 +33,13 @@ class MlxBackend(fedplug.Backend):
     quickstart_dataset = "ylecun/mnist"
     file_suffix = ".safetensors"
 
-    def check_available(self) -> None:
-        if problem := availability.problem():
-            raise BackendUnavailable(f"backend 'mlx' cannot run here: {problem}")
+    def check_available(self, config: Config | None = None) -> None:
+        super().check_available()  # the platform and the mlx distribution
+        if not mlx_framework.has_native_library():
+            raise BackendUnavailable(
+                f"backend 'mlx' cannot run here: mlx is installed without its compute library (libmlx): "
+                f"{self.framework.hint}"
+            )
 
 
 @fedplug.hookimpl

@@ -17,9 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from fedplug.backend import Config, DataSpec, ModelError
-from fedplug.custom import type_name
-from fedplug.models import LENET_CONV, LENET_DENSE, hidden_dims, lenet_flat_features
+from fedplug import Config, DataSpec
+from fedplug.toolkit import LENET_CONV, LENET_DENSE, channels_last, check_custom_model, hidden_dims, lenet_flat_features
 
 
 def dense_stack(widths: tuple[int, ...]) -> list[nn.Linear]:
@@ -30,10 +29,11 @@ def relu_stack(layers: list[nn.Linear], x: mx.array) -> mx.array:
     """Apply dense ``layers`` with ReLU between them and none after the last."""
     for layer in layers[:-1]:
         x = nn.relu(layer(x))
-    return layers[-1](x)
+    logits: mx.array = layers[-1](x)
+    return logits
 
 
-class MLP(nn.Module):
+class MLP(nn.Module):  # type: ignore[misc]  # mlx.nn is untyped for mypy
     """Dense layers with ReLU between them, as in the MLX quickstart."""
 
     def __init__(self, widths: tuple[int, ...]) -> None:
@@ -48,7 +48,7 @@ class MLP(nn.Module):
         return relu_stack(self.layers, x)
 
 
-class LeNet(nn.Module):
+class LeNet(nn.Module):  # type: ignore[misc]
     """LeNet-5: two valid 5x5 conv + ReLU + 2x2 pool blocks, then three dense layers."""
 
     def __init__(self, spec: DataSpec, pool: str) -> None:
@@ -64,7 +64,7 @@ class LeNet(nn.Module):
 
     @staticmethod
     def native_input(x: np.ndarray) -> mx.array:
-        return mx.array(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+        return native_channels_last(x)
 
     def __call__(self, x: mx.array) -> mx.array:
         for conv in self.layers[: self.num_convs]:
@@ -87,9 +87,9 @@ def build(model: str, spec: DataSpec, config: Config) -> Net:
     return net
 
 
-def channels_last(x: np.ndarray) -> mx.array:
+def native_channels_last(x: np.ndarray) -> mx.array:
     """Images ``(N, C, H, W)`` as MLX's convolutions take them: ``(N, H, W, C)``."""
-    return mx.array(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+    return mx.array(channels_last(x))
 
 
 def build_custom(make: Callable[[], Any], config: Config) -> nn.Module:
@@ -98,10 +98,8 @@ def build_custom(make: Callable[[], Any], config: Config) -> nn.Module:
     A module that defines ``native_input(x)`` (numpy ``(N, C, H, W)`` -> its input) keeps it.
     """
     mx.random.seed(int(config.get("seed", 0)))
-    net = make()
-    if not isinstance(net, nn.Module):
-        raise ModelError(f"custom model {config['model']} returned a {type_name(net)}, not an mlx.nn.Module")
+    net = check_custom_model(make(), nn.Module, "an mlx.nn.Module", config)
     if not hasattr(net, "native_input"):
-        net.native_input = channels_last
+        net.native_input = native_channels_last
     mx.eval(net.parameters())
     return net

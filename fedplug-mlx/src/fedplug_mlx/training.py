@@ -23,15 +23,16 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from fedplug.backend import Config, DataSpec, Implementation, Weights
+from fedplug import Config, DataSpec, Implementation, Weights
 from fedplug.toolkit import (
     ADAM_BETAS,
     ADAM_EPS,
-    EVAL_BATCH,
     TrainSettings,
-    conv_from_canonical,
-    conv_to_canonical,
+    eval_chunks,
+    evaluation,
+    from_canonical,
     metrics,
+    to_canonical,
 )
 from fedplug_mlx import nets
 from fedplug_mlx.nets import Net
@@ -104,7 +105,7 @@ class Trainer:
                 batch_loss, batch_correct = self.step(x[batch], y[batch], anchor, mu, decay)
                 loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
                 mx.eval(loss_sum, correct, self.net.state, self.optimizer.state)
-        return metrics(loss_sum.item(), correct.item(), y.size * settings.epochs, y.size)
+        return metrics(scalar(loss_sum), scalar(correct), y.size * settings.epochs, y.size)
 
 
 def trainer(net: Net, settings: TrainSettings) -> Trainer:
@@ -122,12 +123,17 @@ def trainer(net: Net, settings: TrainSettings) -> Trainer:
     return trainers[key]
 
 
+def scalar(value: mx.array) -> float:
+    """A real scalar array's value (MLX types ``item()`` as possibly complex)."""
+    return float(np.asarray(value))
+
+
 def labels(y: np.ndarray) -> mx.array:
     return mx.array(y.astype(np.int32))
 
 
 def logits(net: Net, x: mx.array) -> mx.array:
-    return mx.concatenate([net(x[i : i + EVAL_BATCH]) for i in range(0, x.shape[0], EVAL_BATCH)])
+    return mx.concatenate([net(x[chunk]) for chunk in eval_chunks(x.shape[0])])
 
 
 class MlxImplementation(Implementation):
@@ -150,16 +156,14 @@ class MlxImplementation(Implementation):
         """The parameters as fresh float32 numpy arrays in the canonical layout."""
         weights: Weights = {}
         for name, value in tree_flatten(model.parameters()):
-            array = np.array(value, dtype=np.float32)
-            weights[name] = conv_to_canonical(array, "ohwi") if array.ndim == 4 else array
+            weights[name] = to_canonical(np.array(value, dtype=np.float32), "ohwi")
         return weights
 
     def set_weights(self, model: Net, weights: Weights) -> None:
         """Load canonical weights; names and shapes must match the model exactly."""
         native = []
         for name, value in weights.items():
-            array = np.asarray(value, dtype=np.float32)
-            native.append((name, mx.array(conv_from_canonical(array, "ohwi") if array.ndim == 4 else array)))
+            native.append((name, mx.array(from_canonical(np.asarray(value, dtype=np.float32), "ohwi"))))
         model.load_weights(native, strict=True)
 
     def train(self, model: Net, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
@@ -167,9 +171,7 @@ class MlxImplementation(Implementation):
         return trainer(model, settings).fit(model.native_input(x), labels(y), settings)
 
     def evaluate(self, model: Net, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        scores, targets = logits(model, model.native_input(x)), labels(y)
-        loss = nn.losses.cross_entropy(scores, targets, reduction="sum")
-        return metrics(loss.item(), mx.sum(mx.argmax(scores, axis=1) == targets).item(), len(y))
+        return evaluation(self.predict(model, x), y)
 
     def predict(self, model: Net, x: np.ndarray) -> np.ndarray:
         return np.array(logits(model, model.native_input(x)))

@@ -1,7 +1,7 @@
 """fedplug-mxnet: the ``mxnet`` backend, Apache MXNet Gluon (Flower's quickstart-mxnet).
 
 This module is the light descriptor and imports no MXNet: the implementation,
-``fedplug_mxnet.training``, does on first use, after the numpy compatibility step of ``compat``.
+``fedplug_mxnet.training``, does on first use, after the numpy compatibility step of ``framework``.
 """
 
 from __future__ import annotations
@@ -9,34 +9,26 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import numpy as np
-
 import fedplug
-from fedplug import Backend, BackendUnavailable, Framework
-from fedplug.backend import Scalar
-from fedplug_mxnet.compat import INSTALL_HINT, numpy_supported
+from fedplug import Backend, Framework, Scalar
+from fedplug_mxnet.framework import INSTALL_HINT
 
 
 class MXNetBackend(Backend):
     name = "mxnet"
     description = "Apache MXNet Gluon (retired): hybridized MLP and LeNet, SGD (as quickstart-mxnet) or Adam"
-    framework = Framework("mxnet", "mxnet==1.9.1")
+    framework = Framework("mxnet", "mxnet==1.9.1", also=(("numpy", "numpy<2"),), hint=INSTALL_HINT)
     implementation = "fedplug_mxnet.training:MXNetImplementation"
     models = ("mlp", "lenet")
     defaults: ClassVar[Mapping[str, Scalar]] = {
         # quickstart-mxnet: Dense 256 relu -> Dense 64 relu -> Dense 10, SGD lr 0.01
         # (its second Trainer wins), batch 100, 2 epochs, 2 clients both sampled, 3 rounds
-        "model": "mlp",
+        # (only where they differ from the core's)
         "hidden-dims": "256,64",
-        "optimizer": "sgd",
         "lr": 0.01,
-        "momentum": 0.0,
         "batch-size": 100,
         "local-epochs": 2,
-        "num-server-rounds": 3,
         "num-supernodes": 2,
-        "fraction-train": 1.0,
-        "fraction-evaluate": 1.0,
     }
     quickstart_dataset = "ylecun/mnist"
     file_suffix = ".params"
@@ -44,14 +36,6 @@ class MXNetBackend(Backend):
         "MXNet is retired (moved to the Apache Attic; last release 1.9.1, 2022): for maintained "
         "backends use fedplug-torch, fedplug-jax, fedplug-keras or fedplug-mlx."
     )
-
-    def check_available(self) -> None:
-        if not self.framework.is_installed():
-            raise BackendUnavailable(f"backend 'mxnet' needs mxnet 1.9.1: {INSTALL_HINT}")
-        if not numpy_supported():
-            raise BackendUnavailable(
-                f"mxnet 1.9.1 cannot run with numpy {np.__version__} (it needs numpy<2): {INSTALL_HINT}"
-            )
 
 
 @fedplug.hookimpl

@@ -6,12 +6,11 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
-from fedplug.backend import Config, DataSpec
-from fedplug.models import LENET_CONV, LENET_DENSE, canonical_shapes, hidden_dims, lenet_flat_features
-from fedplug_mxnet.compat import import_mxnet
+from fedplug import Config, DataSpec
+from fedplug.toolkit import LENET_CONV, LENET_DENSE, canonical_shapes, hidden_dims, lenet_flat_features
+from fedplug_mxnet.framework import import_mxnet
 
 mx = import_mxnet()
-gluon = mx.gluon
 nn = mx.gluon.nn
 
 
@@ -19,8 +18,8 @@ nn = mx.gluon.nn
 class GluonModel:
     """A hybridized network and its parameters in canonical order."""
 
-    net: nn.HybridSequential
-    params: dict[str, gluon.Parameter]
+    net: Any  # a hybridized gluon.nn.HybridSequential (MXNet has no type information)
+    params: dict[str, Any]
     """Canonical name -> Gluon parameter."""
     ctx: Any
 
@@ -30,7 +29,7 @@ def device() -> Any:
     return mx.gpu() if mx.context.num_gpus() > 0 else mx.cpu()
 
 
-def dense_stack(net: nn.HybridSequential, widths: tuple[int, ...]) -> None:
+def dense_stack(net: Any, widths: tuple[int, ...]) -> None:
     """Append Dense layers ``widths[0] -> ... -> widths[-1]``, ReLU on all but the last.
 
     Gluon's Dense flattens its input in (C, H, W) order, the canonical one.
@@ -40,7 +39,7 @@ def dense_stack(net: nn.HybridSequential, widths: tuple[int, ...]) -> None:
         net.add(nn.Dense(out, activation="relu" if i < len(pairs) - 1 else None, in_units=inp))
 
 
-def build_net(model: str, spec: DataSpec, config: Config) -> nn.HybridSequential:
+def build_net(model: str, spec: DataSpec, config: Config) -> Any:
     """The Gluon network of shared model ``mlp`` or ``lenet`` (layers only, not initialized).
 
     Input sizes are given explicitly, so parameters exist right after ``initialize``

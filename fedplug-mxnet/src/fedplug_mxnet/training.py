@@ -13,15 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from fedplug.backend import Config, DataSpec, Implementation, Weights
-from fedplug.toolkit import ADAM_BETAS, ADAM_EPS, EVAL_BATCH, TrainSettings, metrics
+from fedplug import Config, DataSpec, Implementation, Weights
+from fedplug.toolkit import ADAM_BETAS, ADAM_EPS, TrainSettings, eval_chunks, evaluation, metrics
 from fedplug_mxnet import nets
 from fedplug_mxnet.nets import GluonModel, mx
 
 softmax_cross_entropy = mx.gluon.loss.SoftmaxCrossEntropyLoss()
 
 
-class ContractAdam(mx.optimizer.Adam):  # type: ignore[misc]
+class ContractAdam(mx.optimizer.Adam):  # type: ignore[misc, name-defined]
     """MXNet's Adam with the contract's epsilon: added to the bias-corrected ``sqrt(v_hat)``, as ``torch.optim.Adam``.
 
     MXNet folds both bias corrections into the learning rate, ``lr * sqrt(1 - b2^t) / (1 - b1^t)``,
@@ -35,7 +35,7 @@ class ContractAdam(mx.optimizer.Adam):  # type: ignore[misc]
         super().update(index, weight, grad, state)
 
 
-def make_trainer(model: GluonModel, settings: TrainSettings) -> mx.gluon.Trainer:
+def make_trainer(model: GluonModel, settings: TrainSettings) -> Any:
     """A Gluon trainer with zero state for one ``train`` call: the contract's SGD (``mx.optimizer.SGD``,
     momentum, coupled ``wd``) or Adam (``ContractAdam``)."""
     if settings.optimizer == "adam":
@@ -46,13 +46,6 @@ def make_trainer(model: GluonModel, settings: TrainSettings) -> mx.gluon.Trainer
     else:
         optimizer = mx.optimizer.SGD(learning_rate=settings.lr, momentum=settings.momentum, wd=settings.weight_decay)
     return mx.gluon.Trainer(model.net.collect_params(), optimizer)
-
-
-def logits_on_device(model: GluonModel, x: np.ndarray) -> mx.nd.NDArray:
-    """The model's logits for ``x``, left on the device."""
-    data = mx.nd.array(x, ctx=model.ctx, dtype="float32")
-    chunks = [model.net(data[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]
-    return mx.nd.concat(*chunks, dim=0)
 
 
 class MXNetImplementation(Implementation):
@@ -105,13 +98,12 @@ class MXNetImplementation(Implementation):
         return metrics(total_loss.asscalar(), correct.asscalar(), len(y) * settings.epochs, len(y))
 
     def evaluate(self, model: GluonModel, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        logits = logits_on_device(model, x)
-        labels = mx.nd.array(y, ctx=model.ctx, dtype="float32")
-        loss_sum = softmax_cross_entropy(logits, labels).sum().asscalar()
-        return metrics(loss_sum, (logits.argmax(axis=1) == labels).sum().asscalar(), len(y))
+        return evaluation(self.predict(model, x), y)
 
     def predict(self, model: GluonModel, x: np.ndarray) -> np.ndarray:
-        return logits_on_device(model, x).asnumpy()
+        data = mx.nd.array(x, ctx=model.ctx, dtype="float32")
+        logits: np.ndarray = mx.nd.concat(*[model.net(data[chunk]) for chunk in eval_chunks(len(x))], dim=0).asnumpy()
+        return logits
 
     def save(self, model: GluonModel, path: Path) -> None:
         """Gluon's native ``.params`` file (MXNet's NDArray list format)."""

@@ -1,7 +1,7 @@
 """fedplug's PyTorch backend: the Flower PyTorch quickstart, plus the shared MLP and LeNet.
 
 This module is the light descriptor; ``fedplug_torch.training`` (the implementation,
-which imports torch) is imported by fedplug the first time the backend is used.
+which imports torch through ``framework``) is imported by fedplug the first time the backend is used.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import fedplug
-from fedplug.backend import Scalar
+from fedplug import Scalar
 
 
 class TorchBackend(fedplug.Backend):
@@ -19,18 +19,12 @@ class TorchBackend(fedplug.Backend):
     framework = fedplug.Framework("torch", "torch>=2.2")
     implementation = "fedplug_torch.training:TorchImplementation"
     models = ("lenet", "mlp")
-    defaults: ClassVar[Mapping[str, Scalar]] = {
+    defaults: ClassVar[Mapping[str, Scalar]] = {  # the quickstart's, where they differ from the core's
         "model": "lenet",
-        "pool": "max",
-        "optimizer": "sgd",
         "lr": 0.001,
         "momentum": 0.9,
-        "batch-size": 32,
-        "local-epochs": 1,
         "num-server-rounds": 1,
         "num-supernodes": 2,
-        "fraction-train": 1.0,
-        "fraction-evaluate": 1.0,
     }
     custom_models = (
         "a torch.nn.Module taking float32 images (N, C, H, W) in [0, 1] and returning logits (N, num_classes)"

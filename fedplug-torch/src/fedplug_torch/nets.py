@@ -5,13 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from fedplug.backend import Config, DataSpec, ModelError
-from fedplug.custom import type_name
-from fedplug.models import canonical_shapes
+from fedplug import Config, DataSpec, ModelError
+from fedplug.toolkit import canonical_shapes, check_custom_model
+from fedplug_torch.framework import F, nn, torch
 
 
 class SharedNet(nn.Module):
@@ -61,9 +57,7 @@ def build_custom(make: Callable[[], Any], config: Config, device: torch.device) 
     """The user's ``nn.Module``, built from a forked RNG seeded with ``config['seed']``, on ``device``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(config.get("seed", 0)))
-        net = make()
-    if not isinstance(net, nn.Module):
-        raise ModelError(f"custom model {config['model']} returned a {type_name(net)}, not a torch.nn.Module")
+        net = check_custom_model(make(), nn.Module, "a torch.nn.Module", config)
     if not any(True for _ in net.parameters()):
         raise ModelError(f"custom model {config['model']} has no parameters to train")
     return net.to(device)

@@ -2,39 +2,17 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # before torch loads: mute its C++ warnings (NNPACK's probe)
-
-import warnings
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
-import torch.nn.functional as F
-from torch import nn
 
-from fedplug.backend import Config, DataSpec, Implementation, Weights
-from fedplug.runtime import cpu_share
-from fedplug.toolkit import ADAM_BETAS, ADAM_EPS, EVAL_BATCH, TrainSettings, metrics
+from fedplug import Config, DataSpec, Implementation, Weights
+from fedplug.toolkit import ADAM_BETAS, ADAM_EPS, EVAL_BATCH, TrainSettings, evaluation, metrics
 from fedplug_torch import nets
-
-
-@cache
-def device() -> torch.device:
-    """CUDA (or ROCm) if present, else Apple's MPS, else the CPU; sizes torch's threads once."""
-    torch.set_num_threads(cpu_share())
-    with warnings.catch_warnings():  # a broken driver warns while probing
-        warnings.simplefilter("ignore")
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-    return torch.device("cpu")
+from fedplug_torch.framework import F, device, nn, torch
 
 
 def to_device(array: np.ndarray, dtype: npt.DTypeLike, target: torch.device) -> torch.Tensor:
@@ -109,18 +87,8 @@ class TorchImplementation(Implementation):
                 correct += (logits.detach().argmax(1) == labels[batch]).sum()
         return metrics(loss_sum.item(), correct.item(), len(y) * settings.epochs, len(y))
 
-    @torch.inference_mode()
     def evaluate(self, model: nn.Module, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
-        target = next(model.parameters()).device
-        inputs, labels = to_device(x, np.float32, target), to_device(y, np.int64, target)
-        model.eval()
-        loss_sum = torch.zeros((), device=target)
-        correct = torch.zeros((), dtype=torch.int64, device=target)
-        for chunk, chunk_labels in zip(torch.split(inputs, EVAL_BATCH), torch.split(labels, EVAL_BATCH)):
-            logits = model(chunk)
-            loss_sum += F.cross_entropy(logits, chunk_labels, reduction="sum")
-            correct += (logits.argmax(1) == chunk_labels).sum()
-        return metrics(loss_sum.item(), correct.item(), len(y))
+        return evaluation(self.predict(model, x), y)
 
     @torch.inference_mode()
     def predict(self, model: nn.Module, x: np.ndarray) -> np.ndarray:

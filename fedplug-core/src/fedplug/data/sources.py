@@ -316,10 +316,10 @@ def _offline_while_loading(offline: bool) -> Iterator[None]:
     import sys
 
     os.environ["HF_HUB_OFFLINE"] = "1"
-    flags: list[tuple[Any, bool]] = []
+    flags: list[tuple[Any, Any]] = []
     try:
         for module_name in ("huggingface_hub.constants", "datasets.config"):
-            module = sys.modules.get(module_name)
+            module: Any = sys.modules.get(module_name)
             if module is None:
                 import importlib
 

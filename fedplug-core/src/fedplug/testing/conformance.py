@@ -24,9 +24,10 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-from fedplug.backend import OPERATIONS, Backend, DataSpec, Scalar, Weights
-from fedplug.config import CORE_DEFAULTS, ConfigError, check_supported, defaults_for, resolve
-from fedplug.display import TIERS, check_available, named_prefix
+from fedplug.backend import OPERATIONS, Backend, DataSpec, Scalar, Weights, require_available
+from fedplug.config import CORE_DEFAULTS, check_supported, defaults_for, resolve
+from fedplug.display import TIERS, named_prefix
+from fedplug.errors import ConfigError
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.plugins import DEFAULT_PLUGINS, ENTRY_POINT_GROUP, get_registry
 from fedplug.testing.rebuilds import Probe, framework_probes, probe_state, tells
@@ -95,7 +96,7 @@ def follows_0_1_contract(backend: Backend) -> bool:
 
 def default_config(backend: Backend) -> dict[str, Any]:
     """The backend's resolved default run config; a refusal fails the check with what to do instead."""
-    check_available(backend, defaults_for(backend))
+    require_available(backend, defaults_for(backend))
     try:
         return resolve(backend, {})
     except ConfigError as error:
@@ -203,7 +204,7 @@ class BasicConformance:
             f"broken plugins: {[(b.plugin, b.reason) for b in registry.broken]}"
         )
         backend = registry.backends[cls.backend_name].backend
-        check_available(backend, defaults_for(backend))
+        require_available(backend, defaults_for(backend))
         return backend
 
     @pytest.fixture(scope="class")

@@ -6,9 +6,10 @@ deprecating them in 1.20: ``np.bool`` (read at ``import mxnet`` by
 ``np.int`` (``mxnet.test_utils``). Both were plain aliases of the builtins.
 ``restore_numpy_aliases`` puts back exactly these two, as those builtins, only
 where numpy lacks them; nothing else of numpy is touched. numpy 2 cannot run
-MXNet at all (its compiled extension and API changed), so it is refused.
+MXNet at all (its compiled extension and API changed), so the descriptor's ``Framework``
+requires ``numpy<2``.
 
-Nothing here imports mxnet at module import time.
+Nothing here imports mxnet at module import time: the descriptor imports this module.
 """
 
 from __future__ import annotations
@@ -20,16 +21,11 @@ from types import ModuleType
 
 import numpy as np
 
-from fedplug.runtime import cpu_share
+from fedplug.toolkit import cpu_share
 
 MXNET_NUMPY_ALIASES: dict[str, type] = {"bool": bool, "int": int}
 """The removed numpy aliases that MXNet 1.9.1's Python code uses, and their values."""
 INSTALL_HINT = 'pip install fedplug-mxnet "numpy<2" (in a virtual environment of its own)'
-
-
-def numpy_supported(version: str = np.__version__) -> bool:
-    """Whether this numpy version can run MXNet 1.9.1 (with the aliases restored)."""
-    return int(version.split(".")[0]) < 2
 
 
 def restore_numpy_aliases() -> list[str]:
@@ -59,4 +55,5 @@ def import_mxnet() -> ModuleType:
         # distutils and removed-numpy-function DeprecationWarnings of mxnet's own code
         warnings.simplefilter("ignore")
         import mxnet
-    return mxnet
+    module: ModuleType = mxnet
+    return module
