@@ -196,7 +196,7 @@ COLUMNS = {
 
 
 def table(runs: list[dict[str, Any]]) -> str:
-    """A Markdown table of the runs (the README's)."""
+    """A Markdown table of the runs (docs/performance.md's)."""
     lines = ["| " + " | ".join(label for label, _ in COLUMNS.values()) + " |", "|" + "---:|" * len(COLUMNS)]
     for run in runs:
         cells = ["-" if run.get(key) is None else form.format(run[key]) for key, (_, form) in COLUMNS.items()]

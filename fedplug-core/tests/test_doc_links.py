@@ -13,8 +13,6 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
-PENDING = {DOCS / "tracking.md"}
-"""Pages written on another branch (``trackers``: experiment tracking), linked before they merge."""
 
 
 def slug(heading: str) -> str:
@@ -38,8 +36,6 @@ def test_every_link_reaches_a_page_and_section_that_exist(page: Path) -> None:
     for target in links(page):
         path, _, anchor = target.partition("#")
         linked = (page.parent / path).resolve() if path else page
-        if linked in PENDING:
-            continue
         assert linked.exists(), f"{page.relative_to(ROOT)} links to {target}, which does not exist"
         if anchor:
             assert linked.suffix == ".md", f"{page.relative_to(ROOT)}: {target} is an anchor in a non-markdown file"

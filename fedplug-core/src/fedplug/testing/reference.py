@@ -1,7 +1,7 @@
 """How far a backend's training lands from the numpy reference's, for the same start and data.
 
 The conformance suite's ``test_train_matches_reference`` asserts on ``reference_gap``;
-a backend author (or fedplug's README) measures with it directly::
+a backend author (see docs/plugins.md) measures with it directly::
 
     python -c "from fedplug.testing.reference import report; report('torch')"
 """
