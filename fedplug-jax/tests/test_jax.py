@@ -16,6 +16,7 @@ from flax import serialization
 
 from fedplug.backend import BackendUnavailable, DataSpec, ModelError
 from fedplug.config import resolve
+from fedplug.plan import with_preset
 from fedplug.testing import BackendConformance
 from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_results
 from fedplug_jax import JaxBackend
@@ -45,8 +46,9 @@ def digits(spec: DataSpec, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     return x, y.astype(np.int64)
 
 
-def test_quickstart_defaults(backend: JaxBackend) -> None:
-    config = resolve(backend, {})
+def test_quickstart_preset(backend: JaxBackend) -> None:
+    """--preset quickstart is exactly the Flower quickstart's settings (fedplug 0.1's defaults)."""
+    config = resolve(backend, with_preset(backend, "quickstart", {}))
     quickstart = {
         "model": "cnn",
         "lr": 0.1,  # sent by the server in each round's train config, as the quickstart does

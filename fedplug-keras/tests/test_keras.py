@@ -18,6 +18,7 @@ import pytest
 from fedplug.backend import BackendUnavailable, DataSpec
 from fedplug.config import ConfigError, resolve
 from fedplug.numpy_backend import Conv, Dense, Flatten, Pool, Relu
+from fedplug.plan import with_preset
 from fedplug.testing import BackendConformance
 from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_results
 from fedplug_keras import KerasBackend, framework, nets
@@ -66,7 +67,9 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 # -- contract ------------------------------------------------------------------------------
 
 
-def test_quickstart_defaults(backend: KerasBackend, config: dict) -> None:
+def test_quickstart_preset(backend: KerasBackend) -> None:
+    """--preset quickstart is exactly the Flower quickstart's settings (fedplug 0.1's defaults)."""
+    config = resolve(backend, with_preset(backend, "quickstart", {}))
     quickstart = {
         "model": "cnn",
         "optimizer": "adam",  # the quickstart's compile("adam")

@@ -21,6 +21,7 @@ import pytest
 from fedplug import BackendUnavailable, DataSpec
 from fedplug.config import resolve
 from fedplug.numpy_backend import NumpyBackend
+from fedplug.plan import with_preset
 from fedplug.plugins import get_backend
 from fedplug.testing import BackendConformance
 from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_results, fedplug
@@ -56,7 +57,9 @@ def python(code: str) -> subprocess.CompletedProcess[str]:
 # -- the quickstart it reproduces ------------------------------------------------------
 
 
-def test_defaults_reproduce_quickstart_mlx(backend: MlxBackend, config: dict) -> None:
+def test_quickstart_preset_reproduces_quickstart_mlx(backend: MlxBackend) -> None:
+    """--preset quickstart is exactly the Flower quickstart's settings (fedplug 0.1's defaults)."""
+    config = resolve(backend, with_preset(backend, "quickstart", {}))
     # flwr new @flwrlabs/quickstart-mlx: num-layers 2, hidden-dim 32, batch-size 256, lr 0.1,
     # local-epochs 1, 3 rounds, 10 supernodes, FedAvg() with its default fractions
     assert get_backend("mlx").name == backend.name == "mlx"

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from fedplug import BackendUnavailable, DataSpec
-from fedplug.config import defaults_for
+from fedplug.config import resolve
 from fedplug.numpy_backend import NumpyBackend
+from fedplug.plan import with_preset
 from fedplug.testing import BackendConformance
 from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_results, fedplug
 from fedplug.toolkit import canonical_shapes
@@ -60,8 +61,9 @@ class TestConformance(BackendConformance):
 # contract: the quickstart's values -------------------------------------------------
 
 
-def test_defaults_reproduce_quickstart_mxnet(backend: MXNetBackend) -> None:
-    config = defaults_for(backend)
+def test_quickstart_preset_reproduces_quickstart_mxnet(backend: MXNetBackend) -> None:
+    """--preset quickstart is exactly the Flower quickstart's settings (fedplug 0.1's defaults)."""
+    config = resolve(backend, with_preset(backend, "quickstart", {}))
     # Dense 256 relu -> Dense 64 relu -> Dense 10; the second Trainer (lr 0.01) wins
     assert config["model"] == "mlp" and config["hidden-dims"] == "256,64"
     assert config["lr"] == 0.01 and config["batch-size"] == 100 and config["local-epochs"] == 2

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from fedplug.backend import DataSpec
 from fedplug.config import resolve
 from fedplug.numpy_backend import NumpyBackend
+from fedplug.plan import with_preset
 from fedplug.testing import BackendConformance
 from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, check_results
 from fedplug.toolkit import canonical_shapes, cpu_share
@@ -49,8 +50,9 @@ def separable(spec: DataSpec, n: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.int64)
 
 
-def test_quickstart_defaults(backend: TorchBackend) -> None:
-    config = resolve(backend, {})
+def test_quickstart_preset(backend: TorchBackend) -> None:
+    """--preset quickstart is exactly the Flower quickstart's settings (fedplug 0.1's defaults)."""
+    config = resolve(backend, with_preset(backend, "quickstart", {}))
     quickstart = {
         "model": "lenet",  # the quickstart's Net is LeNet with max pooling
         "pool": "max",

@@ -7,6 +7,7 @@ This module is the light descriptor: it must not import MLX. The implementation,
 from __future__ import annotations
 
 import platform
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import fedplug
@@ -25,7 +26,21 @@ class MlxBackend(fedplug.Backend):
     )
     implementation = "fedplug_mlx.training:MlxImplementation"
     models = ("mlp", "lenet")
-    defaults: ClassVar[dict[str, Scalar]] = {"hidden-dims": "32,32", "batch-size": 256}  # the rest: the core's
+    # the Flower MLX quickstart's settings, where they differ from the core's (--preset quickstart)
+    quickstart: ClassVar[dict[str, Scalar]] = {
+        "hidden-dims": "32,32",
+        "batch-size": 256,
+        "local-epochs": 1,
+        "num-server-rounds": 3,
+    }
+    # made for 60,000 digits: on the 12,000 embedded ones a node takes 4 steps a round; batches of 32 and
+    # 2 local epochs give it the quickstart's steps per round on full MNIST, and 5 rounds learn (89.9%)
+    defaults: ClassVar[dict[str, Scalar]] = {
+        "hidden-dims": "32,32",
+        "local-epochs": 2,
+        "num-server-rounds": 5,
+    }
+    presets: ClassVar[Mapping[str, Mapping[str, Scalar]]] = {"quickstart": quickstart}
     custom_models = (
         "an mlx.nn.Module taking float32 images channels-last (N, H, W, C) in [0, 1] (or what its own "
         "native_input(x) makes of numpy (N, C, H, W)) and returning logits (N, num_classes)"
