@@ -100,3 +100,11 @@ def test_training_that_diverges_stops_in_that_round_and_saves_nothing_non_finite
     with np.load(out / "weights.npz") as weights:  # the last good global model, never a non-finite one
         assert all(np.isfinite(weights[key]).all() for key in weights.files)
     assert processes_of(out) == []
+
+
+def test_the_default_run_learns(run_fedplug) -> None:
+    """`fedplug run numpy` with no options learns on the embedded digits (docs/performance.md: the benchmark
+    holds the 85% target; this test a softer floor)."""
+    _, out = run_fedplug("numpy", env={"FEDPLUG_PLUGINS": ""})
+    rounds = check_results(out, ".npz")
+    assert rounds[-1]["centralized-accuracy"] >= 0.8, [r.get("centralized-accuracy") for r in rounds]
