@@ -125,20 +125,7 @@ def run(
     finish (its ``out`` keeps the finished rounds); ``KeyboardInterrupt`` when interrupted, once
     every process of the run is gone.
     """
-    given = {
-        "rounds": rounds,
-        "nodes": nodes,
-        "fraction_train": fraction_train,
-        "fraction_evaluate": fraction_evaluate,
-        "local_epochs": local_epochs,
-        "strategy": strategy,
-        "model": model,
-        "dataset": dataset,
-        "partitioner": partitioner,
-        "seed": seed,
-        "node_backends": node_backends,
-        "track": track,
-    }
+    given = {name: value for name, value in locals().items() if name in FLAG_KEYS}  # the run-config flags
     overrides = overrides_of(run_config, config, given)
     started = time.monotonic()
     plan = plan_run(

@@ -7,6 +7,7 @@ Each runs until Ctrl-C (or SIGTERM, SIGHUP), which stops it and every process it
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,12 +65,9 @@ def serve_superlink(
         echo(f"  submit a run:             fedplug run BACKEND --superlink {shown}:{port} {ca}")
         echo(f"  results are written here: {Path('fedplug-runs').resolve()}/<time>-<backend> (unless --out)")
         echo(f"  open TCP port {port} to the data owners and to who submits runs, to no one else. Ctrl-C stops.")
-        try:
-            code = process.wait()
-        except KeyboardInterrupt:
-            echo("fedplug: stopping the SuperLink ...")
+        if _interrupted(process, echo, "fedplug: stopping the SuperLink ..."):
             return 130
-        reason = last_error(log) or f"exit code {code}"
+        reason = last_error(log) or f"exit code {process.returncode}"
         warn(f"fedplug: error: the SuperLink stopped: {reason} (log: {log})")
         return 1
 
@@ -104,12 +102,9 @@ def serve_supernode(
         if connected:
             node_id = read_text(log).split("SuperNode ID:", 1)[1].split()[0]
             echo(f"fedplug: connected to {superlink} as SuperNode {node_id}; waiting for runs (Ctrl-C leaves)")
-        try:
-            code = process.wait()
-        except KeyboardInterrupt:
-            echo("fedplug: leaving the federation ...")
+        if _interrupted(process, echo, "fedplug: leaving the federation ..."):
             return 130
-        reason = last_error(log) or f"exit code {code}"
+        reason = last_error(log) or f"exit code {process.returncode}"
         if not connected:
             hint = (
                 "is its public key registered on the SuperLink, and is --ca-cert the federation's CA?"
@@ -120,3 +115,13 @@ def serve_supernode(
         else:
             warn(f"fedplug: error: the SuperNode stopped: {reason} (log: {log})")
         return 1
+
+
+def _interrupted(process: subprocess.Popen[bytes], echo: Callable[[str], None], leaving: str) -> bool:
+    """Wait for the Flower process to end; True (after saying ``leaving``) if Ctrl-C or a signal ended the wait."""
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        echo(leaving)
+        return True
+    return False
