@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tomllib
@@ -190,10 +191,12 @@ def test_readme_first_screen_installs_from_the_built_wheels_and_learns(tmp_path:
     venv, report = tmp_path / "venv", tmp_path / "install-report.json"
     run([sys.executable, "-m", "venv", str(venv)])
     # the block as written, but `pip install` is the fresh environment's, finding fedplug's
-    # distributions in the wheel folder (the index still serves flwr, ray, mlx and the rest)
+    # distributions in the wheel folder (the index still serves flwr, ray, mlx and the rest);
+    # --no-compile halves the install (no bytecode for all of Ray): Python compiles what the run imports
     script = re.sub(
         r"^pip install ",
-        f'"{venv}/bin/pip" install --disable-pip-version-check --find-links "{wheels}" --report "{report}" ',
+        f'"{venv}/bin/pip" install --disable-pip-version-check --no-compile '
+        f'--find-links "{wheels}" --report "{report}" ',
         block,
         flags=re.M,
     )
@@ -202,7 +205,23 @@ def test_readme_first_screen_installs_from_the_built_wheels_and_learns(tmp_path:
     env.update(PATH=f"{venv}/bin{os.pathsep}{env['PATH']}", VIRTUAL_ENV=str(venv))
     work = tmp_path / "work"
     work.mkdir()
-    proc = run(["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, timeout=1500)
+    # a session of its own, so that a hung run is ended with everything it started
+    shell = subprocess.Popen(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = shell.communicate(timeout=540)  # within the suite's 600 s per test
+    except subprocess.TimeoutExpired:
+        os.killpg(shell.pid, signal.SIGKILL)
+        stdout, stderr = shell.communicate()
+        pytest.fail(f"the README's first screen took over 540 s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    assert shell.returncode == 0, f"the README's first screen failed:\n{script}\n{stdout[-3000:]}\n{stderr[-3000:]}"
 
     # fedplug came from the wheels just built, not from an index
     installed = {
@@ -212,7 +231,7 @@ def test_readme_first_screen_installs_from_the_built_wheels_and_learns(tmp_path:
     assert sorted(ours) == [CORE, "fedplug-mlx"]
     assert all(url.startswith(wheels.as_uri()) for url in ours.values()), ours
 
-    (results,) = re.findall(r"^results: (\S+)", proc.stdout, re.M)
+    (results,) = re.findall(r"^results: (\S+)", stdout, re.M)
     rounds = json.loads((work / results / "metrics.json").read_text())["rounds"]
     first, last = rounds[0], rounds[-1]
     # today's mlx defaults (3 rounds, 4 SGD steps per node a round) reach about 18%; chance is 10%
