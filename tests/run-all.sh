@@ -24,7 +24,7 @@ echo "== test environment .venv"
   "./fedplug-core[tensorboard,mlflow]" tensorboard ./fedplug-torch "./fedplug-keras[tensorflow-cpu]" ./fedplug-jax ./fedplug-mlx \
   ./tests/plugins/fedplug-testplugins ./tests/plugins/fedplug-broken-example ./tests/plugins/fedplug-faulty \
   ./tests/plugins/fedplug-legacy-example \
-  pytest pytest-xdist pytest-timeout psutil ruff import-linter sybil
+  pytest pytest-xdist pytest-timeout psutil ruff import-linter sybil pyyaml
 
 echo "== test environment .venv-mxnet"
 "$PYTHON" -m venv --clear .venv-mxnet
