@@ -94,8 +94,11 @@ def test_verbose_run_on_a_local_csv_writes_nothing_under_home_and_cleans_up(tmp_
         children = {pid: seen[pid] for pid in seen if pid != process.pid}
         assert any("fedplug.simulation" in line for line, _ in children.values())
         for line, process_env in children.values():
-            # the simulation process sets RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO itself, for Ray's processes
-            expected = TELEMETRY_OFF if "fedplug.simulation" in line else ALWAYS
+            # the command's own children (the simulation process, and the watcher that removes the run's copy of
+            # the data whatever ends the command) have telemetry off; the simulation process sets
+            # RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO itself, for Ray's processes
+            own_child = "fedplug.simulation" in line or "watching" in line
+            expected = TELEMETRY_OFF if own_child else ALWAYS
             for key, value in expected.items():
                 assert process_env.get(key) == value, f"{key} is {process_env.get(key)!r} in: {line}"
         assert not (home / ".flwr").exists(), "fedplug wrote to ~/.flwr"

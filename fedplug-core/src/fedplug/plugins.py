@@ -137,6 +137,9 @@ def _selected(name: str, distribution: str) -> bool:
 
 def problem_with(backend: object) -> str | None:
     """Why ``backend`` is not a well-formed backend, or None."""
+    if isinstance(backend, type) and issubclass(backend, Backend):
+        name = backend.__name__
+        return f"registered the class {name}, not a fedplug.Backend instance: register({name}())"
     if not isinstance(backend, Backend):
         return f"registered {type(backend).__name__}, not a fedplug.Backend instance"
     for attr, kind in (("name", str), ("description", str), ("file_suffix", str)):
