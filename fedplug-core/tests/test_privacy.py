@@ -97,7 +97,7 @@ def test_verbose_run_on_a_local_csv_writes_nothing_under_home_and_cleans_up(tmp_
             # the command's own children (the simulation process, and the watcher that removes the run's copy of
             # the data whatever ends the command) have telemetry off; the simulation process sets
             # RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO itself, for Ray's processes
-            own_child = "fedplug.simulation" in line or "watching" in line
+            own_child = "fedplug.simulation" in line or " -I -S -c " in line  # the watcher: python -I -S -c SCRIPT
             expected = TELEMETRY_OFF if own_child else ALWAYS
             for key, value in expected.items():
                 assert process_env.get(key) == value, f"{key} is {process_env.get(key)!r} in: {line}"
