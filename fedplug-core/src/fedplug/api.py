@@ -296,6 +296,8 @@ def _run_deployed(plan: RunPlan, verbose: bool, quiet: bool, started: float) -> 
     config, engine = plan.config, plan.engine
     assert engine.superlink is not None and engine.security is not None
     _say(f"fedplug: {_header(plan)}", quiet)
+    for note in plan.notes:
+        _say(f"fedplug: {note}", quiet)
     work = Path(tempfile.mkdtemp(prefix="fedplug-submit-"))
     # its paths (--out, --dataset) are the SuperLink machine's: keep them as they are
     app_dir = write_flower_app(work, config, portable=False, serverapp="fedplug.deploy_app:server_app")

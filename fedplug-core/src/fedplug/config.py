@@ -57,6 +57,26 @@ CORE_DEFAULTS: dict[str, Scalar] = {
 }
 """Defaults every backend starts from; a backend's ``defaults`` override and extend them."""
 
+# -- set by fedplug, never by the user: the data spec a run on a SuperLink ships to its nodes -----------------
+SET_BY_FEDPLUG: dict[str, Scalar] = {"data.input-shape": "", "data.num-classes": 0}
+"""``fedplug.plan`` computes these from the coordinator's dataset for a run on a SuperLink (``fedplug.data.SPEC_KEYS``:
+the input shape ``"C,H,W"`` and the classes), so that the ServerApp and the nodes never load that dataset; empty and 0
+otherwise."""
+CORE_DEFAULTS.update(SET_BY_FEDPLUG)
+
+
+def refuse_set_by_fedplug(overrides: Mapping[str, Scalar]) -> None:
+    """A user's value for a key fedplug sets (:data:`SET_BY_FEDPLUG`) is refused: ConfigError, one line."""
+    for key in SET_BY_FEDPLUG:
+        if key in overrides:
+            raise ConfigError(
+                f"run-config '{key}' is set by fedplug from --dataset for a run on a SuperLink; leave it out "
+                "(name a --dataset whose images have the nodes' shape and classes)"
+            )
+
+
+# -----------------------------------------------------------------------------------------------------------
+
 PREFIXES = ("strategy.", "partitioner.")
 RENAMED = {"keras-backend": "keras.backend"}
 """Former run-config keys -> their names now; the old name is refused with a one-line error naming the new one."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from fedplug.backend import Backend, Config, Scalar, require_available
+from fedplug.backend import Backend, Config, DataSpec, Scalar, require_available
 from fedplug.config import resolve
 from fedplug.data import EMBEDDED, DataError, Partition, data_spec, load_local, load_partition
 from fedplug.node_backends import node_run_config, others
@@ -55,39 +55,54 @@ def identity(node_config: Config, node_id: int) -> tuple[int, int]:
     return int(node_config["partition-id"]), int(node_config["num-partitions"])
 
 
-def node_file(config: Config, path: str) -> Partition:
-    """A node's own data file or folder as the node's whole data, split train/test.
+def _local_data(config: Config, node_config: Config) -> tuple[Partition, str]:
+    """This node's data and where it is: its own file (node config ``data``) or a partition (``partition-id``)."""
+    data = str(node_config.get("data", ""))
+    if data and data != EMBEDDED:
+        return load_local(config, data), data
+    partition_id, num_partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    if data == EMBEDDED:
+        config = {**config, "dataset": EMBEDDED}
+    return load_partition(config, partition_id, num_partitions), f"{data or config['dataset']} partition {partition_id}"
 
-    :func:`fedplug.data.load_local` splits it with the run's ``test-fraction`` and ``seed``;
-    here the data must also have the shape and classes of the run's dataset (``dataset``
-    decides the model's input).
+
+def check_fits(part: Partition, spec: DataSpec, where: str) -> None:
+    """A deployed node's data against the run's data spec: its images' shape, its labels below the classes.
+
+    Raises DataError, one line saying what differs and what to do.
     """
-    part = load_local(config, path)
-    expected = data_spec(config)
     shape = tuple(part.x_train.shape[1:])
     largest = int(max(part.y_train.max(initial=0), part.y_test.max(initial=0)))
-    if shape != tuple(expected.input_shape) or largest >= expected.num_classes:
+    if shape != tuple(spec.input_shape) or largest >= spec.num_classes:
         raise DataError(
-            f"this node's data {path} has images {shape} and labels up to {largest}, but the run's dataset "
-            f"'{config['dataset']}' has images {tuple(expected.input_shape)} and {expected.num_classes} classes"
+            f"this node's images are {shape} with labels up to {largest}, but the run's are "
+            f"{tuple(spec.input_shape)} with {spec.num_classes} classes ({where}): give this node data of that "
+            "shape and classes, or run with a --dataset like this node's"
         )
-    return part
 
 
 def node_data(config: Config, node_config: Config) -> Partition:
-    """This node's data: its own file (node config ``data``) or a partition (``partition-id``)."""
-    data = str(node_config.get("data", ""))
-    if data and data != EMBEDDED:
-        return node_file(config, data)
-    if data == EMBEDDED:
-        config = {**config, "dataset": EMBEDDED}
-    return load_partition(config, int(node_config["partition-id"]), int(node_config["num-partitions"]))
+    """This node's data: its own file (node config ``data``) or a partition (``partition-id``).
+
+    A deployed node (node config ``data``) checks that its data fits the run's data spec
+    (:func:`fedplug.data.data_spec`: the spec that the coordinator ships in the run config, so
+    that no node loads the coordinator's dataset); a simulated node's partition is cut from the
+    run's own dataset and fits by construction.
+    """
+    part, where = _local_data(config, node_config)
+    if node_config.get("data"):
+        check_fits(part, data_spec(config), where)
+    return part
 
 
 def describe_node(backend_name: str, node_config: dict[str, Scalar]) -> str:
-    """Load this node's data with the backend's defaults: a one-line description, or DataError."""
+    """Load this node's data with the backend's defaults: a one-line description, or DataError.
+
+    Whether the data fits a run's shape and classes is checked when a run queries the node
+    (:func:`node_data`): the run config brings them.
+    """
     config = resolve(get_backend(backend_name), {})
-    part = node_data(node_run_config(config, node_config), node_config)
+    part, _ = _local_data(node_run_config(config, node_config), node_config)  # the run's spec comes with a run
     classes = len(set(part.y_train.tolist()) | set(part.y_test.tolist()))
     return (
         f"{len(part.y_train)} training and {len(part.y_test)} test images {tuple(part.x_train.shape[1:])}, "

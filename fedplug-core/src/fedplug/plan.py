@@ -22,9 +22,9 @@ from pathlib import Path
 from fedplug import checkpoint, machine, node_backends
 from fedplug.availability import check_backend_available, find_backend
 from fedplug.backend import Backend, BackendUnavailable, ModelError, Scalar
-from fedplug.config import check_partitioner, resolve
+from fedplug.config import check_partitioner, refuse_set_by_fedplug, resolve
 from fedplug.custom import is_custom, locate, no_native_output
-from fedplug.data import DataError, check_data, data_spec, held_out
+from fedplug.data import DataError, check_data, data_spec, held_out, spec_config
 from fedplug.data.sources import dataset_problem
 from fedplug.deployment.flower_cli import Security
 from fedplug.deployment.network import port_open, split_address
@@ -94,6 +94,7 @@ def plan_run(
     results folder of a simulation is created last, when every check has passed (``create=False``:
     not at all, for a check of the run alone).
     """
+    refuse_set_by_fedplug(overrides)
     if superlink is not None:
         if resume is not None:
             raise ConfigError("--resume continues a simulation; a run on a SuperLink cannot be resumed yet")
@@ -175,10 +176,10 @@ def _plan_deployed(
         # the data is on the nodes: the server has a held-out set only when the coordinator names one
         overrides["centralized-eval"] = False
     config = resolve_and_check(chosen, overrides, deployed=True)
-    if is_custom(config["model"]):  # the user's code runs on the SuperLink and the nodes: try it here first
-        check_model(chosen, config)
+    notes = check_held_out(config, overrides)
+    check_model(chosen, config)  # a custom model runs on the SuperLink and the nodes: it is tried here first
     config["out"] = str(out) if out else ""  # a path on the SuperLink's machine, where the ServerApp runs
-    return RunPlan(chosen, config, Engine(superlink=superlink, security=security), None)
+    return RunPlan(chosen, config, Engine(superlink=superlink, security=security), None, notes=notes)
 
 
 def check_trackers(config: Mapping[str, Scalar]) -> None:
@@ -237,7 +238,10 @@ def resolve_and_check(backend: Backend, overrides: Mapping[str, Scalar], deploye
     """The run config, resolved once, with its strategy, partitioner and data checked.
 
     ``deployed``: the nodes hold the data and join when they will, so the partitioner, the partitions
-    of simulated nodes and the strategy's needs in nodes are not checked (its parameters' ranges are).
+    of simulated nodes and the strategy's needs in nodes are not checked (its parameters' ranges are);
+    the dataset is loaded here once for its data spec, which the run config ships to the nodes
+    (``fedplug.data.SPEC_KEYS``): no node loads the coordinator's dataset, and each node's own data
+    must fit it.
     """
     config = resolve(backend, overrides, node_backends.others(overrides))
     if problem := dataset_problem(str(config["dataset"])):  # '' would read as the current folder
@@ -253,7 +257,10 @@ def resolve_and_check(backend: Backend, overrides: Mapping[str, Scalar], deploye
     try:
         if not deployed and config["partitioner"] == "pathological":  # classes per node against the data's
             check_partitioner(config, num_classes=data_spec(config).num_classes)
-        check_data(config)  # the dataset and every node's partition, computed once for the whole run
+        if deployed:
+            config.update(spec_config(data_spec(config)))
+        else:
+            check_data(config)  # the dataset and every node's partition, computed once for the whole run
     except DataError as error:
         raise ConfigError(str(error)) from error
     return config

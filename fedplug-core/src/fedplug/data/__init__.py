@@ -55,6 +55,7 @@ from fedplug.data.sources import load as load_source
 
 __all__ = [
     "EMBEDDED",
+    "SPEC_KEYS",
     "DataError",
     "Partition",
     "check_data",
@@ -67,6 +68,8 @@ __all__ = [
     "min_examples",
     "remove_run_data",
     "share_run_data",
+    "shipped_spec",
+    "spec_config",
 ]
 
 SHARED = ".fedplug-data"
@@ -124,12 +127,50 @@ def held_out(config: Config) -> bool:
 
 
 def data_spec(config: Config) -> DataSpec:
-    """Input shape and number of classes of the configured dataset."""
+    """Input shape and number of classes of the run's data.
+
+    A run on a SuperLink ships them in its run config (:data:`SPEC_KEYS`, set by the coordinator's
+    plan): the ServerApp and every node read them there and never load the coordinator's dataset.
+    Otherwise they are the configured dataset's.
+    """
+    shipped = shipped_spec(config)
+    if shipped is not None:
+        return shipped
     key = _key(config)
     if dict(key)["dataset"] == EMBEDDED:
         return EMBEDDED_SPEC
     shared = _shared(key)
     return shared.spec if shared is not None else _source(_source_key(key)).spec
+
+
+SPEC_KEYS = ("data.input-shape", "data.num-classes")
+"""Run-config keys of the data spec a run on a SuperLink ships to its nodes (``"1,28,28"`` and ``10``): set by
+fedplug (:func:`spec_config`, in the coordinator's plan), never by the user; empty and 0 otherwise."""
+
+
+def spec_config(spec: DataSpec) -> dict[str, Scalar]:
+    """``spec`` as the run-config values of :data:`SPEC_KEYS`."""
+    return {SPEC_KEYS[0]: ",".join(str(size) for size in spec.input_shape), SPEC_KEYS[1]: int(spec.num_classes)}
+
+
+def shipped_spec(config: Config) -> DataSpec | None:
+    """The data spec the run config ships (:data:`SPEC_KEYS`), or None when it ships none."""
+    shape = str(config.get(SPEC_KEYS[0], "")).strip()
+    if not shape:
+        return None
+    sizes = shape.split(",")
+    classes = config.get(SPEC_KEYS[1], 0)
+    if (
+        len(sizes) != 3
+        or not all(size.strip().isdigit() and int(size) > 0 for size in sizes)
+        or not (isinstance(classes, int) and not isinstance(classes, bool) and classes >= 1)
+    ):
+        raise DataError(
+            f"run config ships a malformed data spec ({SPEC_KEYS[0]}={shape!r}, {SPEC_KEYS[1]}={classes!r}): "
+            "submit the run again with fedplug run --superlink"
+        )
+    channels, height, width = (int(size) for size in sizes)
+    return DataSpec((channels, height, width), classes)
 
 
 def check_data(config: Config) -> DataSpec:
