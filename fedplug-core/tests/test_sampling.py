@@ -171,3 +171,52 @@ def test_a_federation_where_no_node_can_take_part_stops_with_the_reasons() -> No
         node.error = "query raised DataError: no such file"
     with pytest.raises(RunFailed, match="no node can take part: query raised DataError: no such file"):
         Discovery(SlowGrid(nodes), wait=30.0, query=query).population(2)
+
+
+def test_a_node_whose_query_failed_is_asked_again_with_exponential_backoff_in_rounds() -> None:
+    """Queried in round 1, then 2, 4, 8, 16 while it fails (never twice a round); usable from its first good answer."""
+    nodes = federation(4, "at once")
+    flaky = next(node_id for node_id, node in nodes.items() if node.partition == 2)
+    reason = "query raised DataError: data /data/digits.parquet does not exist"
+    nodes[flaky].error = reason
+    grid = SlowGrid(nodes)
+    discovery = Discovery(grid, wait=30.0, query=query)
+    everyone = Sampling(1.0, 1.0, 2, 2, 2)
+    asked_in, drawn, reported = [], {}, {}
+    for server_round in range(1, 21):
+        before = grid.queries[flaky]
+        drawn[server_round] = [info.partition for info in sample(discovery, everyone, SEED, server_round, train=True)]
+        drawn[server_round] += [info.partition for info in sample(discovery, everyone, SEED, server_round, False)]
+        asked_in += [server_round] * (grid.queries[flaky] - before)
+        reported[server_round] = discovery.take_unusable()
+        if server_round == 10:  # its operator fixed the data: the next query (round 16) finds it
+            nodes[flaky].error = ""
+    assert asked_in == [1, 2, 4, 8, 16], asked_in
+    assert all(drawn[r] == [0, 1, 3, 0, 1, 3] for r in range(1, 16)), drawn
+    assert all(drawn[r] == [0, 1, 2, 3, 0, 1, 2, 3] for r in range(16, 21)), drawn
+    assert reported[1] == [
+        {"node": flaky, "reason": "query raised DataError: data /data/digits.parquet does not exist"}
+    ]
+    assert not any(reported[r] for r in range(2, 21)), reported  # reported once, in the round it was found
+    assert {node: count for node, count in grid.queries.items() if node != flaky} == dict.fromkeys(
+        [node for node in nodes if node != flaky], 1
+    )
+
+
+def test_the_backoff_reaches_its_longest_gap_and_a_silent_node_holds_a_round_retry_wait_at_most() -> None:
+    nodes = federation(3, "at once")
+    failing = next(node_id for node_id, node in nodes.items() if node.partition == 0)
+    nodes[failing].error = "query raised RuntimeError: node unavailable"
+    grid = SlowGrid(nodes)
+    discovery = Discovery(grid, wait=60.0, query=query, retry_wait=0.5)
+    asked_in, seconds = [], {}
+    for server_round in range(1, 81):
+        if server_round == 64:  # from now on it is silent: its query of round 64 is never answered
+            nodes[failing].answers = float("inf")
+        before, started = grid.queries[failing], time.monotonic()
+        assert discovery.population(2, server_round) == [1, 2]
+        seconds[server_round] = time.monotonic() - started
+        asked_in += [server_round] * (grid.queries[failing] - before)
+    assert asked_in == [1, 2, 4, 8, 16, 32, 48, 64], asked_in  # gaps 1, 2, 4, 8, 16, then at most 16
+    assert 0.5 <= seconds[64] < 5.0, seconds[64]  # retry_wait, not wait
+    assert max(seconds[r] for r in range(65, 81)) < 0.5  # an unanswered query is not asked again nor waited for

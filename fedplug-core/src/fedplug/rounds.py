@@ -93,6 +93,10 @@ JOIN_TIMEOUT = 120.0
 """Seconds the loop waits at least for a node to answer the discovery query (its start-up included)."""
 POLL_SECONDS = 0.2
 """How often discovery looks for new nodes and answers while a round waits for them."""
+RETRY_WAIT = 10.0
+"""Seconds a round waits at most for the answer of a node queried again (see ``Discovery``)."""
+MAX_BACKOFF_ROUNDS = 16
+"""The longest a node whose query failed waits for its next query, in rounds (see ``Discovery``)."""
 
 
 class RunFailed(RuntimeError):
@@ -142,10 +146,23 @@ class Discovery:
     partitioned federation (nodes declare ``num-partitions`` N > 0) a node whose partition is
     outside ``0..N-1``, whose N differs from the first node's, or whose partition another node
     holds already, is unusable too.
+
+    A node whose query failed (an error reply: its data was missing, its SuperNode was offline)
+    is asked again with exponential back-off in rounds: the round after its query, then 2, 4,
+    8 and at most ``MAX_BACKOFF_ROUNDS`` rounds after the last one, so that a node which recovers
+    takes part again and one that does not costs a query in ever fewer rounds. The schedule
+    depends on the rounds alone; a round waits at most ``retry_wait`` seconds for such an answer
+    (an answer that comes later is taken when it arrives).
     """
 
-    def __init__(self, grid: Grid, wait: float, query: Callable[[int], Message] = query_message) -> None:
-        self.grid, self.wait, self.query = grid, wait, query
+    def __init__(
+        self,
+        grid: Grid,
+        wait: float,
+        query: Callable[[int], Message] = query_message,
+        retry_wait: float = RETRY_WAIT,
+    ) -> None:
+        self.grid, self.wait, self.query, self.retry_wait = grid, wait, query, min(retry_wait, wait)
         self.nodes: dict[int, NodeInfo] = {}
         """Usable nodes by partition."""
         self.unusable: dict[int, str] = {}
@@ -159,6 +176,11 @@ class Discovery:
         self._answered: set[int] = set()
         self._reported: set[int] = set()  # unusable nodes that take_unusable has returned
         self._started = 0.0  # when the first poll began
+        self._round: int | None = None  # the round whose population is being found (None: outside rounds)
+        self._failed: dict[int, int] = {}  # node id -> failed queries in a row
+        self._sent_in: dict[int, int] = {}  # node id -> round in which its last query was sent (0: before rounds)
+        self._retry_in: dict[int, int] = {}  # node id -> round in which to query it again
+        self._retrying: dict[int, float] = {}  # node id -> when its query was sent again, until it answers
 
     def _since_start(self) -> float:
         return time.monotonic() - self._started
@@ -167,10 +189,15 @@ class Discovery:
         """Ask the nodes listed since the last poll; take the answers that have arrived."""
         self._started = self._started or time.monotonic()
         listed = [node for node in self.grid.get_node_ids() if node not in self._asked]
-        if listed:
-            self._pending.update(self.grid.push_messages([self.query(node) for node in listed]))
+        due = sorted(node for node, due in self._retry_in.items() if self._round is not None and self._round >= due)
+        if listed or due:
+            self._pending.update(self.grid.push_messages([self.query(node) for node in [*listed, *due]]))
             now = time.monotonic()
             self._asked.update(dict.fromkeys(listed, now))
+            self._sent_in.update(dict.fromkeys([*listed, *due], self._round or 0))
+            self._retrying.update(dict.fromkeys(due, now))
+            for node in due:
+                del self._retry_in[node]
         if self._pending:
             replies = list(self.grid.pull_messages(sorted(self._pending)))
             self._pending.difference_update(reply.metadata.reply_to_message_id for reply in replies)
@@ -183,11 +210,17 @@ class Discovery:
     def _take(self, reply: Message) -> None:
         node = reply.metadata.src_node_id
         self._answered.add(node)
+        self._retrying.pop(node, None)
         reason = self._refusal(reply)
         if reason is not None:
             self.unusable.setdefault(node, reason)
+            if reply.has_error():  # it may recover: ask again later, ever less often
+                self._failed[node] = self._failed.get(node, 0) + 1
+                backoff = min(2 ** (self._failed[node] - 1), MAX_BACKOFF_ROUNDS)
+                self._retry_in[node] = self._sent_in.get(node, 0) + backoff
             return
-        self.unusable.pop(node, None)  # it had not answered in time: it takes part from now on
+        self._failed.pop(node, None)
+        self.unusable.pop(node, None)  # it had not answered in time, or failed before: it takes part from now on
         info = reply.content[NODE_RECORD]
         partition = int(info["partition-id"])  # type: ignore[arg-type]
         self.nodes[partition] = NodeInfo(
@@ -216,9 +249,11 @@ class Discovery:
         return None
 
     def _waiting(self) -> bool:
-        """Whether a query sent less than ``wait`` seconds ago is unanswered."""
+        """Whether a query sent less than ``wait`` seconds ago (``retry_wait`` for a query sent again) is unanswered."""
         now = time.monotonic()
-        return any(now - sent < self.wait for node, sent in self._asked.items() if node not in self._answered)
+        return any(now - sent < self.wait for node, sent in self._asked.items() if node not in self._answered) or any(
+            now - sent < self.retry_wait for sent in self._retrying.values()
+        )
 
     def _give_up(self) -> None:
         """Nodes whose query has waited ``wait`` seconds are unusable (an answer later makes them usable)."""
@@ -227,14 +262,17 @@ class Discovery:
             if node not in self._answered and now - sent >= self.wait and node not in self.unusable:
                 self.unusable[node] = f"no answer to the discovery query within {self.wait:g} s"
 
-    def population(self, needed: int) -> list[int]:
-        """The partitions a round draws from (see the module's docstring), once every listed node has answered.
+    def population(self, needed: int, server_round: int | None = None) -> list[int]:
+        """The partitions round ``server_round`` draws from (see the module's docstring), once every listed node has
+        answered.
 
         Waits until each node the Grid lists has answered the query or waited ``wait`` seconds
         for it; in a partitioned federation also until all N nodes are listed (for at most
         ``wait`` seconds after discovery began), else until ``needed`` nodes are usable (for
-        at most ``wait`` seconds per round).
+        at most ``wait`` seconds per round). Nodes whose query failed are asked again in the
+        rounds their back-off gives (not when ``server_round`` is None).
         """
+        self._round = server_round
         began = time.monotonic()
 
         def complete() -> bool:
@@ -283,7 +321,7 @@ def sample(discovery: Discovery, sampling: Sampling, seed: int, server_round: in
     )
     if fraction <= 0:
         return []
-    population = discovery.population(sampling.min_available_nodes)
+    population = discovery.population(sampling.min_available_nodes, server_round)
     chosen = draw(population, fraction, minimum, seed, server_round, 0 if train else 1)
     return [discovery.nodes[partition] for partition in chosen]
 
