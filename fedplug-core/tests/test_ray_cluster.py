@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import psutil
@@ -29,15 +29,28 @@ def free_port() -> int:
 
 @pytest.fixture
 def ray_head() -> Iterator[tuple[str, Path]]:
-    """(address, temporary folder) of a Ray head on loopback (``ray start --head --block``), in a process
-    group of its own that the fixture ends; its own folder, so it shares nothing with other tests' Ray."""
+    """(address, temporary folder) of a Ray head on loopback with 2 CPUs."""
+    with running_head("--num-cpus=2") as head:
+        yield head
+
+
+@contextmanager
+def running_head(*resources: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, Path]]:
+    """(address, temporary folder) of a Ray head on loopback (``ray start --head --block``) with ``resources``, in a
+    process group of its own that ends with the block; its own folder, so it shares nothing with other tests' Ray."""
     port, temp = free_port(), tempfile.mkdtemp(prefix="fp-ray-")  # short: Ray's socket paths have a length limit
     command = [
         str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
-        "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1", *resources, "--include-dashboard=false", "--disable-usage-stats",
         f"--temp-dir={temp}",
     ]  # fmt: skip
-    head = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
     try:
         wait_for(lambda: port_open("127.0.0.1", port) or head.poll() is not None, 120, "the Ray head")
         assert head.poll() is None, "ray start --head failed"
@@ -75,7 +88,45 @@ def test_a_run_on_a_running_ray_cluster_leaves_the_cluster_running(ray_head: tup
     assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[2]["train-nodes"] == 3
     assert rounds[2]["centralized-accuracy"] > rounds[0]["centralized-accuracy"]
     assert processes_of(out) == [], "processes of the run outlived it"
-    # the run's driver (its simulation process) connected to this cluster, which logged it and still answers
-    assert len(list(folder.glob("session_latest/logs/python-core-driver-*.log"))) == 1
+    # two drivers connected to this cluster, which logged them and still answers: the plan's check of the client
+    # resources against the cluster's (connect, read, disconnect) and the run's simulation process
+    assert len(list(folder.glob("session_latest/logs/python-core-driver-*.log"))) == 2
     host, port = address.split(":")
     assert port_open(host, int(port)), "the cluster stopped answering"
+
+
+def test_client_resources_are_checked_against_the_cluster_and_client_gpus_0_hides_the_gpus(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cluster of 1 CPU and 1 GPU (declared: this machine has none) whose workers would see GPU 0: Ray 2.55 empties
+    CUDA_VISIBLE_DEVICES for a task without GPUs only by a default it has announced it will drop (its FutureWarning);
+    the cluster here runs with that default dropped already."""
+    import ray
+
+    from fedplug import machine
+    from fedplug.errors import ConfigError
+    from fedplug.plan import plan_run
+    from fedplug.simulation import start_ray
+
+    assert machine.cores() >= 2 and machine.gpus() == 0, "this test needs a machine of 2 cores or more and no GPU"
+    gpu_0 = {"CUDA_VISIBLE_DEVICES": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    with running_head("--num-cpus=1", "--num-gpus=1", env=gpu_0) as (address, _):
+        # --client-cpus: this machine has the cores, the cluster does not
+        with pytest.raises(ConfigError, match="more than the 1 CPUs of the Ray cluster at"):
+            plan_run("numpy", {}, client_cpus=machine.cores(), ray_address=address, create=False)
+        # --client-gpus: the cluster has the GPU, this machine does not; by default the clients share it
+        assert plan_run("numpy", {}, client_gpus=1.0, ray_address=address, create=False).engine.client_gpus == 1.0
+        assert plan_run("numpy", {}, ray_address=address, create=False).engine.client_gpus == 1.0
+        with pytest.raises(ConfigError, match=r"the Ray cluster at .* has only 1 GPUs"):
+            plan_run("numpy", {}, client_gpus=2.0, ray_address=address, create=False)
+
+        @ray.remote(num_cpus=1, num_gpus=0)
+        def visible() -> str | None:
+            return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+        monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # start_ray sets it: restored after
+        start_ray(1.0, 0.0, address=address, log_to_driver=False)  # as the simulation starts it for --client-gpus 0
+        try:
+            assert ray.get(visible.remote(), timeout=120) == ""  # before the fix (measured): "0"
+        finally:
+            ray.shutdown()

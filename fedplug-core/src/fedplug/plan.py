@@ -13,6 +13,7 @@ started or written then. The result, a :class:`RunPlan`, is what the engines run
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -102,14 +103,13 @@ def plan_run(
             raise ConfigError("--ray-address is for the Simulation Engine; a run on a SuperLink uses the SuperNodes")
         chosen = find_backend(backend) if backend is not None else None
         return _plan_deployed(chosen, with_preset(chosen, preset, overrides), out, superlink, ca_cert, insecure)
-    machine.check_resources(client_cpus, client_gpus)
-    if ray_address is not None:
+    if ray_address is None:
+        machine.check_resources(client_cpus, client_gpus)
+        gpus = machine.gpu_share(client_cpus) if client_gpus is None else client_gpus
+    else:
         check_ray_address(ray_address)
-    engine = Engine(
-        client_cpus=client_cpus,
-        client_gpus=machine.gpu_share(client_cpus) if client_gpus is None else client_gpus,
-        ray_address=ray_address,
-    )
+        gpus = check_cluster_resources(ray_address, client_cpus, client_gpus)
+    engine = Engine(client_cpus=client_cpus, client_gpus=gpus, ray_address=ray_address)
     if resume is not None:
         if preset:
             raise ConfigError(
@@ -204,6 +204,45 @@ def check_ray_address(address: str) -> None:
         ) from None
     if not port_open(host, port, timeout=3.0):
         raise ConfigError(f"no Ray cluster answers at {address}: start one with `ray start --head --port {port}`")
+
+
+def cluster_resources(address: str) -> tuple[float, float]:
+    """``(CPUs, GPUs)`` of the running Ray cluster at ``address`` (``ray.cluster_resources()``): connect, read,
+    disconnect (the cluster keeps running)."""
+    import logging
+
+    import ray
+
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise ConfigError(f"cannot connect to the Ray cluster at {address} ({error}); check --ray-address") from None
+    try:
+        resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    finally:
+        ray.shutdown()
+    return float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
+
+
+def check_cluster_resources(address: str, client_cpus: float, client_gpus: float | None) -> float:
+    """``--client-cpus``/``--client-gpus`` against the Ray cluster at ``address``, not this machine; the GPUs per
+    client: ``client_gpus``, or (``None``) the cluster's GPUs shared by the clients that run at once."""
+    if not math.isfinite(client_cpus) or client_cpus <= 0:
+        raise ConfigError(f"--client-cpus must be a positive number of cores, e.g. 1 or 0.5; got {client_cpus}")
+    if client_gpus is not None and (not math.isfinite(client_gpus) or client_gpus < 0):
+        raise ConfigError(f"--client-gpus must be 0 or a positive number of GPUs, e.g. 0.5; got {client_gpus}")
+    cpus, gpus = cluster_resources(address)
+    if client_cpus > cpus:
+        raise ConfigError(
+            f"--client-cpus {client_cpus:g} is more than the {cpus:g} CPUs of the Ray cluster at {address}; "
+            f"use at most {cpus:g}"
+        )
+    if client_gpus is None:
+        return round(gpus / max(1, int(cpus // client_cpus)), 4) if gpus else 0.0
+    if client_gpus > gpus:
+        have = f"has only {gpus:g} GPUs; use at most {gpus:g}" if gpus else "has no GPU; leave it out or use 0"
+        raise ConfigError(f"--client-gpus {client_gpus:g}: the Ray cluster at {address} {have}")
+    return client_gpus
 
 
 def check_out_folder(out: Path) -> None:

@@ -73,7 +73,19 @@ def worker_threads(client_cpus: float) -> str:
     return os.environ.get("OMP_NUM_THREADS") or str(max(1, math.floor(client_cpus)))
 
 
-def start_ray(client_cpus: float, **init_args: Any) -> None:
+# -- --client-gpus 0: no GPU for the simulated clients (issue 26) ---------------------------------------------------
+def hidden_gpus(client_gpus: float | None) -> dict[str, str]:
+    """``CUDA_VISIBLE_DEVICES=""`` for every Ray worker when the clients get no GPU (``client_gpus`` 0), from the
+    worker's start. Ray 2.55 empties it only when a task that asks for no GPU begins, and has announced that it will
+    stop doing so (``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0`` stops it today): PyTorch, JAX and TensorFlow would then
+    see and use every GPU of the machine. Nothing otherwise: Ray gives each client that asks for GPUs its own."""
+    return {"CUDA_VISIBLE_DEVICES": ""} if client_gpus is not None and client_gpus <= 0 else {}
+
+
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def start_ray(client_cpus: float, client_gpus: float | None = None, **init_args: Any) -> None:
     """Start Ray for Flower's Simulation Engine, as Flower's Ray backend would (it then uses this one),
     or connect to a running Ray cluster (``address``: ``auto`` or its head's HOST:PORT).
 
@@ -82,6 +94,7 @@ def start_ray(client_cpus: float, **init_args: Any) -> None:
     (:func:`fedplug.flower_adapter.import_simulation_without_tensorflow`), and their native thread
     pools sized by :func:`worker_threads`. A cluster this run connected to keeps running when the run
     ends: ``ray.shutdown`` only disconnects from it, and its processes are not in this run's process group.
+    ``client_gpus`` 0: the workers see no GPU (:func:`hidden_gpus`).
     """
     import ray
 
@@ -90,7 +103,11 @@ def start_ray(client_cpus: float, **init_args: Any) -> None:
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
     runtime_env = {
-        "env_vars": {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": worker_threads(client_cpus)},
+        "env_vars": {
+            "PYTHONPATH": pythonpath,
+            "OMP_NUM_THREADS": worker_threads(client_cpus),
+            **hidden_gpus(client_gpus),  # --client-gpus 0
+        },
         "worker_process_setup_hook": "fedplug.flower_adapter.import_simulation_without_tensorflow",
     }
     ray.init(runtime_env=runtime_env, **init_args)
@@ -150,6 +167,7 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float, r
     app_dir = write_flower_app(Path(os.environ["FLWR_HOME"]), config, portable=False)
     start_ray(
         client_cpus,
+        client_gpus,
         address=ray_address or None,
         include_dashboard=False,
         log_to_driver=verbose,
