@@ -21,7 +21,8 @@ import subprocess
 import sys
 import time
 import uuid
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from importlib import resources
 from pathlib import Path
 
@@ -63,40 +64,33 @@ def marked(value: str) -> list[psutil.Process]:
     return found
 
 
-def test_insecure_demo_federation_with_embedded_partitions(tmp_path: Path) -> None:
+@contextmanager
+def insecure_federation(folder: Path, nodes: list[list[str]]) -> Iterator[tuple[str, dict[str, str], list[Path]]]:
+    """``fedplug superlink --insecure`` on loopback and a ``fedplug supernode numpy --insecure`` per entry of
+    ``nodes`` (its data options), each connected: yields (address, environment, outputs, the SuperLink's first).
+    After the block every command gets Ctrl-C; each must end with exit code 130 and leave no process behind."""
     port, mark = free_port(), uuid.uuid4().hex
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "FEDPLUG_PLUGINS": "", "FLWR_TELEMETRY_ENABLED": "0", MARK: mark}
     started: list[tuple[subprocess.Popen[bytes], Path]] = []
 
     def start(name: str, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
-        output = tmp_path / f"{name}.out"
+        output = folder / f"{name}.out"
         with open(output, "wb") as file:
-            process = subprocess.Popen([FEDPLUG, *args], stdout=file, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+            process = subprocess.Popen([FEDPLUG, *args], stdout=file, stderr=subprocess.STDOUT, env=env, cwd=folder)
         started.append((process, output))
         return process, output
 
     try:
         link, link_out = start("superlink", "superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port))
         wait_for_line(link_out, "SuperLink ready", link)
-        assert "--insecure: no TLS and no SuperNode authentication" in link_out.read_text()
-        for index in range(2):
+        for index, data in enumerate(nodes):
             node, node_out = start(
-                f"node{index}", "supernode", "numpy", "--superlink", address, "--insecure", "--data", "embedded",
-                "--partition-id", str(index), "--num-partitions", "2", "--log", f"node{index}.log",
+                f"node{index}", "supernode", "numpy", "--superlink", address, "--insecure", *data,
+                "--log", f"node{index}.log",
             )  # fmt: skip
             wait_for_line(node_out, "connected to", node)
-        out = tmp_path / "results"
-        done = subprocess.run(
-            [FEDPLUG, "run", "numpy", "--superlink", address, "--insecure", "--rounds", "1", "--dataset", "embedded",
-             "--fraction-evaluate", "0", "--run-config", "hidden-dims='32'", "--out", str(out)],
-            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stdout + done.stderr
-        rounds = json.loads((out / "metrics.json").read_text())["rounds"]
-        assert [r["round"] for r in rounds] == [0, 1]
-        assert rounds[1]["train-nodes"] == 2 and rounds[1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"]
-        assert sorted(rounds[1]["train-partitions"]) == [0, 1]
+        yield address, env, [output for _, output in started]
     finally:
         for process, _ in started:  # Ctrl-C
             with suppress(ProcessLookupError):
@@ -110,6 +104,23 @@ def test_insecure_demo_federation_with_embedded_partitions(tmp_path: Path) -> No
                 proc.kill()
     assert not left, f"processes outlived their fedplug command: {left}"
     assert all(process.returncode == 130 for process, _ in started), [p.returncode for p, _ in started]
+
+
+def test_insecure_demo_federation_with_embedded_partitions(tmp_path: Path) -> None:
+    nodes = [["--data", "embedded", "--partition-id", str(index), "--num-partitions", "2"] for index in range(2)]
+    with insecure_federation(tmp_path, nodes) as (address, env, outputs):
+        assert "--insecure: no TLS and no SuperNode authentication" in outputs[0].read_text()
+        out = tmp_path / "results"
+        done = subprocess.run(
+            [FEDPLUG, "run", "numpy", "--superlink", address, "--insecure", "--rounds", "1", "--dataset", "embedded",
+             "--fraction-evaluate", "0", "--run-config", "hidden-dims='32'", "--out", str(out)],
+            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert rounds[1]["train-nodes"] == 2 and rounds[1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"]
+    assert sorted(rounds[1]["train-partitions"]) == [0, 1]
 
 
 def digits(rows: slice, side: int = 28) -> tuple[np.ndarray, np.ndarray]:
@@ -162,33 +173,13 @@ def test_a_run_on_a_superlink_ships_its_data_spec_which_no_user_sets(tmp_path: P
 def test_a_deployed_run_trains_without_the_coordinators_dataset_and_refuses_a_node_of_another_shape(
     tmp_path: Path,
 ) -> None:
-    port, mark = free_port(), uuid.uuid4().hex
-    address = f"127.0.0.1:{port}"
-    env = {**os.environ, "FEDPLUG_PLUGINS": "", "FLWR_TELEMETRY_ENABLED": "0", MARK: mark}
     files = [
         write_parquet(tmp_path / "owner-1" / "digits.parquet", *digits(slice(0, 600))),
         write_parquet(tmp_path / "owner-2" / "digits.parquet", *digits(slice(600, 1200))),
         write_parquet(tmp_path / "owner-3" / "small-digits.parquet", *digits(slice(1200, 1800), side=14)),
     ]
     coordinator = write_parquet(tmp_path / "coordinator-only" / "digits.parquet", *digits(slice(1800, 2000)))
-    started: list[tuple[subprocess.Popen[bytes], Path]] = []
-
-    def start(name: str, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
-        output = tmp_path / f"{name}.out"
-        with open(output, "wb") as file:
-            process = subprocess.Popen([FEDPLUG, *args], stdout=file, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-        started.append((process, output))
-        return process, output
-
-    try:
-        link, link_out = start("superlink", "superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port))
-        wait_for_line(link_out, "SuperLink ready", link)
-        for index, path in enumerate(files):
-            node, node_out = start(
-                f"node{index}", "supernode", "numpy", "--superlink", address, "--insecure", "--data", str(path),
-                "--log", f"node{index}.log",
-            )  # fmt: skip
-            wait_for_line(node_out, "connected to", node)
+    with insecure_federation(tmp_path, [["--data", str(path)] for path in files]) as (address, _, _):
         out = tmp_path / "results"
         plan = plan_run(
             "numpy",
@@ -201,18 +192,6 @@ def test_a_deployed_run_trains_without_the_coordinators_dataset_and_refuses_a_no
         assert plan.config["centralized-eval"] is False  # a file has no test split: the server evaluates nothing
         shutil.rmtree(coordinator.parent)  # the nodes (and the ServerApp) must not need it
         result = _run_deployed(plan, verbose=False, quiet=True, started=time.monotonic())
-    finally:
-        for process, _ in started:  # Ctrl-C
-            with suppress(ProcessLookupError):
-                process.send_signal(signal.SIGINT)
-        for process, _ in started:
-            with suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=30)
-        left = marked(mark)
-        for proc in left:
-            with suppress(psutil.Error):
-                proc.kill()
-    assert not left, f"processes outlived their fedplug command: {left}"
     assert result.status == "finished", result.reason
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1]
