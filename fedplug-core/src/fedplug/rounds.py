@@ -25,8 +25,9 @@ It drives one of Flower's strategies through their public methods and the Grid's
     round begins (the loop waits for ``min-available-nodes`` of them). Nodes join and leave
     over time, so this population may differ between two runs; the draw from it does not.
 
-- **Discovery is separate** (``Discovery``): one query per node, sent once, its answer
-  (partition id, backend, data sizes) collected whenever it arrives.
+- **Discovery is separate** (``Discovery``): one query per node, its answer (partition id,
+  backend, data sizes) collected whenever it arrives; sent again, with back-off in rounds, to
+  a node whose query failed.
 - Every reply is screened before the strategy sees it (``fedplug.validation``); a
   refused reply, an error reply and a missing reply (``round-timeout``) are failures of
   that node in that round, recorded with their reason.
