@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -112,8 +113,11 @@ def test_client_resources_are_checked_against_the_cluster_and_client_gpus_0_hide
     gpu_0 = {"CUDA_VISIBLE_DEVICES": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
     with running_head("--num-cpus=1", "--num-gpus=1", env=gpu_0) as (address, _):
         # --client-cpus: this machine has the cores, the cluster does not
-        with pytest.raises(ConfigError, match="more than the 1 CPUs of the Ray cluster at"):
+        refused = pytest.raises(ConfigError, match="more than the 1 CPUs of the Ray cluster at")
+        with warnings.catch_warnings(record=True) as warned, refused:  # the error is the one line on stderr
+            warnings.simplefilter("always")
             plan_run("numpy", {}, client_cpus=machine.cores(), ray_address=address, create=False)
+        assert not [str(w.message) for w in warned if "ray" in w.filename], "Ray warned on stderr"
         # --client-gpus: the cluster has the GPU, this machine does not; by default the clients share it
         assert plan_run("numpy", {}, client_gpus=1.0, ray_address=address, create=False).engine.client_gpus == 1.0
         assert plan_run("numpy", {}, ray_address=address, create=False).engine.client_gpus == 1.0

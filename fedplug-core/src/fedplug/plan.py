@@ -210,11 +210,14 @@ def cluster_resources(address: str) -> tuple[float, float]:
     """``(CPUs, GPUs)`` of the running Ray cluster at ``address`` (``ray.cluster_resources()``): connect, read,
     disconnect (the cluster keeps running)."""
     import logging
+    import warnings
 
     import ray
 
     try:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+        with warnings.catch_warnings():  # Ray's FutureWarning about accelerators: a mistake is one line on stderr
+            warnings.simplefilter("ignore")
+            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise ConfigError(f"cannot connect to the Ray cluster at {address} ({error}); check --ray-address") from None
     try:
