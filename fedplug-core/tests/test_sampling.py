@@ -220,3 +220,20 @@ def test_the_backoff_reaches_its_longest_gap_and_a_silent_node_holds_a_round_ret
     assert asked_in == [1, 2, 4, 8, 16, 32, 48, 64], asked_in  # gaps 1, 2, 4, 8, 16, then at most 16
     assert 0.5 <= seconds[64] < 5.0, seconds[64]  # retry_wait, not wait
     assert max(seconds[r] for r in range(65, 81)) < 0.5  # an unanswered query is not asked again nor waited for
+
+
+def test_a_failed_node_that_the_grid_no_longer_lists_is_asked_again_once_it_is_listed_again() -> None:
+    nodes = federation(3, "at once")
+    gone = next(node_id for node_id, node in nodes.items() if node.partition == 1)
+    nodes[gone].error = "query raised RuntimeError: node unavailable"
+    grid = SlowGrid(nodes)
+    discovery = Discovery(grid, wait=60.0, query=query, retry_wait=30.0)
+    asked_in, seconds = [], []
+    for server_round in range(1, 9):
+        nodes[gone].joins = float("inf") if 3 <= server_round <= 5 else 0.0  # its SuperNode is away in rounds 3-5
+        before, started = grid.queries[gone], time.monotonic()
+        assert discovery.population(2, server_round) == [0, 2]
+        seconds.append(time.monotonic() - started)
+        asked_in += [server_round] * (grid.queries[gone] - before)
+    assert asked_in == [1, 2, 6], asked_in  # due in round 4, but not listed then: asked when it is back
+    assert max(seconds) < 5.0, seconds  # never waited for a query it could not get

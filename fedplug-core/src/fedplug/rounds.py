@@ -189,8 +189,10 @@ class Discovery:
     def poll(self) -> None:
         """Ask the nodes listed since the last poll; take the answers that have arrived."""
         self._started = self._started or time.monotonic()
-        listed = [node for node in self.grid.get_node_ids() if node not in self._asked]
-        due = sorted(node for node, due in self._retry_in.items() if self._round is not None and self._round >= due)
+        current = self.grid.get_node_ids()
+        listed = [node for node in current if node not in self._asked]
+        # a node whose query failed, when its round has come and the Grid lists it (one gone is asked once back)
+        due = sorted(node for node in current if node in self._retry_in and (self._round or 0) >= self._retry_in[node])
         if listed or due:
             self._pending.update(self.grid.push_messages([self.query(node) for node in [*listed, *due]]))
             now = time.monotonic()
