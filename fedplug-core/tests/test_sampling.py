@@ -203,11 +203,16 @@ def test_a_node_whose_query_failed_is_asked_again_with_exponential_backoff_in_ro
     )
 
 
-def test_the_backoff_reaches_its_longest_gap_and_a_silent_node_holds_a_round_retry_wait_at_most() -> None:
+def one_failing(partition: int) -> tuple[dict[int, Node], int, SlowGrid]:
+    """Three partitioned nodes, the one of ``partition`` answering the query with an error; their Grid."""
     nodes = federation(3, "at once")
-    failing = next(node_id for node_id, node in nodes.items() if node.partition == 0)
+    failing = next(node_id for node_id, node in nodes.items() if node.partition == partition)
     nodes[failing].error = "query raised RuntimeError: node unavailable"
-    grid = SlowGrid(nodes)
+    return nodes, failing, SlowGrid(nodes)
+
+
+def test_the_backoff_reaches_its_longest_gap_and_a_silent_node_holds_a_round_retry_wait_at_most() -> None:
+    nodes, failing, grid = one_failing(0)
     discovery = Discovery(grid, wait=60.0, query=query, retry_wait=0.5)
     asked_in, seconds = [], {}
     for server_round in range(1, 81):
@@ -223,10 +228,7 @@ def test_the_backoff_reaches_its_longest_gap_and_a_silent_node_holds_a_round_ret
 
 
 def test_a_failed_node_that_the_grid_no_longer_lists_is_asked_again_once_it_is_listed_again() -> None:
-    nodes = federation(3, "at once")
-    gone = next(node_id for node_id, node in nodes.items() if node.partition == 1)
-    nodes[gone].error = "query raised RuntimeError: node unavailable"
-    grid = SlowGrid(nodes)
+    nodes, gone, grid = one_failing(1)
     discovery = Discovery(grid, wait=60.0, query=query, retry_wait=30.0)
     asked_in, seconds = [], []
     for server_round in range(1, 9):
