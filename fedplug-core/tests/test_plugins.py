@@ -59,7 +59,7 @@ def test_hookimpl_is_exported_at_top_level() -> None:
 def test_hook_names_carry_the_project_prefix() -> None:
     manager = new_plugin_manager()
     hooks = [name for name in dir(manager.hook) if not name.startswith("_")]
-    assert hooks == ["fedplug_register_backends"]
+    assert hooks == ["fedplug_register_backends", "fedplug_register_strategies"]
 
 
 def test_one_plugin_registers_several_backends() -> None:

@@ -22,6 +22,7 @@ from fedplug.backend import (  # noqa: E402
 )
 from fedplug.errors import ConfigError, DeployError, FedplugError, RunError, UnavailableError  # noqa: E402
 from fedplug.hookspecs import hookimpl  # noqa: E402
+from fedplug.strategy_contract import Parameter, Strategy  # noqa: E402
 from fedplug.version import __version__  # noqa: E402
 
 if TYPE_CHECKING:
@@ -53,9 +54,11 @@ __all__ = [
     "Implementation",
     "ModelError",
     "NumpyImplementation",
+    "Parameter",
     "RunError",
     "RunResult",
     "Scalar",
+    "Strategy",
     "UnavailableError",
     "Weights",
     "__version__",

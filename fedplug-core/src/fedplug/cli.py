@@ -9,7 +9,6 @@ a mistake). Only light modules are imported at start-up so that ``fedplug --help
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,25 +50,34 @@ def errors_as_exit() -> Iterator[None]:
 @app.command("list")
 def list_backends(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    strategies: Annotated[
+        bool, typer.Option("--strategies", help="Only the strategies (with --json: theirs).")
+    ] = False,
 ) -> None:
-    """List installed backends, their distributions and frameworks, and broken plugins."""
-    from fedplug.display import backends_rows, backends_table, console
+    """List installed backends and strategies, their distributions, and broken plugins."""
+    from fedplug.display import backends_rows, backends_table, console, list_json, strategies_rows, strategies_table
 
-    rows = backends_rows(get_registry())
+    registry = get_registry()
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-    else:
-        console.print(backends_table(rows))
+        typer.echo(list_json(registry, strategies))
+        return
+    if not strategies:
+        console.print(backends_table(backends_rows(registry)))
+    console.print(strategies_table(strategies_rows(registry)))
 
 
 @app.command()
-def info(backend: Annotated[str, typer.Argument(help="Backend name, e.g. torch.")]) -> None:
-    """Show a backend's models, quickstart dataset, conformance tier and default run config."""
+def info(name: Annotated[str, typer.Argument(help="Backend or strategy name, e.g. torch or fedadam.")]) -> None:
+    """Show a backend's models, tier and default run config, or a strategy's parameters and their ranges."""
     from fedplug.availability import find_backend
-    from fedplug.display import show_info
+    from fedplug.display import show_info, show_strategy
 
     with errors_as_exit():
-        show_info(find_backend(backend))
+        entry = get_registry().strategies.get(name)
+        if entry is not None and name not in get_registry().backends:
+            show_strategy(entry.strategy, f"{entry.distribution} {entry.version} (plugin '{entry.plugin}')")
+        else:
+            show_info(find_backend(name))
 
 
 @app.command()
