@@ -1,4 +1,4 @@
-"""The ``fedplug`` command: list, info, run, certificates, superlink, supernode, register and new-backend.
+"""The ``fedplug`` command: list, info, run, certificates, superlink, supernode, register, new-backend/-strategy.
 
 Typer only: each command reads its arguments and calls the function that does the work
 (``fedplug.run()`` for ``run``, :mod:`fedplug.deployment` for the deployment commands).
@@ -50,20 +50,12 @@ def errors_as_exit() -> Iterator[None]:
 @app.command("list")
 def list_backends(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
-    strategies: Annotated[
-        bool, typer.Option("--strategies", help="Only the strategies (with --json: theirs).")
-    ] = False,
+    strategies: Annotated[bool, typer.Option("--strategies", help="Only the strategies (and broken plugins).")] = False,
 ) -> None:
     """List installed backends and strategies, their distributions, and broken plugins."""
-    from fedplug.display import backends_rows, backends_table, console, list_json, strategies_rows, strategies_table
+    from fedplug.display import print_list
 
-    registry = get_registry()
-    if as_json:
-        typer.echo(list_json(registry, strategies))
-        return
-    if not strategies:
-        console.print(backends_table(backends_rows(registry)))
-    console.print(strategies_table(strategies_rows(registry)))
+    print_list(get_registry(), as_json, strategies)
 
 
 @app.command()
@@ -322,23 +314,36 @@ def register(
     raise typer.Exit(code)
 
 
+NEW_DIRECTORY = Annotated[Path | None, typer.Argument(help="Where to create the project (default: ./fedplug-NAME).")]
+
+
 @app.command("new-backend")
 def new_backend(
     name: Annotated[str, typer.Argument(help="Backend name: a valid Python identifier, e.g. mything.")],
-    directory: Annotated[
-        Path | None, typer.Argument(help="Where to create the project (default: ./fedplug-NAME).")
-    ] = None,
+    directory: NEW_DIRECTORY = None,
 ) -> None:
     """Create a separately installable backend plugin project that passes the conformance suite."""
+    _new("backend", name, directory, f"fedplug run {name}")
+
+
+@app.command("new-strategy")
+def new_strategy(
+    name: Annotated[str, typer.Argument(help="Strategy name: a valid Python identifier, e.g. mystrategy.")],
+    directory: NEW_DIRECTORY = None,
+) -> None:
+    """Create a separately installable strategy plugin project that passes the strategy suite."""
+    _new("strategy", name, directory, f"fedplug run numpy --strategy {name}")
+
+
+def _new(kind: str, name: str, directory: Path | None, then: str) -> None:
     from fedplug.scaffold import ScaffoldError, scaffold
 
+    names = get_registry().backends if kind == "backend" else get_registry().strategies
     try:
-        target = scaffold(
-            name, directory or Path(f"fedplug-{name.replace('_', '-')}"), installed=set(get_registry().backends)
-        )
+        target = scaffold(name, directory or Path(f"fedplug-{name.replace('_', '-')}"), set(names), kind)
     except ScaffoldError as error:
         fail(str(error), code=2)
-    typer.echo(f"created {target}: pip install -e {target} && fedplug run {name}")
+    typer.echo(f"created {target}: pip install -e {target} && {then}")
 
 
 def main() -> None:

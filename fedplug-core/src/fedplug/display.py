@@ -133,6 +133,16 @@ def strategies_rows(registry: Registry) -> list[dict[str, Any]]:
     return rows
 
 
+def print_list(registry: Registry, as_json: bool, strategies: bool) -> None:
+    """What ``fedplug list`` prints: the backends' and the strategies' tables, or JSON (``list_json``)."""
+    if as_json:
+        print(list_json(registry, strategies))
+        return
+    if not strategies:
+        console.print(backends_table(backends_rows(registry)))
+    console.print(strategies_table(strategies_rows(registry)))
+
+
 def list_json(registry: Registry, strategies: bool) -> str:
     """``fedplug list --json``: backends and broken plugins; with ``--strategies``: strategies and broken plugins."""
     if not strategies:
