@@ -27,11 +27,18 @@ from fedplug.version import __version__  # noqa: E402
 
 if TYPE_CHECKING:
     from fedplug.api import RunResult, run
+    from fedplug.capabilities import NodeStep
     from fedplug.numpy_backend import NumpyImplementation
 
-_LAZY = {"run": "fedplug.api", "RunResult": "fedplug.api", "NumpyImplementation": "fedplug.numpy_backend"}
+_LAZY = {
+    "run": "fedplug.api",
+    "RunResult": "fedplug.api",
+    "NumpyImplementation": "fedplug.numpy_backend",
+    "NodeStep": "fedplug.capabilities",
+}
 """Names imported on first use, so that ``import fedplug`` stays light for plugins and the CLI: the Python
-API, and the reference implementation a new backend starts from (``fedplug new-backend``)."""
+API, the reference implementation a new backend starts from (``fedplug new-backend``), and what a
+strategy's node step receives (``NodeStep``, it imports Flower)."""
 
 
 def __getattr__(name: str) -> object:
@@ -53,6 +60,7 @@ __all__ = [
     "Framework",
     "Implementation",
     "ModelError",
+    "NodeStep",
     "NumpyImplementation",
     "Parameter",
     "RunError",

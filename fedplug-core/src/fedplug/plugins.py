@@ -230,6 +230,12 @@ def strategy_problem(strategy: object) -> str | None:
     unknown = set(strategy.composes) - set(COMPOSES)
     if not isinstance(strategy.composes, frozenset) or unknown:
         return f"{where}: composes must be a frozenset of {', '.join(COMPOSES)}; unknown: {sorted(unknown)}"
+    if strategy.needs and not (isinstance(strategy.node_step, str) and strategy.node_step.count(":") == 1):
+        return f"{where} needs {sorted(strategy.needs)}: name its node-side function in node_step = 'module:function'"
+    if "reply-arrays" in strategy.needs and not strategy.reply_records:
+        return f"{where} needs reply-arrays: name the extra ArrayRecords of a train reply in reply_records"
+    if strategy.reply_records and "reply-arrays" not in strategy.needs:
+        return f"{where} names reply_records but does not declare needs = frozenset({{'reply-arrays'}})"
     if strategy.state is None:
         return (
             f"{where} declares no checkpoint state: set state = () if it keeps nothing across rounds, "

@@ -113,6 +113,13 @@ class Strategy:
     state: ClassVar[tuple[str, ...] | None] = None
     """The attributes of the built strategy that change from round to round: what a checkpoint saves and
     restores, by name. ``()`` for a stateless strategy; ``None`` (undeclared) is refused at registration."""
+    reply_records: ClassVar[tuple[str, ...]] = ()
+    """Names of the extra ArrayRecords a node's train reply carries (``"reply-arrays"``), e.g. ``("control",)``:
+    the round loop screens them (finite numbers) and passes them to ``aggregate_train`` with the weights."""
+    node_step: ClassVar[str] = ""
+    """``"module:function"`` run on the node after the backend's ``train`` when the strategy ``needs`` a
+    capability: ``function(step: fedplug.NodeStep)`` reads and changes ``step.after``, ``step.state`` and
+    ``step.reply`` (``fedplug.capabilities``). Imported on the node, on first use."""
     composes: ClassVar[frozenset[str]] = frozenset()
     """Which of ``COMPOSES`` it works with: ``"dp"`` (Flower's DP wrappers around it keep their guarantee:
     it aggregates by a weighted mean of the clipped updates), ``"secagg"`` (it needs only the sum of the

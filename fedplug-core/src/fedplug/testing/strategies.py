@@ -13,7 +13,8 @@ does, in-process: ``configure_train``/``configure_evaluate`` see no node (fedplu
 and builds the messages), ``aggregate_train``/``aggregate_evaluate`` receive ``NODES`` replies
 built by ``reply``: each node's weights are the round's global model plus seeded noise, with
 ``num-examples``, ``loss`` and ``accuracy``; a strategy that ``needs`` ``"reply-arrays"`` gets
-the ArrayRecords named in ``reply_records`` too, shaped like the weights. Each check's docstring
+the ArrayRecords its descriptor names in ``reply_records`` too, shaped like the weights. Its
+node step (``node_step``) is run on its own, as the ClientApp runs it after a backend trained. Each check's docstring
 says what it guards and how to fix a failure.
 """
 
@@ -82,8 +83,9 @@ class StrategyConformance:
     strategy_name: ClassVar[str] = ""
     run_config: ClassVar[dict[str, Scalar]] = {}
     """``strategy.<param>`` values (and other run-config keys) the checks run with."""
-    reply_records: ClassVar[tuple[str, ...]] = ()
-    """Extra ArrayRecords (shaped like the weights) in each train reply, for a strategy needing ``reply-arrays``."""
+    sent_records: ClassVar[tuple[str, ...] | None] = None
+    """Extra ArrayRecords (shaped like the weights) the server's train message carries, for the node step's
+    check; None: those the descriptor's ``reply_records`` names (SCAFFOLD sends c and receives delta c_i)."""
     nodes: ClassVar[int] = NODES
     """Replies per round: a strategy that needs more (Bulyan with one malicious node: 7) says so."""
     atol: ClassVar[float] = 1e-6
@@ -91,7 +93,7 @@ class StrategyConformance:
 
     # -- building and driving --------------------------------------------------------
 
-    @pytest.fixture(scope="class")
+    @pytest.fixture
     def descriptor(self) -> Strategy:
         entry = get_registry().strategies.get(self.strategy_name)
         if entry is None:
@@ -117,7 +119,7 @@ class StrategyConformance:
         if train:
             noisy = {k: np.asarray(v + rng.normal(0, 0.1, v.shape), v.dtype) for k, v in weights.items()}
             content["arrays"] = to_record(noisy)
-            for name in self.reply_records:
+            for name in get_registry().strategies[self.strategy_name].strategy.reply_records:
                 content[name] = to_record({k: rng.normal(0, 0.01, v.shape).astype(v.dtype) for k, v in weights.items()})
         return Reply(content)
 
@@ -272,3 +274,40 @@ class StrategyConformance:
                 stacked = np.stack([from_record(r.content.array_records["arrays"])[key] for r in replies])
                 mean = np.tensordot(counts / counts.sum(), stacked.astype(np.float64), axes=1)
                 assert np.allclose(value, mean, atol=self.atol), f"declares dp, but is not the weighted mean ({key})"
+
+    def test_node_step_fills_what_the_descriptor_declares(self, descriptor: Strategy) -> None:
+        """A strategy that needs node capabilities: its node step, run twice with the state it keeps, fills each
+        declared reply record with finite arrays shaped like the weights, and is deterministic.
+
+        Fix: set ``step.reply[name]`` for each name in ``reply_records`` and keep arrays only in ``step.state``.
+        """
+        from fedplug.capabilities import NodeStep, node_function
+
+        if not descriptor.needs:
+            assert not descriptor.node_step and not descriptor.reply_records
+            return
+        function = node_function(descriptor)
+        sent_names = descriptor.reply_records if self.sent_records is None else self.sent_records
+        config: dict[str, Scalar] = {"lr": 0.05, "batch-size": 4, "local-epochs": 1, "server-round": 1}
+
+        def two_rounds() -> list[NodeStep]:
+            steps: list[NodeStep] = []
+            state: Weights = {}
+            for server_round in (1, 2):
+                rng = np.random.default_rng(server_round)
+                after = {k: (v + rng.normal(0, 0.1, v.shape)).astype(v.dtype) for k, v in WEIGHTS.items()}
+                sent = {name: {k: np.full_like(v, 0.01) for k, v in WEIGHTS.items()} for name in sent_names}
+                step = NodeStep(dict(WEIGHTS), after, sent, state, {**config, "server-round": server_round}, 10)
+                function(step)
+                state = dict(step.state)
+                steps.append(step)
+            return steps
+
+        first, again = two_rounds(), two_rounds()
+        for step in first:
+            assert sorted(step.reply) == sorted(descriptor.reply_records), "the reply records differ from reply_records"
+            for name, arrays in [("after", step.after), *step.reply.items()]:
+                assert list(arrays) == list(WEIGHTS), f"{name}: the weights' names, in order"
+                assert all(np.all(np.isfinite(a)) and a.shape == WEIGHTS[k].shape for k, a in arrays.items()), name
+        for a, b in zip(first, again):
+            assert same(a.after, b.after) and same(a.reply, b.reply) and same(a.state, b.state), "not deterministic"
