@@ -12,7 +12,7 @@ from fedplug.builtin_strategies import BUILTINS
 from fedplug.config import resolve
 from fedplug.errors import ConfigError
 from fedplug.numpy_backend import NumpyBackend
-from fedplug.plugins import Registry, collect_backends, collect_strategies, load_plugins, new_plugin_manager
+from fedplug.plugins import build_registry as registry_with
 from fedplug.strategies import STATE, STRATEGIES, check_strategy, make_strategy, state_names
 from fedplug.strategy_contract import SAMPLING_PARAMETERS
 from fedplug.testing.runs import cli
@@ -34,22 +34,6 @@ class Scaled(fedplug.Strategy):
     parameters = (fedplug.Parameter("server-momentum", 0.0, "momentum", 0.0, 0.9),)
     state = ("current_arrays", "momentum_vector")
     composes = frozenset({"secagg"})
-
-
-def registry_with(*plugins: object) -> Registry:
-    manager = new_plugin_manager()
-    registry = Registry()
-    origins = load_plugins(manager, registry)
-    for i, plugin in enumerate(plugins):
-        manager.register(plugin, name=f"in-test-{i}")
-        origins[f"in-test-{i}"] = ("in-test", "0")
-    try:
-        collect_backends(manager, registry, origins)
-        collect_strategies(manager, registry, origins)
-    finally:
-        for i in range(len(plugins)):
-            manager.unregister(name=f"in-test-{i}")
-    return registry
 
 
 def test_the_twelve_builtins_come_through_the_strategy_hook() -> None:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import entry_points
+from typing import Any
 
 import pluggy
 
@@ -351,9 +352,16 @@ def load_plugins(manager: pluggy.PluginManager, registry: Registry) -> dict[str,
     return origins
 
 
-def collect_backends(manager: pluggy.PluginManager, registry: Registry, origins: dict[str, tuple[str, str]]) -> None:
-    """Call each plugin's hook on its own, so a failing plugin is reported and skipped."""
-    caller = manager.hook.fedplug_register_backends
+def _collect(
+    kind: str,
+    manager: pluggy.PluginManager,
+    registry: Registry,
+    origins: dict[str, tuple[str, str]],
+) -> None:
+    """Call each plugin's hook for ``kind`` on its own, so a failing plugin is reported and skipped."""
+    table: dict[str, Any] = registry.backends if kind == "backend" else registry.strategies
+    check, entry = (problem_with, Registered) if kind == "backend" else (strategy_problem, RegisteredStrategy)
+    caller = manager.hook.fedplug_register_backends if kind == "backend" else manager.hook.fedplug_register_strategies
     for impl in caller.get_hookimpls():  # registration order: built-ins first
         dist_name, dist_version = origins.get(impl.plugin_name, ("?", "?"))
         found: list[object] = []
@@ -362,63 +370,52 @@ def collect_backends(manager: pluggy.PluginManager, registry: Registry, origins:
         except BaseException as error:  # SystemExit, KeyboardInterrupt: a plugin must not end the command
             _fail(registry, impl.plugin_name, dist_name, error)
             continue
-        for backend in found:
+        for item in found:
             try:
-                problem = problem_with(backend)
-            except Exception as error:  # e.g. a property of the backend that raises
-                problem = f"backend object is unusable: {type(error).__name__}: {error}"
-            name = getattr(backend, "name", "?")
-            if problem is None and name in registry.backends:
-                first = registry.backends[name]
+                problem = check(item)
+            except Exception as error:  # e.g. a property of the descriptor that raises
+                problem = f"{kind} object is unusable: {type(error).__name__}: {error}"
+            name = getattr(item, "name", "?")
+            if problem is None and name in table:
+                first = table[name]
                 problem = (
-                    f"backend '{name}' is already registered by plugin '{first.plugin}' "
+                    f"{kind} '{name}' is already registered by plugin '{first.plugin}' "
                     f"({first.distribution}); uninstall one of them"
                 )
             if problem:
                 _fail(registry, impl.plugin_name, dist_name, PluginProblem(problem))
                 continue
-            registry.backends[name] = Registered(backend, impl.plugin_name, dist_name, dist_version)  # type: ignore[arg-type]
+            table[name] = entry(item, impl.plugin_name, dist_name, dist_version)  # type: ignore[arg-type]
+
+
+def collect_backends(manager: pluggy.PluginManager, registry: Registry, origins: dict[str, tuple[str, str]]) -> None:
+    """Call each plugin's backend hook on its own, so a failing plugin is reported and skipped."""
+    _collect("backend", manager, registry, origins)
 
 
 def collect_strategies(manager: pluggy.PluginManager, registry: Registry, origins: dict[str, tuple[str, str]]) -> None:
     """Call each plugin's strategy hook on its own, so a failing plugin is reported and skipped."""
-    caller = manager.hook.fedplug_register_strategies
-    for impl in caller.get_hookimpls():  # registration order: built-ins first
-        dist_name, dist_version = origins.get(impl.plugin_name, ("?", "?"))
-        found: list[object] = []
-        try:
-            impl.function(register=found.append)
-        except BaseException as error:  # SystemExit, KeyboardInterrupt: a plugin must not end the command
-            _fail(registry, impl.plugin_name, dist_name, error)
-            continue
-        for strategy in found:
-            try:
-                problem = strategy_problem(strategy)
-            except Exception as error:  # e.g. a property of the descriptor that raises
-                problem = f"strategy object is unusable: {type(error).__name__}: {error}"
-            name = getattr(strategy, "name", "?")
-            if problem is None and name in registry.strategies:
-                first = registry.strategies[name]
-                problem = (
-                    f"strategy '{name}' is already registered by plugin '{first.plugin}' "
-                    f"({first.distribution}); uninstall one of them"
-                )
-            if problem:
-                _fail(registry, impl.plugin_name, dist_name, PluginProblem(problem))
-                continue
-            registry.strategies[name] = RegisteredStrategy(strategy, impl.plugin_name, dist_name, dist_version)  # type: ignore[arg-type]
+    _collect("strategy", manager, registry, origins)
+
+
+def build_registry(*extra: object) -> Registry:
+    """Discover the installed plugins, plus ``extra`` plugin objects (for tests), and collect what they register."""
+    registry = Registry()
+    manager = new_plugin_manager()
+    with stdout_to_stderr():  # plugins run code at import and in their hook
+        origins = load_plugins(manager, registry)
+        for i, plugin in enumerate(extra):
+            manager.register(plugin, name=f"in-test-{i}")
+            origins[f"in-test-{i}"] = ("in-test", "0")
+        collect_backends(manager, registry, origins)
+        collect_strategies(manager, registry, origins)
+    return registry
 
 
 @cache
 def get_registry() -> Registry:
     """All backends and strategies of this environment, discovered once per process."""
-    registry = Registry()
-    manager = new_plugin_manager()
-    with stdout_to_stderr():  # plugins run code at import and in their hook
-        origins = load_plugins(manager, registry)
-        collect_backends(manager, registry, origins)
-        collect_strategies(manager, registry, origins)
-    return registry
+    return build_registry()
 
 
 def get_backend(name: str) -> Backend:

@@ -47,7 +47,7 @@ WEIGHTS: Weights = {
 """A small global model; the strategy must keep its names, shapes and dtypes."""
 
 
-class _NoNodes:
+class NoNodes:
     """The Grid as fedplug shows it to ``configure_*`` in the suite: no node, so no message is built."""
 
     def get_node_ids(self) -> list[int]:
@@ -129,12 +129,12 @@ class StrategyConformance:
         """One round as fedplug's loop drives a strategy (replies of ``nodes``, all by default)."""
         nodes = list(range(self.nodes)) if nodes is None else nodes
         config = ConfigRecord({"lr": 0.05})
-        assert list(strategy.configure_train(server_round, arrays, config, _NoNodes())) == []
+        assert list(strategy.configure_train(server_round, arrays, config, NoNodes())) == []
         weights = from_record(arrays)
         replies = [self.reply(node, server_round, weights, train=True) for node in nodes]
         aggregated, _ = strategy.aggregate_train(server_round, replies)
         arrays = aggregated if aggregated is not None else arrays
-        assert list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), _NoNodes())) == []
+        assert list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), NoNodes())) == []
         weights = from_record(arrays)
         strategy.aggregate_evaluate(server_round, [self.reply(node, server_round, weights, False) for node in nodes])
         return arrays
@@ -257,7 +257,7 @@ class StrategyConformance:
                 b[key] = (b[key] - d / n1).astype(b[key].dtype)
             moved[0].content["arrays"], moved[1].content["arrays"] = to_record(a), to_record(b)
             for strategy in (plain, shifted):
-                strategy.configure_train(1, to_record(WEIGHTS), ConfigRecord({"lr": 0.05}), _NoNodes())
+                strategy.configure_train(1, to_record(WEIGHTS), ConfigRecord({"lr": 0.05}), NoNodes())
             x, _ = plain.aggregate_train(1, replies)
             y, _ = shifted.aggregate_train(1, moved)
             for key, value in from_record(x).items():
@@ -267,7 +267,7 @@ class StrategyConformance:
             strategy = self.build()
             weights = from_record(to_record(WEIGHTS))
             replies = [self.reply(node, 1, weights, True) for node in range(self.nodes)]
-            strategy.configure_train(1, to_record(WEIGHTS), ConfigRecord({"lr": 0.05}), _NoNodes())
+            strategy.configure_train(1, to_record(WEIGHTS), ConfigRecord({"lr": 0.05}), NoNodes())
             aggregated, _ = strategy.aggregate_train(1, replies)
             counts = np.array([float(r.content["metrics"]["num-examples"]) for r in replies])  # type: ignore[arg-type]
             for key, value in from_record(aggregated).items():
