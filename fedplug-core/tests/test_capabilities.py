@@ -10,6 +10,7 @@ from flwr.app import MetricRecord, RecordDict
 
 from fedplug import checkpoint
 from fedplug.capabilities import STATE_RECORD, Probe, extend_train_reply, reply_problem, take_state
+from fedplug.errors import ConfigError
 from fedplug.plugins import RegisteredStrategy, Registry, collect_strategies, get_registry, new_plugin_manager
 from fedplug.records import from_record, to_record
 from fedplug.strategies import make_strategy
@@ -108,3 +109,13 @@ def test_inconsistent_capability_declarations_are_refused(changes: dict[str, obj
     manager.register(Plugin(), name="in-test")
     collect_strategies(manager, registry, {"in-test": ("in-test", "0")})
     assert len(registry.broken) == 1 and reason in registry.broken[0].reason
+
+
+def test_a_node_without_the_strategys_plugin_trains_plainly_or_says_what_to_install() -> None:
+    config = {**CONFIG, "strategy": "not_installed_here"}
+    content = reply()
+    extend_train_reply(content, RecordDict({"arrays": to_record(BEFORE)}), RecordDict(), config, 10)
+    assert list(content.array_records) == ["arrays"]
+    message = RecordDict({"arrays": to_record(BEFORE), "control": to_record(BEFORE)})
+    with pytest.raises(ConfigError, match="its plugin is not installed here: install it on every node"):
+        extend_train_reply(reply(), message, RecordDict(), config, 10)

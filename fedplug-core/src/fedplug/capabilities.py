@@ -85,9 +85,15 @@ def extend_train_reply(
     when a resumed run sends it (``STATE_RECORD``), else from ``context_state``; the new state is kept
     in ``context_state`` and copied into the reply after the extra records.
     """
-    strategy = get_registry().strategies[str(config["strategy"])].strategy
-    if not strategy.needs:
+    entry = get_registry().strategies.get(str(config["strategy"]))
+    if entry is None and set(message.array_records) - {"arrays"}:  # a node without the strategy's plugin
+        raise ConfigError(
+            f"strategy '{config['strategy']}' needs this node's help, but its plugin is not installed here: "
+            "install it on every node"
+        )
+    if entry is None or not entry.strategy.needs:  # the server's strategy asks nothing of the nodes
         return
+    strategy = entry.strategy
     sent = {name: from_record(record) for name, record in message.array_records.items()}
     before = sent.pop("arrays")
     saved = sent.pop(STATE_RECORD, None)
