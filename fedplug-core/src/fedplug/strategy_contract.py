@@ -109,7 +109,8 @@ class Strategy:
     parameters: ClassVar[tuple[Parameter, ...]] = ()
     """The strategy's own parameters (the sampling parameters every strategy has are added by fedplug)."""
     needs: ClassVar[frozenset[str]] = frozenset()
-    """Node capabilities it needs (``CAPABILITIES``); a backend or engine without one refuses the run."""
+    """Node capabilities it needs (``CAPABILITIES``), served by the core for every backend (``fedplug.capabilities``)
+    through its ``node_step``; a registration that needs one without a ``node_step`` is refused."""
     state: ClassVar[tuple[str, ...] | None] = None
     """The attributes of the built strategy that change from round to round: what a checkpoint saves and
     restores, by name. ``()`` for a stateless strategy; ``None`` (undeclared) is refused at registration."""
