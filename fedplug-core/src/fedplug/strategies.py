@@ -166,14 +166,15 @@ def check_strategy(config: Config, nodes_known: bool = True) -> None:
     for param in strategy.all_parameters().values():
         value = kwargs[param.argument]
         problem = param.problem(value)
+        if param.counts_nodes and not isinstance(value, bool) and isinstance(value, int | float):
+            low = 0 if param.low is None else int(param.low)
+            if value < low or (nodes_known and value > nodes):
+                problem = (
+                    f"must be between {low} and the number of nodes ({nodes}), got {value}; "
+                    "the run would wait for nodes that never come"
+                )
         if problem:
             raise ConfigError(f"strategy '{name}': {shown(param.argument)} {problem}")
-        if param.counts_nodes and nodes_known and not isinstance(value, bool) and value > nodes:
-            low = 0 if param.low is None else int(param.low)
-            raise ConfigError(
-                f"strategy '{name}': {shown(param.argument)} must be between {low} and the number of nodes "
-                f"({nodes}), got {value}; the run would wait for nodes that never come"
-            )
     if not nodes_known:
         strategy.check(kwargs, None)
         return
