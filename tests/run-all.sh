@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the test environments from scratch and run the whole suite (the README's test command).
 #
-#   .venv        fedplug-core, the numpy/torch/keras/jax/mlx backends and the test plugins (tests/plugins)
+#   .venv        fedplug-core, the numpy/torch/keras/jax/mlx backends and the test plugins (tests/plugins: backends,
+#                broken plugins, and fedplug-scaffold, a third-party strategy whose tests the suite runs)
 #   .venv-mxnet  fedplug-core and fedplug-mxnet only: MXNet 1.9.1 needs numpy<2
 #
 # Both are built before any test runs: the mixed-framework deployment test
@@ -23,7 +24,7 @@ echo "== test environment .venv"
 .venv/bin/pip install "${PIP_FLAGS[@]}" \
   "./fedplug-core[tensorboard,mlflow]" tensorboard ./fedplug-torch "./fedplug-keras[tensorflow-cpu]" ./fedplug-jax ./fedplug-mlx \
   ./tests/plugins/fedplug-testplugins ./tests/plugins/fedplug-broken-example ./tests/plugins/fedplug-faulty \
-  ./tests/plugins/fedplug-legacy-example \
+  ./tests/plugins/fedplug-legacy-example ./tests/plugins/fedplug-scaffold \
   pytest pytest-xdist pytest-timeout psutil ruff import-linter sybil pyyaml
 
 echo "== test environment .venv-mxnet"

@@ -59,6 +59,7 @@ SAYS = {
     "test_same_seed_same_weights": ["differs between two runs with seed 42: seed the model init"],
     "test_save_load_gives_identical_predictions": ["load() used pickle: read the native format", "safetensors"],
     "test_client_app_handles_train_and_evaluate_messages": ["the evaluate reply must carry 'loss' and 'accuracy'"],
+    "test_client_app_serves_node_capabilities": ["the same train message gave another update the second time"],
 }
 """Per check, what its failure messages must say (each string in at least one failing instance)."""
 

@@ -16,6 +16,7 @@ from fedplug.config import resolve
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.records import from_record, to_record
 from fedplug.strategies import STATE, STRATEGIES, make_strategy
+from fedplug.testing.strategies import NoNodes, Reply, same
 
 pytestmark = pytest.mark.fast
 
@@ -28,23 +29,6 @@ WEIGHTS = {
 }
 OPTIONS = {"fedavgm": {"strategy.server-momentum": 0.9}, "bulyan": {"strategy.num-malicious-nodes": 1}}
 NODES = 7  # Bulyan with one malicious node needs 4 * 1 + 3
-
-
-class NoNodes:
-    """A Grid with no nodes: ``configure_*`` updates the strategy and builds no message (fedplug draws the nodes)."""
-
-    def get_node_ids(self) -> list[int]:
-        return []
-
-
-class Reply:
-    """A node's reply as a strategy's ``aggregate_*`` reads it."""
-
-    def __init__(self, content: RecordDict) -> None:
-        self.content = content
-
-    def has_error(self) -> bool:
-        return False
 
 
 def strategy(name: str) -> Any:
@@ -74,18 +58,6 @@ def play(strategy: Any, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
     assert list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), NoNodes())) == []
     strategy.aggregate_evaluate(server_round, replies(server_round, arrays, train=False))
     return arrays
-
-
-def same(a: Any, b: Any) -> bool:
-    if isinstance(a, ArrayRecord) and isinstance(b, ArrayRecord):
-        return same(from_record(a), from_record(b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, np.ndarray | np.generic) or isinstance(b, np.ndarray | np.generic):
-        return type(a) is type(b) and np.asarray(a).dtype == np.asarray(b).dtype and np.array_equal(a, b)
-    return type(a) is type(b) and bool(a == b)
 
 
 def test_every_strategy_declares_its_state() -> None:

@@ -18,10 +18,9 @@ from fedplug.plugins import (
     Broken,
     Registry,
     UnknownBackend,
-    collect_backends,
+    build_registry,
     get_registry,
     implementation_problem,
-    load_plugins,
     new_plugin_manager,
     one_line,
 )
@@ -37,18 +36,7 @@ class Renamed(NumpyBackend):
 
 def registry_with(*plugins: object) -> Registry:
     """Discover like the CLI does, plus in-test plugin objects registered by hand."""
-    manager = new_plugin_manager()
-    registry = Registry()
-    origins = load_plugins(manager, registry)
-    for i, plugin in enumerate(plugins):
-        manager.register(plugin, name=f"in-test-{i}")
-        origins[f"in-test-{i}"] = ("in-test", "0")
-    try:
-        collect_backends(manager, registry, origins)
-    finally:
-        for i in range(len(plugins)):
-            manager.unregister(name=f"in-test-{i}")
-    return registry
+    return build_registry(*plugins)
 
 
 def test_hookimpl_is_exported_at_top_level() -> None:
@@ -59,7 +47,7 @@ def test_hookimpl_is_exported_at_top_level() -> None:
 def test_hook_names_carry_the_project_prefix() -> None:
     manager = new_plugin_manager()
     hooks = [name for name in dir(manager.hook) if not name.startswith("_")]
-    assert hooks == ["fedplug_register_backends"]
+    assert hooks == ["fedplug_register_backends", "fedplug_register_strategies"]
 
 
 def test_one_plugin_registers_several_backends() -> None:

@@ -202,3 +202,52 @@ def test_a_non_empty_directory_is_refused(tmp_path: Path) -> None:
 def test_scaffold_error_is_raised_for_an_installed_name(tmp_path: Path) -> None:
     with pytest.raises(ScaffoldError, match="already installed"):
         scaffold("torch", tmp_path / "x", installed={"numpy", "torch"})
+
+
+# -- fedplug new-strategy ------------------------------------------------------------------------
+
+STRATEGY = "my_rule"
+
+
+def test_new_strategy_installs_is_listed_passes_its_suite_and_runs(tmp_path: Path) -> None:
+    """The generated strategy project, pip-installed (built by hatchling) into a folder of its own, then used."""
+    project, site = tmp_path / "project", tmp_path / "site"
+    done = fedplug("new-strategy", STRATEGY, str(project), env={"FEDPLUG_PLUGINS": ""})
+    assert done.returncode == 0 and f"created {project}" in done.stdout, done.stderr
+    install = ("install", "--no-index", "--find-links", WHEELHOUSE, "--no-deps", "--target", site, project)
+    if run(sys.executable, "-m", "pip", *install).returncode != 0:  # an empty wheelhouse: fill it as above
+        WHEELHOUSE.mkdir(parents=True, exist_ok=True)
+        assert run(sys.executable, "-m", "pip", "wheel", "--wheel-dir", WHEELHOUSE, "hatchling").returncode == 0
+    installed = run(sys.executable, "-m", "pip", *install)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    env = {**clean_env(), "PYTHONPATH": os.pathsep.join([str(site), *sys.path[1:]]), "FEDPLUG_PLUGINS": STRATEGY}
+    fedplug_bin = Path(sys.executable).with_name("fedplug")
+
+    def used(*command: str | Path, **kwargs) -> subprocess.CompletedProcess[str]:
+        parts = [str(part) for part in command]
+        return subprocess.run(parts, capture_output=True, text=True, timeout=900, env=env, **kwargs)
+
+    listed = used(fedplug_bin, "list", "--strategies", "--json")
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert (rows[STRATEGY]["distribution"], rows[STRATEGY]["version"]) == ("fedplug-my-rule", "0.1.0")
+    assert rows[STRATEGY]["parameters"]["server-lr"] == {"default": 1.0, "type": "float", "range": "(0, 2]"}
+    (project / "pytest.ini").write_text("[pytest]\n")  # keep the repository's pytest settings out
+    tests = used(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", project / "tests", cwd=project)
+    assert tests.returncode == 0 and "8 passed" in tests.stdout, tests.stdout[-3000:]
+    out = tmp_path / "run"
+    args = ("--rounds", "1", "--nodes", "2", "--out", out, "--run-config", "strategy.server-lr=0.5")
+    ran = used(fedplug_bin, "run", "numpy", "--strategy", STRATEGY, *args)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["rounds"][-1]["train-nodes"] == 2
+    refused = used(fedplug_bin, "run", "numpy", "--strategy", STRATEGY, "--run-config", "strategy.server-lr=3")
+    assert refused.returncode == 2
+    said = "fedplug: error: strategy 'my_rule': 'strategy.server-lr' must be in (0, 2], got 3.0"
+    assert refused.stderr.strip() == said
+
+
+def test_new_strategy_refuses_an_installed_name(tmp_path: Path) -> None:
+    done = fedplug("new-strategy", "fedavg", str(tmp_path / "new"), env={"FEDPLUG_PLUGINS": ""})
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "fedplug: error: a strategy named 'fedavg' is already installed (see `fedplug list`): choose another name"
+    ]

@@ -22,15 +22,23 @@ from fedplug.backend import (  # noqa: E402
 )
 from fedplug.errors import ConfigError, DeployError, FedplugError, RunError, UnavailableError  # noqa: E402
 from fedplug.hookspecs import hookimpl  # noqa: E402
+from fedplug.strategy_contract import Parameter, Strategy  # noqa: E402
 from fedplug.version import __version__  # noqa: E402
 
 if TYPE_CHECKING:
     from fedplug.api import RunResult, run
+    from fedplug.capabilities import NodeStep
     from fedplug.numpy_backend import NumpyImplementation
 
-_LAZY = {"run": "fedplug.api", "RunResult": "fedplug.api", "NumpyImplementation": "fedplug.numpy_backend"}
+_LAZY = {
+    "run": "fedplug.api",
+    "RunResult": "fedplug.api",
+    "NumpyImplementation": "fedplug.numpy_backend",
+    "NodeStep": "fedplug.capabilities",
+}
 """Names imported on first use, so that ``import fedplug`` stays light for plugins and the CLI: the Python
-API, and the reference implementation a new backend starts from (``fedplug new-backend``)."""
+API, the reference implementation a new backend starts from (``fedplug new-backend``), and what a
+strategy's node step receives (``NodeStep``, it imports Flower)."""
 
 
 def __getattr__(name: str) -> object:
@@ -52,10 +60,13 @@ __all__ = [
     "Framework",
     "Implementation",
     "ModelError",
+    "NodeStep",
     "NumpyImplementation",
+    "Parameter",
     "RunError",
     "RunResult",
     "Scalar",
+    "Strategy",
     "UnavailableError",
     "Weights",
     "__version__",

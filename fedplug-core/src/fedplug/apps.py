@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedplug import flower_adapter
 from fedplug.backend import Backend, Config, Scalar, Weights
+from fedplug.capabilities import extend_train_reply
 from fedplug.data import data_spec, load_centralized
 from fedplug.errors import ConfigError
 from fedplug.node import backend_and_config, identity, node_data, session
@@ -69,6 +70,8 @@ def _client_step(msg: Message, context: Context, step: str) -> Message:
         if step == "train":
             metrics = backend.train(model, part.x_train, part.y_train, step_config)
             content["arrays"] = to_record(backend.get_weights(model))
+            # a strategy's node-side capabilities (extra reply arrays, node state): fedplug.capabilities
+            extend_train_reply(content, msg.content, context.state, step_config, len(part.y_train))
         else:
             metrics = backend.evaluate(model, part.x_test, part.y_test, step_config)
         content["metrics"] = MetricRecord(dict(metrics.items()))
@@ -155,4 +158,10 @@ def _run_rounds(
     last = int(config["num-server-rounds"])
     if resumed is None:
         return loop.run(to_record(initial), 0, last)
-    return loop.run(to_record(resumed.weights), resumed.round + 1, last, failed_in_a_row=resumed.failed_in_a_row)
+    return loop.run(
+        to_record(resumed.weights),
+        resumed.round + 1,
+        last,
+        failed_in_a_row=resumed.failed_in_a_row,
+        node_states=resumed.node_states,  # the node-state capability (fedplug.capabilities)
+    )

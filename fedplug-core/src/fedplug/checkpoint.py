@@ -10,8 +10,10 @@ under a temporary name and renamed, so a kill at any instant leaves either the p
 complete checkpoint or the new one. Older checkpoints are removed once the new one is in
 place. Nothing is pickled.
 
-Client state needs no checkpoint: nodes keep nothing between rounds, and the example
-order and node sampling depend only on the seed, the round and the partition ids.
+Nodes keep nothing between rounds unless the strategy needs the ``node-state`` capability
+(``fedplug.capabilities``): then each node's state, reported with its train reply, is saved in
+``nodes.npz`` and sent back to the node when the run resumes. The example order and node
+sampling depend only on the seed, the round and the partition ids.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,8 @@ class Checkpoint:
     strategy: dict[str, Any]
     rounds: list[dict[str, Any]]
     extra: dict[str, Any]
+    node_states: dict[int, Weights] = field(default_factory=dict)
+    """The nodes' states by partition (a strategy's ``node-state`` capability), from ``nodes.npz``."""
 
 
 def _encode(where: str, value: Any) -> tuple[dict[str, Any], list[np.ndarray]]:
@@ -113,9 +117,18 @@ def restore_strategy(strategy: object, layout: dict[str, Any], arrays: dict[str,
 
 
 def save(
-    out: Path, round_: int, weights: Weights, strategy: object, rounds: list[dict[str, Any]], **extra: Any
+    out: Path,
+    round_: int,
+    weights: Weights,
+    strategy: object,
+    rounds: list[dict[str, Any]],
+    node_states: dict[int, Weights] | None = None,
+    **extra: Any,
 ) -> Path:
-    """Write the checkpoint of ``round_`` atomically; keep only the newest one."""
+    """Write the checkpoint of ``round_`` atomically; keep only the newest one.
+
+    ``node_states`` (the ``node-state`` capability) go to ``nodes.npz``, as ``PARTITION/NAME`` arrays.
+    """
     layout, arrays = _state_layout(strategy)  # first: a strategy whose state cannot be saved leaves nothing
     root = out / FOLDER
     root.mkdir(parents=True, exist_ok=True)
@@ -125,6 +138,8 @@ def save(
     tmp.mkdir()
     save_npz(tmp / "weights.npz", weights)
     save_npz(tmp / "strategy.npz", arrays)
+    flat = {f"{p}/{name}": a for p, state in sorted((node_states or {}).items()) for name, a in state.items()}
+    save_npz(tmp / "nodes.npz", flat)
     state = {"round": round_, "strategy": layout, "rounds": rounds, "extra": extra}
     (tmp / "state.json").write_text(strict_json(state))
     for path in tmp.iterdir():
@@ -151,9 +166,14 @@ def latest(out: Path) -> Checkpoint | None:
                 weights = {key: saved[key] for key in saved.files}
             with np.load(folder / "strategy.npz", allow_pickle=False) as saved:
                 arrays = {key: saved[key] for key in saved.files}
+            nodes: dict[int, Weights] = {}
+            if (folder / "nodes.npz").is_file():  # checkpoints of fedplug 0.2.0 have none
+                with np.load(folder / "nodes.npz", allow_pickle=False) as saved:
+                    for key in saved.files:
+                        partition, _, name = key.partition("/")
+                        nodes.setdefault(int(partition), {})[name] = saved[key]
         except (OSError, ValueError, KeyError):
             continue
-        return Checkpoint(
-            state["round"], weights, {"layout": state["strategy"], "arrays": arrays}, state["rounds"], state["extra"]
-        )
+        strategy = {"layout": state["strategy"], "arrays": arrays}
+        return Checkpoint(state["round"], weights, strategy, state["rounds"], state["extra"], nodes)
     return None

@@ -1,4 +1,4 @@
-"""The ``fedplug`` command: list, info, run, certificates, superlink, supernode, register and new-backend.
+"""The ``fedplug`` command: list, info, run, certificates, superlink, supernode, register, new-backend/-strategy.
 
 Typer only: each command reads its arguments and calls the function that does the work
 (``fedplug.run()`` for ``run``, :mod:`fedplug.deployment` for the deployment commands).
@@ -9,7 +9,6 @@ a mistake). Only light modules are imported at start-up so that ``fedplug --help
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,25 +50,26 @@ def errors_as_exit() -> Iterator[None]:
 @app.command("list")
 def list_backends(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    strategies: Annotated[bool, typer.Option("--strategies", help="Only the strategies (and broken plugins).")] = False,
 ) -> None:
-    """List installed backends, their distributions and frameworks, and broken plugins."""
-    from fedplug.display import backends_rows, backends_table, console
+    """List installed backends and strategies, their distributions, and broken plugins."""
+    from fedplug.display import print_list
 
-    rows = backends_rows(get_registry())
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-    else:
-        console.print(backends_table(rows))
+    print_list(get_registry(), as_json, strategies)
 
 
 @app.command()
-def info(backend: Annotated[str, typer.Argument(help="Backend name, e.g. torch.")]) -> None:
-    """Show a backend's models, quickstart dataset, conformance tier and default run config."""
+def info(name: Annotated[str, typer.Argument(help="Backend or strategy name, e.g. torch or fedadam.")]) -> None:
+    """Show a backend's models, tier and default run config, or a strategy's parameters and their ranges."""
     from fedplug.availability import find_backend
-    from fedplug.display import show_info
+    from fedplug.display import show_info, show_strategy
 
     with errors_as_exit():
-        show_info(find_backend(backend))
+        entry = get_registry().strategies.get(name)
+        if entry is not None and name not in get_registry().backends:
+            show_strategy(entry.strategy, f"{entry.distribution} {entry.version} (plugin '{entry.plugin}')")
+        else:
+            show_info(find_backend(name))
 
 
 @app.command()
@@ -314,23 +314,36 @@ def register(
     raise typer.Exit(code)
 
 
+NEW_DIRECTORY = Annotated[Path | None, typer.Argument(help="Where to create the project (default: ./fedplug-NAME).")]
+
+
 @app.command("new-backend")
 def new_backend(
     name: Annotated[str, typer.Argument(help="Backend name: a valid Python identifier, e.g. mything.")],
-    directory: Annotated[
-        Path | None, typer.Argument(help="Where to create the project (default: ./fedplug-NAME).")
-    ] = None,
+    directory: NEW_DIRECTORY = None,
 ) -> None:
     """Create a separately installable backend plugin project that passes the conformance suite."""
+    _new("backend", name, directory, f"fedplug run {name}")
+
+
+@app.command("new-strategy")
+def new_strategy(
+    name: Annotated[str, typer.Argument(help="Strategy name: a valid Python identifier, e.g. mystrategy.")],
+    directory: NEW_DIRECTORY = None,
+) -> None:
+    """Create a separately installable strategy plugin project that passes the strategy suite."""
+    _new("strategy", name, directory, f"fedplug run numpy --strategy {name}")
+
+
+def _new(kind: str, name: str, directory: Path | None, then: str) -> None:
     from fedplug.scaffold import ScaffoldError, scaffold
 
+    names = get_registry().backends if kind == "backend" else get_registry().strategies
     try:
-        target = scaffold(
-            name, directory or Path(f"fedplug-{name.replace('_', '-')}"), installed=set(get_registry().backends)
-        )
+        target = scaffold(name, directory or Path(f"fedplug-{name.replace('_', '-')}"), set(names), kind)
     except ScaffoldError as error:
         fail(str(error), code=2)
-    typer.echo(f"created {target}: pip install -e {target} && fedplug run {name}")
+    typer.echo(f"created {target}: pip install -e {target} && {then}")
 
 
 def main() -> None:

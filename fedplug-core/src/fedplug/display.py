@@ -1,4 +1,4 @@
-"""What the terminal shows: backend tables and details, live round rows, the run summary."""
+"""What the terminal shows: backend and strategy tables and details, live round rows, the run summary."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from rich.table import Table
 from fedplug.backend import Backend, require_available
 from fedplug.errors import ConfigError
 from fedplug.plugins import Registry, stdout_to_stderr
+from fedplug.strategy_contract import Strategy
 
 console = Console()
 
@@ -106,6 +107,84 @@ def backends_table(rows: list[dict[str, Any]]) -> Table:
                 row["description"],
             )
     return table
+
+
+def strategies_rows(registry: Registry) -> list[dict[str, Any]]:
+    """One dict per strategy, as ``fedplug list --json`` prints them after the backends (``"kind": "strategy"``)."""
+    rows: list[dict[str, Any]] = []
+    for name, entry in registry.strategies.items():
+        strategy = entry.strategy
+        rows.append(
+            {
+                "name": name,
+                "kind": "strategy",
+                "status": "ok",
+                "distribution": entry.distribution,
+                "version": entry.version,
+                "description": strategy.description,
+                "parameters": {
+                    param.name: {"default": param.default, "type": param.kind.__name__, "range": param.range_text()}
+                    for param in strategy.parameters
+                },
+                "needs": sorted(strategy.needs),
+                "composes": sorted(strategy.composes),
+            }
+        )
+    return rows
+
+
+def print_list(registry: Registry, as_json: bool, strategies: bool) -> None:
+    """What ``fedplug list`` prints: the backends' and the strategies' tables, or JSON (``list_json``)."""
+    if as_json:
+        print(list_json(registry, strategies))
+        return
+    if not strategies:
+        console.print(backends_table(backends_rows(registry)))
+    console.print(strategies_table(strategies_rows(registry)))
+
+
+def list_json(registry: Registry, strategies: bool) -> str:
+    """``fedplug list --json``: backends and broken plugins; with ``--strategies``: strategies and broken plugins."""
+    if not strategies:
+        return json.dumps(backends_rows(registry), indent=2)
+    broken = [row for row in backends_rows(registry) if row["status"] == "broken"]
+    return json.dumps(strategies_rows(registry) + broken, indent=2)
+
+
+def strategies_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="fedplug strategies")
+    for column in ("strategy", "distribution", "parameters", "composes with", "description"):
+        table.add_column(column)
+    for row in rows:
+        params = ", ".join(f"{key}={json.dumps(p['default'])}" for key, p in row["parameters"].items())
+        table.add_row(
+            row["name"],
+            f"{row['distribution']} {row['version']}",
+            params or "-",
+            ", ".join(row["composes"]) or "-",
+            row["description"] + (f" (needs {', '.join(row['needs'])})" if row["needs"] else ""),
+        )
+    return table
+
+
+def show_strategy(strategy: Strategy, origin: str) -> None:
+    """What ``fedplug info NAME`` prints for a strategy: where it comes from, its parameters and their ranges."""
+    from fedplug.strategy_contract import CAPABILITIES, COMPOSES
+
+    console.print(f"[bold]{strategy.name}[/] (strategy): {strategy.description}", highlight=False, soft_wrap=True)
+    console.print(f"from: {origin}   implementation: {strategy.implementation}", highlight=False, soft_wrap=True)
+    needs = [f"{need} ({CAPABILITIES[need]})" for need in sorted(strategy.needs)]
+    console.print(f"needs from nodes: {'; '.join(needs) or 'nothing beyond training'}", highlight=False, soft_wrap=True)
+    composes = ", ".join(f"{what} {'yes' if what in strategy.composes else 'no'}" for what in COMPOSES)
+    console.print(f"composes with: {composes}", highlight=False)
+    console.print(f"checkpoint state: {', '.join(strategy.state or ()) or 'none (stateless)'}", highlight=False)
+    table = Table(title="parameters (--run-config strategy.<name>=value)")
+    for column in ("name", "type", "default", "valid", "what it is"):
+        table.add_column(column)
+    for param in strategy.all_parameters().values():
+        valid = param.range_text() + (" and at most the node count" if param.counts_nodes else "")
+        table.add_row(param.name, param.kind.__name__, json.dumps(param.default), valid or "any", param.help)
+    console.print(table)
 
 
 def show_info(backend: Backend) -> None:

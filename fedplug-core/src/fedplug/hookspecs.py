@@ -1,4 +1,4 @@
-"""The whole plugin contract of fedplug: one hook, register-callback style."""
+"""The whole plugin contract of fedplug: two hooks, register-callback style (backends, strategies)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from fedplug.backend import Backend
+    from fedplug.strategy_contract import Strategy
 
 PROJECT_NAME = "fedplug"
 
@@ -19,3 +20,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 @hookspec
 def fedplug_register_backends(register: Callable[[Backend], None]) -> None:
     """Register backends by calling ``register(backend)`` once per backend."""
+
+
+@hookspec
+def fedplug_register_strategies(register: Callable[[Strategy], None]) -> None:
+    """Register strategies by calling ``register(strategy)`` once per ``fedplug.Strategy`` descriptor."""

@@ -1,4 +1,4 @@
-"""Backend discovery: pluggy over the ``fedplug`` entry-point group, one plugin failing alone."""
+"""Backend and strategy discovery: pluggy over the ``fedplug`` entry-point group, one plugin failing alone."""
 
 from __future__ import annotations
 
@@ -12,17 +12,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import entry_points
+from typing import Any
 
 import pluggy
 
 from fedplug import hookspecs
 from fedplug.backend import OPERATIONS, Backend, Framework
 from fedplug.errors import MESSAGE_LIMIT, one_line
+from fedplug.strategy_contract import CAPABILITIES, COMPOSES, SAMPLING_PARAMETERS, Parameter, Strategy
 from fedplug.version import __version__
 
 ENTRY_POINT_GROUP = "fedplug"
-DEFAULT_PLUGINS = ("fedplug.numpy_backend",)
-"""Built-in plugins: registered like any other, always loaded."""
+DEFAULT_PLUGINS = ("fedplug.numpy_backend", "fedplug.builtin_strategies")
+"""Built-in plugins (the numpy backend, Flower's twelve strategies): registered like any other, always loaded."""
 PLUGINS_ENV = "FEDPLUG_PLUGINS"
 """Comma list of third-party plugin (entry point or distribution) names to load; empty loads none."""
 STRICT_ENV = "FEDPLUG_STRICT"
@@ -44,6 +46,10 @@ KNOWN_BACKENDS = {
 
 class UnknownBackend(LookupError):
     """No installed backend has this name."""
+
+
+class UnknownStrategy(LookupError):
+    """No installed strategy has this name."""
 
 
 class PluginProblem(ValueError):
@@ -69,12 +75,41 @@ class Broken:
     reason: str
 
 
+@dataclass(frozen=True)
+class RegisteredStrategy:
+    """A strategy with the plugin and distribution that registered it."""
+
+    strategy: Strategy
+    plugin: str
+    distribution: str
+    version: str
+
+
 @dataclass
 class Registry:
-    """The backends of this environment by name, and the plugins that failed to load."""
+    """The backends and strategies of this environment by name, and the plugins that failed to load."""
 
     backends: dict[str, Registered] = field(default_factory=dict)
     broken: list[Broken] = field(default_factory=list)
+    strategies: dict[str, RegisteredStrategy] = field(default_factory=dict)
+
+    def get_strategy(self, name: str) -> Strategy:
+        """The strategy called ``name``, or ``UnknownStrategy`` with what to do (one line)."""
+        if name in self.strategies:
+            return self.strategies[name].strategy
+        broken = next((b for b in self.broken if b.plugin.lower() == name.lower()), None)
+        if broken is not None:
+            raise UnknownStrategy(
+                one_line(
+                    f"strategy '{name}' cannot be used: its plugin '{broken.plugin}' ({broken.distribution}) is "
+                    f"broken: {one_line(broken.reason, 150)}; reinstall it or report this to its authors"
+                )
+            )
+        close = difflib.get_close_matches(name.lower(), list(self.strategies), n=3)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownStrategy(
+            one_line(f"unknown strategy '{one_line(name, 60)}'; choose one of: {', '.join(self.strategies)}{hint}")
+        )
 
     def get(self, name: str) -> Backend:
         """The backend called ``name``, or ``UnknownBackend`` with what to do (one line)."""
@@ -153,6 +188,63 @@ def problem_with(backend: object) -> str | None:
     if missing:
         return f"backend '{backend.name}' must build the shared models {sorted(missing)}"
     return implementation_problem(backend)
+
+
+def _parameter_problem(where: str, param: object) -> str | None:
+    if not isinstance(param, Parameter):
+        return f"{where}: parameters must be fedplug.Parameter instances, got {type(param).__name__}"
+    if not (isinstance(param.name, str) and param.name.replace("-", "_").isidentifier() and param.name.islower()):
+        return f"{where}: parameter name {param.name!r} must be lowercase kebab-case, e.g. 'server-lr'"
+    if not isinstance(param.default, bool | int | float | str):
+        return f"{where}: parameter '{param.name}' has a default of type {type(param.default).__name__}"
+    if param.name in {p.name for p in SAMPLING_PARAMETERS}:
+        return f"{where}: parameter '{param.name}' is a sampling parameter fedplug applies itself: remove it"
+    problem = param.problem(param.default)
+    return f"{where}: parameter '{param.name}' default {problem}" if problem else None
+
+
+def strategy_problem(strategy: object) -> str | None:
+    """Why ``strategy`` is not a well-formed strategy descriptor, or None (nothing is imported)."""
+    if isinstance(strategy, type) and issubclass(strategy, Strategy):
+        name = strategy.__name__
+        return f"registered the class {name}, not a fedplug.Strategy instance: register({name}())"
+    if not isinstance(strategy, Strategy):
+        return f"registered {type(strategy).__name__}, not a fedplug.Strategy instance"
+    for attr in ("name", "description", "implementation"):
+        if not isinstance(getattr(strategy, attr, None), str) or not getattr(strategy, attr):
+            return f"strategy attribute '{attr}' must be a non-empty str"
+    where = f"strategy '{strategy.name}'"
+    if not strategy.name.isidentifier():
+        return f"strategy name '{strategy.name}' is not a valid Python identifier"
+    module, colon, class_name = strategy.implementation.partition(":")
+    if not colon or not class_name.isidentifier() or not all(part.isidentifier() for part in module.split(".")):
+        return one_line(f"{where}: implementation must be 'module:Class', got {strategy.implementation!r}")
+    if not isinstance(strategy.parameters, tuple):
+        return f"{where}: parameters must be a tuple of fedplug.Parameter"
+    for param in strategy.parameters:
+        problem = _parameter_problem(where, param)
+        if problem:
+            return problem
+    unknown = set(strategy.needs) - set(CAPABILITIES)
+    if not isinstance(strategy.needs, frozenset) or unknown:
+        return f"{where}: needs must be a frozenset of {', '.join(CAPABILITIES)}; unknown: {sorted(unknown)}"
+    unknown = set(strategy.composes) - set(COMPOSES)
+    if not isinstance(strategy.composes, frozenset) or unknown:
+        return f"{where}: composes must be a frozenset of {', '.join(COMPOSES)}; unknown: {sorted(unknown)}"
+    if strategy.needs and not (isinstance(strategy.node_step, str) and strategy.node_step.count(":") == 1):
+        return f"{where} needs {sorted(strategy.needs)}: name its node-side function in node_step = 'module:function'"
+    if "reply-arrays" in strategy.needs and not strategy.reply_records:
+        return f"{where} needs reply-arrays: name the extra ArrayRecords of a train reply in reply_records"
+    if strategy.reply_records and "reply-arrays" not in strategy.needs:
+        return f"{where} names reply_records but does not declare needs = frozenset({{'reply-arrays'}})"
+    if strategy.state is None:
+        return (
+            f"{where} declares no checkpoint state: set state = () if it keeps nothing across rounds, "
+            "else the names of the attributes that change from round to round"
+        )
+    if not isinstance(strategy.state, tuple) or not all(isinstance(a, str) for a in strategy.state):
+        return f"{where}: state must be a tuple of attribute names"
+    return None
 
 
 def implementation_problem(backend: Backend) -> str | None:
@@ -260,9 +352,16 @@ def load_plugins(manager: pluggy.PluginManager, registry: Registry) -> dict[str,
     return origins
 
 
-def collect_backends(manager: pluggy.PluginManager, registry: Registry, origins: dict[str, tuple[str, str]]) -> None:
-    """Call each plugin's hook on its own, so a failing plugin is reported and skipped."""
-    caller = manager.hook.fedplug_register_backends
+def _collect(
+    kind: str,
+    manager: pluggy.PluginManager,
+    registry: Registry,
+    origins: dict[str, tuple[str, str]],
+) -> None:
+    """Call each plugin's hook for ``kind`` on its own, so a failing plugin is reported and skipped."""
+    table: dict[str, Any] = registry.backends if kind == "backend" else registry.strategies
+    check, entry = (problem_with, Registered) if kind == "backend" else (strategy_problem, RegisteredStrategy)
+    caller = manager.hook.fedplug_register_backends if kind == "backend" else manager.hook.fedplug_register_strategies
     for impl in caller.get_hookimpls():  # registration order: built-ins first
         dist_name, dist_version = origins.get(impl.plugin_name, ("?", "?"))
         found: list[object] = []
@@ -271,34 +370,57 @@ def collect_backends(manager: pluggy.PluginManager, registry: Registry, origins:
         except BaseException as error:  # SystemExit, KeyboardInterrupt: a plugin must not end the command
             _fail(registry, impl.plugin_name, dist_name, error)
             continue
-        for backend in found:
+        for item in found:
             try:
-                problem = problem_with(backend)
-            except Exception as error:  # e.g. a property of the backend that raises
-                problem = f"backend object is unusable: {type(error).__name__}: {error}"
-            name = getattr(backend, "name", "?")
-            if problem is None and name in registry.backends:
-                first = registry.backends[name]
+                problem = check(item)
+            except Exception as error:  # e.g. a property of the descriptor that raises
+                problem = f"{kind} object is unusable: {type(error).__name__}: {error}"
+            name = getattr(item, "name", "?")
+            if problem is None and name in table:
+                first = table[name]
                 problem = (
-                    f"backend '{name}' is already registered by plugin '{first.plugin}' "
+                    f"{kind} '{name}' is already registered by plugin '{first.plugin}' "
                     f"({first.distribution}); uninstall one of them"
                 )
             if problem:
                 _fail(registry, impl.plugin_name, dist_name, PluginProblem(problem))
                 continue
-            registry.backends[name] = Registered(backend, impl.plugin_name, dist_name, dist_version)  # type: ignore[arg-type]
+            table[name] = entry(item, impl.plugin_name, dist_name, dist_version)  # type: ignore[arg-type]
 
 
-@cache
-def get_registry() -> Registry:
-    """All backends of this environment, discovered once per process."""
+def collect_backends(manager: pluggy.PluginManager, registry: Registry, origins: dict[str, tuple[str, str]]) -> None:
+    """Call each plugin's backend hook on its own, so a failing plugin is reported and skipped."""
+    _collect("backend", manager, registry, origins)
+
+
+def collect_strategies(manager: pluggy.PluginManager, registry: Registry, origins: dict[str, tuple[str, str]]) -> None:
+    """Call each plugin's strategy hook on its own, so a failing plugin is reported and skipped."""
+    _collect("strategy", manager, registry, origins)
+
+
+def build_registry(*extra: object) -> Registry:
+    """Discover the installed plugins, plus ``extra`` plugin objects (for tests), and collect what they register."""
     registry = Registry()
     manager = new_plugin_manager()
     with stdout_to_stderr():  # plugins run code at import and in their hook
         origins = load_plugins(manager, registry)
+        for i, plugin in enumerate(extra):
+            manager.register(plugin, name=f"in-test-{i}")
+            origins[f"in-test-{i}"] = ("in-test", "0")
         collect_backends(manager, registry, origins)
+        collect_strategies(manager, registry, origins)
     return registry
+
+
+@cache
+def get_registry() -> Registry:
+    """All backends and strategies of this environment, discovered once per process."""
+    return build_registry()
 
 
 def get_backend(name: str) -> Backend:
     return get_registry().get(name)
+
+
+def get_strategy(name: str) -> Strategy:
+    return get_registry().get_strategy(name)

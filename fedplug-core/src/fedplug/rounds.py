@@ -57,10 +57,11 @@ from flwr.serverapp import Grid
 
 from fedplug import checkpoint
 from fedplug.backend import Config, Weights
+from fedplug.capabilities import STATE_RECORD, reply_problem, take_state
 from fedplug.node_backends import counts
 from fedplug.records import from_record, to_record
 from fedplug.results import Results
-from fedplug.strategies import Sampling
+from fedplug.strategies import Sampling, descriptor
 from fedplug.validation import all_finite, check_metrics, check_weights, clip_update, update_norm
 
 __all__ = [
@@ -416,6 +417,8 @@ class Resumed:
     weights: Weights
     rounds: list[dict[str, Any]]
     failed_in_a_row: int
+    node_states: dict[int, Weights] = field(default_factory=dict)
+    """Each partition's node state (the ``node-state`` capability), by partition."""
 
 
 class RoundLoop:
@@ -436,9 +439,24 @@ class RoundLoop:
         self.timeout = float(config["round-timeout"])
         self.discovery = Discovery(grid, wait=max(self.timeout, JOIN_TIMEOUT))
         self._marked = False  # the timeline has its first-client-call
+        # -- the strategy's node capabilities (fedplug.capabilities) --
+        self.descriptor = descriptor(str(config["strategy"]))
+        self.node_states: dict[int, Weights] = {}  # each partition's latest node state, for the checkpoint
+        self.resend_states: dict[int, Weights] = {}  # states a resumed run sends each node once
 
-    def run(self, arrays: ArrayRecord, first: int, last: int, failed_in_a_row: int = 0) -> ArrayRecord:
-        """Run rounds ``first..last`` (round 0 only evaluates the initial model); return the final arrays."""
+    def run(
+        self,
+        arrays: ArrayRecord,
+        first: int,
+        last: int,
+        failed_in_a_row: int = 0,
+        node_states: dict[int, Weights] | None = None,
+    ) -> ArrayRecord:
+        """Run rounds ``first..last`` (round 0 only evaluates the initial model); return the final arrays.
+
+        ``node_states``: the nodes' states of a resumed run (the ``node-state`` capability), sent once each.
+        """
+        self.node_states, self.resend_states = dict(node_states or {}), dict(node_states or {})
         dtypes = {name: array.dtype for name, array in from_record(arrays).items()}
         eval_every = int(self.config["eval-every"])
         for server_round in range(first, last + 1):
@@ -470,7 +488,15 @@ class RoundLoop:
         """Checkpoint first (it carries the metrics), then the results files."""
         entry = record.to_json()
         rounds = [*self.results.rounds, entry]
-        checkpoint.save(self.results.out, server_round, weights, self.strategy, rounds, failed_in_a_row=failed_in_a_row)
+        checkpoint.save(
+            self.results.out,
+            server_round,
+            weights,
+            self.strategy,
+            rounds,
+            node_states=self.node_states,
+            failed_in_a_row=failed_in_a_row,
+        )
         self.results.save_weights(weights)
         self.results.add_round(entry)
 
@@ -538,7 +564,13 @@ class RoundLoop:
             return step
         configure = self.strategy.configure_train if train else self.strategy.configure_evaluate
         config = ConfigRecord({"lr": self.config["lr"]} if train else {})
-        messages = configure(server_round, arrays, config, _DrawnNodes([info.node_id for info in step.nodes]))
+        messages = list(configure(server_round, arrays, config, _DrawnNodes([info.node_id for info in step.nodes])))
+        if train and self.resend_states:  # a resumed run gives each node its saved state once (fedplug.capabilities)
+            partitions = {info.node_id: info.partition for info in step.nodes}
+            for message in messages:
+                state = self.resend_states.pop(partitions.get(message.metadata.dst_node_id, -1), None)
+                if state is not None:  # its own content: Flower's strategies give every message the same one
+                    message.content = RecordDict({**dict(message.content.items()), STATE_RECORD: to_record(state)})
         replies = {
             reply.metadata.src_node_id: reply
             for reply in self.grid.send_and_receive(list(messages), timeout=self.timeout)
@@ -551,6 +583,9 @@ class RoundLoop:
             reason = self._screen(reply, info, reference, train)
             if reason is None:
                 assert reply is not None
+                state = take_state(reply.content) if train else None  # the strategy never sees a node's state
+                if state is not None:
+                    self.node_states[info.partition] = state
                 good.append((info.partition, reply))
             else:
                 step.failures.append({"partition": info.partition, "reason": reason})
@@ -602,8 +637,11 @@ class RoundLoop:
         reason = check_metrics(metrics, info.train_examples if train else info.test_examples)
         if reason or not train:
             return reason
-        if len(content.array_records) != 1:
+        if len(content.array_records) != 1 and not self.descriptor.needs:
             return "reply must carry one ArrayRecord of weights"
+        problem = reply_problem(content, self.descriptor)  # the strategy's extra records (fedplug.capabilities)
+        if problem:
+            return problem
         key, record = next(iter(content.array_records.items()))
         try:
             weights = from_record(record)
@@ -629,4 +667,5 @@ def resume(out: Path, strategy: Any) -> Resumed | None:
     if saved is None:
         return None
     checkpoint.restore_strategy(strategy, saved.strategy["layout"], saved.strategy["arrays"])
-    return Resumed(saved.round, saved.weights, saved.rounds, int(saved.extra.get("failed_in_a_row", 0)))
+    failed = int(saved.extra.get("failed_in_a_row", 0))
+    return Resumed(saved.round, saved.weights, saved.rounds, failed, saved.node_states)

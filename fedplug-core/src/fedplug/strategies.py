@@ -1,26 +1,32 @@
-"""Flower's built-in strategies by name, with their parameters taken from the run config.
+"""The strategies of this environment by name: their descriptors, parameters, checks and state.
+
+Strategies are plugins (``fedplug.strategy_contract``): every installed plugin registers
+descriptors through the ``fedplug_register_strategies`` hook, Flower's twelve built-ins
+included (``fedplug.builtin_strategies``). Here the run config's ``strategy`` and
+``strategy.<param>`` values are checked against the descriptor, and the strategy is built.
 
 The strategy samples nothing (the invariant is stated and kept in ``fedplug.rounds``):
 ``make_strategy`` builds every strategy to take all the nodes the round loop shows it
 (fractions 1, minimums 0), and the run config's fractions and minimums become the
 ``Sampling`` that the loop applies (``sampling``).
 
-**A strategy's state is declared.** ``STATE`` names, for each of the twelve strategies,
+**A strategy's state is declared.** ``STATE`` names, for each of the twelve built-in strategies,
 the attributes that change from one round to the next (read from the installed Flower
-classes); a checkpoint (``fedplug.checkpoint``) saves and restores exactly those, by name,
-and refuses a strategy that declares none rather than save part of it.
+classes); a plugin's descriptor declares its own (``Strategy.state``). A checkpoint
+(``fedplug.checkpoint``) saves and restores exactly those, by name, and refuses a strategy
+that declares none rather than save part of it.
 """
 
 from __future__ import annotations
 
-import inspect
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from fedplug.backend import Config, Scalar
 from fedplug.config import coerce
 from fedplug.errors import ConfigError
+from fedplug.plugins import UnknownStrategy, get_registry
+from fedplug.strategy_contract import Strategy
 
 STRATEGIES = {
     "fedavg": "FedAvg",
@@ -36,6 +42,7 @@ STRATEGIES = {
     "bulyan": "Bulyan",
     "qfedavg": "QFedAvg",
 }
+"""The built-in strategies and their classes in ``flwr.serverapp.strategy``."""
 STATE: dict[str, tuple[str, ...]] = {
     "fedavg": (),
     "fedprox": (),
@@ -54,100 +61,67 @@ STATE: dict[str, tuple[str, ...]] = {
     "qfedavg": ("current_arrays",),  # the global model of the round (set by configure_train)
 }
 """Each strategy's attributes that change across rounds: what a checkpoint saves, by name."""
-INTERNAL = {
-    "weighted_by_key",
-    "arrayrecord_key",
-    "configrecord_key",
-    "train_metrics_aggr_fn",
-    "evaluate_metrics_aggr_fn",
-    "selection_rule",
-    "train_loss_key",
-    "self",
-}
-"""Constructor parameters fedplug sets itself; everything else is ``strategy.<param>``."""
 
-INF = math.inf
-RANGES: dict[str, tuple[float, bool, float, bool]] = {
-    "fraction_train": (0.0, False, 1.0, True),
-    "fraction_evaluate": (0.0, True, 1.0, True),
-    "proximal_mu": (0.0, True, INF, False),
-    "eta": (0.0, False, INF, False),
-    "eta_l": (0.0, False, INF, False),
-    "tau": (0.0, False, INF, False),
-    "beta_1": (0.0, True, 1.0, False),
-    "beta_2": (0.0, True, 1.0, False),
-    "beta": (0.0, True, 0.5, False),
-    "server_learning_rate": (0.0, False, INF, False),
-    "server_momentum": (0.0, True, 1.0, False),
-    "q": (0.0, True, INF, False),
-    "client_learning_rate": (0.0, False, INF, False),
-}
-"""Valid ``(low, low included, high, high included)`` of the strategies' numeric parameters."""
-NODE_COUNTS = {
-    "min_train_nodes": 0,
-    "min_evaluate_nodes": 0,
-    "min_available_nodes": 0,
-    "num_malicious_nodes": 0,
-    "num_nodes_to_select": 1,
-}
-"""Parameters that count nodes, with their smallest valid value; none may exceed the node count."""
+
+def descriptor(name: str) -> Strategy:
+    """The installed strategy ``name``; ConfigError (with the choices, or its broken plugin) if there is none."""
+    try:
+        return get_registry().get_strategy(name)
+    except UnknownStrategy as error:
+        raise ConfigError(str(error)) from error
 
 
 def strategy_class(name: str) -> type:
-    from flwr.serverapp import strategy
-
-    if name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy '{name}'; choose one of: {', '.join(STRATEGIES)}")
-    return getattr(strategy, STRATEGIES[name])  # type: ignore[no-any-return]
+    """The class strategy ``name`` builds (imported now)."""
+    return descriptor(name).strategy_class()
 
 
 def state_names(strategy: object) -> tuple[str, ...]:
-    """The attributes of ``strategy`` that a checkpoint must keep; refuses a strategy not in ``STATE``."""
-    for name in STRATEGIES:
-        if type(strategy) is strategy_class(name):  # a subclass may hold state of its own: not declared
-            return STATE[name]
+    """The attributes of ``strategy`` that a checkpoint must keep; refuses a strategy no descriptor declares."""
+    for entry in get_registry().strategies.values():
+        declared = entry.strategy
+        if declared.implementation.rpartition(":")[2] != type(strategy).__name__ or declared.state is None:
+            continue  # by name first: importing every installed strategy's class is not needed
+        try:
+            cls = declared.strategy_class()
+        except ConfigError:
+            continue
+        if type(strategy) is cls:  # a subclass may hold state of its own: not declared
+            return declared.state
     raise TypeError(
         f"strategy {type(strategy).__module__}.{type(strategy).__qualname__} declares no checkpoint state "
-        "(fedplug.strategies.STATE): it cannot be checkpointed, and saving part of it would resume another run"
+        "(fedplug.Strategy.state): it cannot be checkpointed, and saving part of it would resume another run"
     )
 
 
 def strategy_parameters(name: str) -> dict[str, Scalar]:
     """``kebab-name -> default`` of the parameters a user may set for strategy ``name``."""
-    signature = inspect.signature(strategy_class(name))
-    return {
-        key.replace("_", "-"): param.default
-        for key, param in signature.parameters.items()
-        if key not in INTERNAL
-        and param.kind is not param.VAR_KEYWORD
-        and isinstance(param.default, bool | int | float | str)
-    }
+    return {key: param.default for key, param in descriptor(name).all_parameters().items()}
 
 
 def strategy_kwargs(config: Config) -> dict[str, Any]:
-    """Constructor arguments of the configured strategy, checked by name and type."""
+    """Constructor arguments of the configured strategy's parameters, checked by name and type."""
     name = str(config["strategy"])
     known = strategy_parameters(name)
     nodes = int(config["num-supernodes"])
-    values: dict[str, Scalar] = {
-        "fraction-train": config["fraction-train"],
-        "fraction-evaluate": config["fraction-evaluate"],
-        # Flower waits for 2 nodes by default: never wait for more nodes than the run has
-        "min-train-nodes": min(2, nodes),
-        "min-evaluate-nodes": min(2, nodes),
-        "min-available-nodes": min(2, nodes),
-    }
+    values: dict[str, Scalar] = dict(known)
+    values.update(
+        {
+            "fraction-train": config["fraction-train"],
+            "fraction-evaluate": config["fraction-evaluate"],
+            # Flower waits for 2 nodes by default: never wait for more nodes than the run has
+            "min-train-nodes": min(2, nodes),
+            "min-evaluate-nodes": min(2, nodes),
+            "min-available-nodes": min(2, nodes),
+        }
+    )
     for key, value in config.items():
         if key.startswith("strategy."):
             param = key.removeprefix("strategy.")
-            if param not in known and not (name == "qfedavg" and param == "client-learning-rate"):
+            if param not in known:
                 raise ConfigError(f"strategy '{name}' has no parameter '{param}'; it takes: {', '.join(sorted(known))}")
-            values[param] = coerce(key, value, known.get(param, 0.0))
-    kwargs = {key.replace("-", "_"): value for key, value in values.items()}
-    if name == "qfedavg":
-        kwargs.setdefault("client_learning_rate", float(config["lr"]))
-        kwargs["train_loss_key"] = "loss"
-    return kwargs
+            values[param] = coerce(key, value, known[param])
+    return {key.replace("-", "_"): value for key, value in values.items()}
 
 
 @dataclass(frozen=True)
@@ -171,10 +145,6 @@ def sampling(config: Config) -> Sampling:
     return Sampling(**{name: kwargs[name] for name in SAMPLING})
 
 
-def _interval(low: float, low_in: bool, high: float, high_in: bool) -> str:
-    return f"{'[' if low_in else '('}{low:g}, {'inf' if high == INF else f'{high:g}'}{']' if high_in else ')'}"
-
-
 def check_strategy(config: Config, nodes_known: bool = True) -> None:
     """Check the strategy's parameters against their valid ranges and the node count.
 
@@ -185,6 +155,7 @@ def check_strategy(config: Config, nodes_known: bool = True) -> None:
     whose nodes join when they will): the ranges only, not the checks against the node count.
     """
     name = str(config["strategy"])
+    strategy = descriptor(name)
     kwargs = strategy_kwargs(config)
     nodes = int(config["num-supernodes"])
 
@@ -192,24 +163,20 @@ def check_strategy(config: Config, nodes_known: bool = True) -> None:
         kebab = param.replace("_", "-")
         return f"'strategy.{kebab}'" if f"strategy.{kebab}" in config or kebab not in config else f"'{kebab}'"
 
-    for param, value in kwargs.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        if not math.isfinite(value):
-            raise ConfigError(f"strategy '{name}': {shown(param)} must be a finite number, got {value}")
-        if param in RANGES:
-            low, low_in, high, high_in = RANGES[param]
-            inside = (value >= low if low_in else value > low) and (value <= high if high_in else value < high)
-            if not inside:
-                raise ConfigError(
-                    f"strategy '{name}': {shown(param)} must be in {_interval(*RANGES[param])}, got {value}"
+    for param in strategy.all_parameters().values():
+        value = kwargs[param.argument]
+        problem = param.problem(value)
+        if param.counts_nodes and not isinstance(value, bool) and isinstance(value, int | float):
+            low = 0 if param.low is None else int(param.low)
+            if value < low or (nodes_known and value > nodes):
+                problem = (
+                    f"must be between {low} and the number of nodes ({nodes}), got {value}; "
+                    "the run would wait for nodes that never come"
                 )
-        if param in NODE_COUNTS and not NODE_COUNTS[param] <= value <= (nodes if nodes_known else math.inf):
-            raise ConfigError(
-                f"strategy '{name}': {shown(param)} must be between {NODE_COUNTS[param]} and the number of nodes "
-                f"({nodes}), got {value}; the run would wait for nodes that never come"
-            )
+        if problem:
+            raise ConfigError(f"strategy '{name}': {shown(param.argument)} {problem}")
     if not nodes_known:
+        strategy.check(kwargs, None)
         return
     sampled = max(int(nodes * float(kwargs["fraction_train"])), int(kwargs["min_train_nodes"]))
     if sampled < 1:
@@ -217,31 +184,13 @@ def check_strategy(config: Config, nodes_known: bool = True) -> None:
             f"with {nodes} nodes and fraction-train {kwargs['fraction_train']} no node trains: "
             "raise fraction-train or set strategy.min-train-nodes=1"
         )
-    malicious = int(kwargs.get("num_malicious_nodes", 0))
-    if name == "bulyan" and sampled < 4 * malicious + 3:
-        raise ConfigError(
-            f"strategy 'bulyan' needs at least 4 * num-malicious-nodes + 3 = {4 * malicious + 3} training nodes "
-            f"per round, but {sampled} train: use more --nodes or a higher fraction-train"
-        )
-    if name in ("krum", "multikrum") and malicious and sampled <= 2 * malicious + 2:
-        raise ConfigError(
-            f"strategy '{name}' tolerates {malicious} malicious nodes only with more than {2 * malicious + 2} "
-            f"training nodes per round, but {sampled} train: use more --nodes or fewer num-malicious-nodes"
-        )
-    if name == "multikrum" and int(kwargs.get("num_nodes_to_select", 1)) > sampled:
-        raise ConfigError(
-            f"strategy 'multikrum': 'strategy.num-nodes-to-select' is {kwargs['num_nodes_to_select']} but only "
-            f"{sampled} nodes train per round"
-        )
+    strategy.check(kwargs, sampled)
 
 
 def make_strategy(config: Config) -> Any:
     """The configured strategy, set to use every node the round loop shows it (it samples nothing)."""
-    cls = strategy_class(str(config["strategy"]))
-    kwargs = strategy_kwargs(config)
+    strategy = descriptor(str(config["strategy"]))
+    kwargs = strategy.arguments(strategy_kwargs(config), config)
     kwargs.update(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=0, min_evaluate_nodes=0)
     kwargs["min_available_nodes"] = 0
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"strategy '{config['strategy']}': {error}") from error
+    return strategy.build(kwargs)

@@ -697,6 +697,70 @@ class BasicConformance:
             "the evaluate reply must carry 'loss' and 'accuracy'"
         )
 
+    def test_client_app_serves_node_capabilities(self, backend: Backend) -> None:
+        """A strategy's node capabilities work with the backend (``fedplug.capabilities.BACKEND_DUTIES``).
+
+        Two train Messages to one node (one ``Context``), for a probe strategy that needs ``reply-arrays``
+        (the node's update as an extra record) and ``node-state`` (a count of its steps): the replies carry
+        the weights, the update (exactly trained - sent, canonical names) and the state, which the node
+        keeps across the two rounds. Fix: ``get_weights`` must return fresh canonical numpy arrays and
+        ``train`` keep no state of its own.
+        """
+        from flwr.app import ConfigRecord, Context, MessageType, RecordDict
+
+        from fedplug.apps import client_app
+        from fedplug.capabilities import STATE_RECORD, Probe
+
+        def same_weights(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+            atol = self.determinism_atol  # a framework that cannot be deterministic on CPU says how far it strays
+            return list(a) == list(b) and all(np.allclose(a[k], b[k], rtol=0, atol=atol) for k in a)
+
+        from fedplug.data import data_spec
+        from fedplug.flower_adapter import message_for_client_app
+        from fedplug.plugins import RegisteredStrategy
+        from fedplug.records import from_record, to_record
+
+        registry = get_registry()
+        registry.strategies.setdefault(Probe.name, RegisteredStrategy(Probe(), "fedplug.testing", "fedplug-core", ""))
+        try:
+            overrides = {"num-supernodes": 20, "local-epochs": 1, "strategy": Probe.name, "model": "lenet"}
+            config = self._config(backend, **overrides)
+            model = backend.build_model(str(config["model"]), data_spec(config), config)
+            sent = backend.get_weights(model)
+            node: dict[str, Scalar] = {"partition-id": 0, "num-partitions": 20}
+            context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=config)
+            first: dict[str, np.ndarray] = {}
+            for server_round in (1, 2):
+                content = RecordDict(
+                    {"arrays": to_record(sent), "config": ConfigRecord({"lr": config["lr"], "server-round": 1})}
+                )
+                message = message_for_client_app(
+                    content,
+                    message_type=MessageType.TRAIN,
+                    run_id=1,
+                    message_id=f"t{server_round}",
+                    dst_node_id=1,
+                    group_id=str(server_round),
+                )
+                reply = client_app(message, context)
+                assert not reply.has_error(), f"the ClientApp failed with a node-capability strategy: {reply.error}"
+                records = reply.content.array_records
+                assert list(records) == ["arrays", "update", STATE_RECORD], list(records)
+                trained, update = from_record(records["arrays"]), from_record(records["update"])
+                assert list(update) == list(sent)
+                assert all(np.array_equal(update[k], trained[k] - sent[k]) for k in sent), "update != trained - sent"
+                assert any(np.any(update[k]) for k in sent), "the node's update is zero: train changed no weight"
+                if server_round == 2:  # the same message again: only the core's node state may differ
+                    assert same_weights(update, first), (
+                        "the same train message gave another update the second time: train kept state between "
+                        "calls, which only the strategy's node state may do"
+                    )
+                first = update
+                steps = from_record(records[STATE_RECORD])["steps"]
+                assert int(steps) == server_round, f"the node state was not kept across rounds: {int(steps)}"
+        finally:
+            registry.strategies.pop(Probe.name, None)
+
 
 class BackendConformance(BasicConformance):
     """The mixable tier: the basic checks, and what lets the backend's nodes join a federation of other frameworks.

@@ -1,0 +1,66 @@
+"""The strategy conformance suite, run on Flower's twelve built-in strategies, and shown to catch mistakes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import fedplug
+from fedplug.builtin_strategies import BUILTINS
+from fedplug.plugins import RegisteredStrategy, get_registry
+from fedplug.testing import StrategyConformance
+
+pytestmark = pytest.mark.fast
+
+OPTIONS = {"bulyan": {"strategy.num-malicious-nodes": 1}, "multikrum": {"strategy.num-nodes-to-select": 3}}
+
+
+@pytest.fixture(params=[s.name for s in BUILTINS])
+def suite(request: pytest.FixtureRequest) -> StrategyConformance:
+    cls = type(f"Test_{request.param}", (StrategyConformance,), {"strategy_name": request.param})
+    cls.run_config = OPTIONS.get(request.param, {})
+    cls.nodes = 7 if request.param == "bulyan" else 5  # Bulyan with one malicious node needs 4 * 1 + 3
+    return cls()
+
+
+def test_every_builtin_passes_the_suite(suite: StrategyConformance, tmp_path: Path) -> None:
+    descriptor = get_registry().strategies[suite.strategy_name].strategy
+    suite.test_registered_and_well_formed(descriptor)
+    suite.test_builds_with_its_defaults_and_refuses_out_of_range_parameters(descriptor)
+    suite.test_aggregates_replies_into_a_finite_model()
+    suite.test_deterministic_for_a_seed()
+    suite.test_declared_state_is_what_changes_across_rounds(descriptor)
+    suite.test_killed_run_resumes_bit_identical_from_a_checkpoint(tmp_path)
+    suite.test_survives_failed_and_screened_replies()
+    suite.test_declared_compositions_hold(descriptor)
+
+
+class Forgetful(fedplug.Strategy):
+    """FedAdam that declares no state and claims DP: two mistakes the suite must catch."""
+
+    name = "forgetful"
+    description = "FedAdam with its state undeclared"
+    implementation = "flwr.serverapp.strategy:FedAdam"
+    state = ()
+    composes = frozenset({"dp"})
+
+
+@pytest.fixture
+def forgetful(monkeypatch: pytest.MonkeyPatch) -> tuple[StrategyConformance, Forgetful]:
+    registry = get_registry()
+    monkeypatch.setitem(registry.strategies, "forgetful", RegisteredStrategy(Forgetful(), "in-test", "in-test", "0"))
+    suite = type("TestForgetful", (StrategyConformance,), {"strategy_name": "forgetful"})()
+    return suite, Forgetful()
+
+
+def test_the_suite_catches_undeclared_state(forgetful: tuple[StrategyConformance, Forgetful]) -> None:
+    suite, descriptor = forgetful
+    with pytest.raises(AssertionError, match=r"not in state: \['current_arrays', 'm_t', 'v_t'\]"):
+        suite.test_declared_state_is_what_changes_across_rounds(descriptor)
+
+
+def test_the_suite_catches_a_false_composition_claim(forgetful: tuple[StrategyConformance, Forgetful]) -> None:
+    suite, descriptor = forgetful
+    with pytest.raises(AssertionError, match="declares dp, but is not the weighted mean"):
+        suite.test_declared_compositions_hold(descriptor)
