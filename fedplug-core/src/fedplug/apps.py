@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedplug import flower_adapter
+from fedplug import flower_adapter, secagg
 from fedplug.backend import Backend, Config, Scalar, Weights
 from fedplug.data import data_spec, load_centralized
 from fedplug.errors import ConfigError
@@ -102,6 +102,47 @@ def evaluate(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """Tell the server this node's partition id, backend and data sizes (sent once per node)."""
     return _client_step(msg, context, "query")
+
+
+# -- SecAgg+ (secagg=true): the train step's four stages, fedplug.secagg ----------------------
+
+
+def _secagg_step(msg: Message, context: Context, stage: str) -> Message:
+    try:
+        if stage == secagg.SETUP:
+            content = secagg.client_setup(msg, context.state, context.node_id)
+        elif stage == secagg.SHARE:
+            content = secagg.client_share(msg, context.state)
+        elif stage == secagg.COLLECT:
+            trained = _client_step(msg, context, "train")  # train as usual; the weights leave only masked
+            if trained.has_error():
+                return trained
+            content = secagg.client_mask(msg, context.state, trained.content)
+        else:
+            content = secagg.client_unmask(msg, context.state)
+    except Exception as error:
+        return _failed(msg, stage, error)
+    return Message(content=content, reply_to=msg)
+
+
+@client_app.train(secagg.SETUP)
+def secagg_setup(msg: Message, context: Context) -> Message:
+    return _secagg_step(msg, context, secagg.SETUP)
+
+
+@client_app.train(secagg.SHARE)
+def secagg_share(msg: Message, context: Context) -> Message:
+    return _secagg_step(msg, context, secagg.SHARE)
+
+
+@client_app.train(secagg.COLLECT)
+def secagg_collect(msg: Message, context: Context) -> Message:
+    return _secagg_step(msg, context, secagg.COLLECT)
+
+
+@client_app.train(secagg.UNMASK)
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    return _secagg_step(msg, context, secagg.UNMASK)
 
 
 class CentralEvaluation:

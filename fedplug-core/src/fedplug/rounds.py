@@ -54,7 +54,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedplug import checkpoint
+from fedplug import checkpoint, secagg
 from fedplug.backend import Config, Weights
 from fedplug.node_backends import counts
 from fedplug.records import from_record, to_record
@@ -315,6 +315,8 @@ class Exchange:
     """Each replying node's own time."""
     metrics: dict[str, float] = field(default_factory=dict)
     """The strategy's aggregated loss and accuracy."""
+    aggregate: Message | None = None
+    """With secagg: the one reply the strategy aggregates (the replies' weighted mean, ``fedplug.secagg``)."""
 
     @property
     def partitions(self) -> list[int]:
@@ -445,7 +447,8 @@ class RoundLoop:
         if len(step.replies) < needed:
             self._skip(server_round, record, step, needed, failed_in_a_row + 1)
             return arrays, failed_in_a_row + 1
-        aggregated, metrics = self.strategy.aggregate_train(server_round, step.replies)
+        replies = step.replies if step.aggregate is None else [step.aggregate]
+        aggregated, metrics = self.strategy.aggregate_train(server_round, replies)
         step.metrics = _loss_and_accuracy(metrics)
         if aggregated is None:
             return arrays, 0
@@ -498,6 +501,8 @@ class RoundLoop:
         configure = self.strategy.configure_train if train else self.strategy.configure_evaluate
         config = ConfigRecord({"lr": self.config["lr"]} if train else {})
         messages = configure(server_round, arrays, config, _DrawnNodes([info.node_id for info in step.nodes]))
+        if train and self.config["secagg"]:
+            return self._secure(step, server_round, list(messages))
         replies = {
             reply.metadata.src_node_id: reply
             for reply in self.grid.send_and_receive(list(messages), timeout=self.timeout)
@@ -523,6 +528,20 @@ class RoundLoop:
         if train and float(self.config["outlier-factor"]) > 0:
             good = self._drop_outliers(good, reference, step.failures)
         step.replies = [reply for _, reply in good]
+        return step
+
+    def _secure(self, step: Exchange, server_round: int, messages: list[Message]) -> Exchange:
+        """secagg=true: the train exchange as SecAgg+ (``fedplug.secagg``); the strategy gets one reply, the mean."""
+        by_node = {info.node_id: info for info in step.nodes}
+        examples = {node: info.train_examples for node, info in by_node.items()}
+        outcome = secagg.secure_train(self.grid, messages, examples, self.config, server_round, self.timeout)
+        step.failures = [
+            {"partition": by_node[node].partition, "reason": reason} for node, reason in outcome.failures.items()
+        ]
+        step.failures.sort(key=lambda failure: failure["partition"])
+        for failure in step.failures:
+            log.warning("round %s: secagg on partition %s failed: %s", server_round, *failure.values())
+        step.replies, step.aggregate, step.node_seconds = outcome.survivors, outcome.aggregate, outcome.node_seconds
         return step
 
     def _drop_outliers(
