@@ -359,3 +359,19 @@ def test_a_secagg_run_with_two_nodes_dropping_after_sharing_keys_gives_plain_fed
         slack = np.spacing(np.abs(array).astype(np.float32))  # the global model is float32: one ulp each side
         assert np.all(np.abs(secure[name] - array) <= bound + slack), name
     assert any(not np.array_equal(secure[name], plain[name]) for name in plain)  # the masked path, not the plain
+
+
+def test_a_secagg_run_of_a_mixed_federation_learns(tmp_path: Path) -> None:
+    # numpy nodes and PyTorch nodes mask the same flattened canonical weights
+    fedplug.api.run(
+        "numpy",
+        rounds=1,
+        nodes=4,
+        node_backends="2-3:torch",
+        out=tmp_path,
+        quiet=True,
+        run_config={"hidden-dims": "16", "fraction-evaluate": 0.0, "secagg": True, "lr": 0.1},
+    )
+    rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    assert rounds[1]["train-nodes"] == 4 and rounds[1]["train-backends"] == {"numpy": 2, "torch": 2}
+    assert rounds[1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"] + 0.2
