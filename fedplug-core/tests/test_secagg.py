@@ -323,6 +323,16 @@ def test_what_secagg_cannot_do_is_refused_in_one_line(overrides: dict[str, Any],
 
 
 @pytest.mark.fast
+def test_secagg_with_differential_privacy_is_refused_until_it_is_built() -> None:
+    from fedplug.config import check_secagg
+
+    config = _config()
+    check_secagg({**config, "dp": "off"})  # dp's keys come from another branch: only its value is read here
+    with pytest.raises(ConfigError, match="secagg with dp is not built yet"):
+        check_secagg({**config, "dp": "server-fixed"})
+
+
+@pytest.mark.fast
 def test_secagg_keys_default_to_off_and_flowers_quantisation() -> None:
     config = resolve(BACKEND, {})
     assert config["secagg"] is False and config["secagg.modulus-range"] == 2**32

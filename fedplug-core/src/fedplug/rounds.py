@@ -541,7 +541,8 @@ class RoundLoop:
         step.failures.sort(key=lambda failure: failure["partition"])
         for failure in step.failures:
             log.warning("round %s: secagg on partition %s failed: %s", server_round, *failure.values())
-        step.replies, step.aggregate, step.node_seconds = outcome.survivors, outcome.aggregate, outcome.node_seconds
+        step.replies, step.aggregate = outcome.survivors, outcome.aggregate
+        step.node_seconds = [_node_timing(reply)[1] for reply in outcome.survivors]
         return step
 
     def _drop_outliers(

@@ -33,7 +33,6 @@ Twister with 32 bits of the seed, so a self mask could be found by trying 2**32 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -318,7 +317,6 @@ class Outcome:
     """The masked replies that went into the sum."""
     failures: dict[int, str] = field(default_factory=dict)
     """Why each drawn node (by node id) is not in the sum."""
-    node_seconds: list[float] = field(default_factory=list)
 
 
 class _Protocol:
@@ -427,9 +425,7 @@ def secure_train(
             }
         )
         collect[node] = content
-    started = time.monotonic()
     masked = protocol.exchange(COLLECT, collect)
-    outcome.node_seconds = [time.monotonic() - started] if masked else []
     size = sum(
         array.size for array in from_record(cast(ArrayRecord, next(iter(train.values())).content["arrays"])).values()
     )
