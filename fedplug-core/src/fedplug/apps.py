@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -125,24 +126,16 @@ def _secagg_step(msg: Message, context: Context, stage: str) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@client_app.train(secagg.SETUP)
-def secagg_setup(msg: Message, context: Context) -> Message:
-    return _secagg_step(msg, context, secagg.SETUP)
+def _secagg_handler(stage: str) -> Callable[[Message, Context], Message]:
+    def handle(msg: Message, context: Context) -> Message:
+        return _secagg_step(msg, context, stage)
+
+    handle.__name__ = handle.__qualname__ = stage
+    return handle
 
 
-@client_app.train(secagg.SHARE)
-def secagg_share(msg: Message, context: Context) -> Message:
-    return _secagg_step(msg, context, secagg.SHARE)
-
-
-@client_app.train(secagg.COLLECT)
-def secagg_collect(msg: Message, context: Context) -> Message:
-    return _secagg_step(msg, context, secagg.COLLECT)
-
-
-@client_app.train(secagg.UNMASK)
-def secagg_unmask(msg: Message, context: Context) -> Message:
-    return _secagg_step(msg, context, secagg.UNMASK)
+for _stage in secagg.STAGES:  # the ClientApp answers train.secagg_setup, train.secagg_share, ...
+    client_app.train(_stage)(_secagg_handler(_stage))
 
 
 class CentralEvaluation:

@@ -30,21 +30,11 @@ generator), Flower's Shamir sharing on ``pycryptodome`` and Flower's quantisatio
 Twister with 32 bits of the seed, so a self mask could be found by trying 2**32 seeds.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (two lines of re-exports: no copy of node.py's import list)
 
 from fedplug.secagg.node import client_mask, client_setup, client_share, client_unmask
-from fedplug.secagg.primitives import (
-    COLLECT,
-    MASKED,
-    RECORD,
-    SETUP,
-    SHARE,
-    STAGES,
-    UNMASK,
-    Settings,
-    _flatten,
-    neighbours,
-)
+from fedplug.secagg.primitives import COLLECT, MASKED, RECORD, SETUP, SHARE, STAGES, UNMASK
+from fedplug.secagg.primitives import Settings, _flatten, neighbours
 from fedplug.secagg.server import Outcome, secure_train
 
 __all__ = [
