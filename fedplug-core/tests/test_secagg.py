@@ -229,11 +229,18 @@ def test_a_second_round_on_the_same_nodes_starts_afresh_after_dropouts(initial) 
 
 @pytest.mark.fast
 def test_too_many_dropouts_end_the_step_without_a_result(initial) -> None:
+    # 8 of 10 masked vectors, threshold 9: the server gives up before asking for shares
     config = _config(**{"secagg.reconstruction-threshold": 9})
     drop = {(secagg.COLLECT, 2), (secagg.COLLECT, 3)}
-    _grid, outcome, _ = _secure(config, initial, list(range(1, NODES + 1)), drop)
+    _, outcome, _ = _secure(config, initial, list(range(1, NODES + 1)), drop)
     assert outcome.aggregate is None and sorted(outcome.failures) == list(range(1, NODES + 1))
-    assert "8 active nodes, fewer than the threshold" in outcome.failures[1]  # the survivors refuse to unmask
+    assert outcome.failures[1] == "secagg: 8 masked vectors, reconstruction-threshold is 9"
+    # a ring of 5, threshold 4: two neighbours of node 1 drop, so its seed has too few shares left
+    config = _config(**{"secagg.num-shares": 5, "secagg.reconstruction-threshold": 4})
+    _, outcome, _ = _secure(config, initial, list(range(1, NODES + 1)), drop)
+    assert outcome.aggregate is None
+    assert "3 active nodes, fewer than the threshold" in outcome.failures[1]  # node 1 refuses to unmask
+    assert any("too many nodes dropped" in reason for reason in outcome.failures.values())
 
 
 @pytest.mark.fast
@@ -284,6 +291,19 @@ def test_no_reply_the_server_receives_reveals_a_nodes_update(initial) -> None:
         assert counts.get((kind_never, node), 0) == 0, f"the server got {kind_never} shares of node {node}"
         assert counts.get((kind_needed, node), 0) >= 3
     assert outcome.aggregate is not None
+
+
+@pytest.mark.fast
+def test_a_node_refuses_a_server_that_lowers_the_reconstruction_threshold(initial) -> None:
+    nodes = list(range(1, NODES + 1))
+    grid = RecordingGrid(_config(**{"secagg.reconstruction-threshold": 6}))  # the nodes' run config
+    examples = {node: _examples(_config(), node) for node in nodes}
+    lowered = _config(**{"secagg.reconstruction-threshold": 2})  # what this server claims
+    with flower_adapter.server_app_identity(run_id=1):
+        outcome = secagg.secure_train(grid, _train_messages(initial, nodes), examples, lowered, 1, 60.0)
+    assert outcome.aggregate is None and sorted(outcome.failures) == nodes
+    assert "threshold 2 for 10 neighbours, this node needs 6" in outcome.failures[1]
+    assert not any(reply.has_content() and secagg.MASKED in reply.content.array_records for reply in grid.received)
 
 
 @pytest.mark.fast

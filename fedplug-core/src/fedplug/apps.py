@@ -111,7 +111,8 @@ def query(msg: Message, context: Context) -> Message:
 def _secagg_step(msg: Message, context: Context, stage: str) -> Message:
     try:
         if stage == secagg.SETUP:
-            content = secagg.client_setup(msg, context.state, context.node_id)
+            settings = secagg.Settings.from_config(session(context.run_config, context.node_config)[1])
+            content = secagg.client_setup(msg, context.state, context.node_id, settings)
         elif stage == secagg.SHARE:
             content = secagg.client_share(msg, context.state)
         elif stage == secagg.COLLECT:

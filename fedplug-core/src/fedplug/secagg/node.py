@@ -19,6 +19,7 @@ from fedplug.secagg.primitives import (
     SHARE,
     STAGES,
     UNMASK,
+    Settings,
     _aad,
     _derive,
     _flatten,
@@ -41,13 +42,27 @@ def _state(state: RecordDict, server_round: int, stage: str) -> ConfigRecord:
     return record
 
 
-def client_setup(msg: Message, state: RecordDict, node_id: int) -> RecordDict:
-    """Stage 1: new key pairs for this round; reply with the public keys."""
+def client_setup(msg: Message, state: RecordDict, node_id: int, settings: Settings) -> RecordDict:
+    """Stage 1: new key pairs for this round; reply with the public keys.
+
+    The quantisation and the threshold come from this node's own run config (``settings``), not from the server.
+    """
     sent = msg.content.config_records[RECORD]
     mask_private, mask_public = _key_pair()
     share_private, share_public = _key_pair()
-    record = ConfigRecord(dict(sent))
-    record.update({"stage": SETUP, "node": node_id, "mask-private": mask_private, "share-private": share_private})
+    record = ConfigRecord(
+        {
+            "round": sent["round"],
+            "stage": SETUP,
+            "node": node_id,
+            "mask-private": mask_private,
+            "share-private": share_private,
+            "clipping-range": settings.clipping_range,
+            "quantization-range": settings.quantization_range,
+            "modulus": settings.modulus,
+            "configured-threshold": settings.threshold,
+        }
+    )
     state[RECORD] = record
     return RecordDict({RECORD: ConfigRecord({"mask-public": mask_public, "share-public": share_public})})
 
@@ -61,8 +76,9 @@ def client_share(msg: Message, state: RecordDict) -> RecordDict:
     if me not in nodes:
         raise ValueError("secagg_share: this node is not among its own neighbours")
     threshold = int(cast(int, sent["threshold"]))
-    if not 2 <= threshold <= len(nodes):
-        raise ValueError(f"secagg_share: threshold {threshold} for {len(nodes)} neighbours")
+    needed = int(cast(int, record["configured-threshold"])) or max(2, len(nodes) // 2 + 1)
+    if not needed <= threshold <= len(nodes):  # a server cannot lower the threshold this node's run config sets
+        raise ValueError(f"secagg_share: threshold {threshold} for {len(nodes)} neighbours, this node needs {needed}")
     seed = os.urandom(32)
     seed_shares = flower_adapter.shamir_split(seed, threshold, len(nodes))
     key_shares = flower_adapter.shamir_split(cast(bytes, record["mask-private"]), threshold, len(nodes))

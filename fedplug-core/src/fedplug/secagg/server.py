@@ -85,19 +85,7 @@ def secure_train(
     protocol = _Protocol(grid, settings, config, server_round, timeout, outcome)
     train = {message.metadata.dst_node_id: message for message in messages}
     drawn = sorted(train)
-    keys = protocol.exchange(
-        SETUP,
-        {
-            node: protocol.record(
-                **{
-                    "clipping-range": settings.clipping_range,
-                    "quantization-range": settings.quantization_range,
-                    "modulus": settings.modulus,
-                }
-            )
-            for node in drawn
-        },
-    )
+    keys = protocol.exchange(SETUP, {node: protocol.record() for node in drawn})  # nodes quantise by their config
     if len(drawn) * settings.quantization_range >= settings.modulus:  # the sum must not wrap around
         return _give_up(
             outcome,
@@ -124,6 +112,8 @@ def secure_train(
             for node in graph
         },
     )
+    if len(shared) < threshold:
+        return _give_up(outcome, drawn, f"{len(shared)} nodes shared keys, reconstruction-threshold is {threshold}")
     inbox: dict[int, list[tuple[int, bytes]]] = {node: [] for node in shared}
     for node, reply in shared.items():
         sent = reply.content.config_records[RECORD]
@@ -156,6 +146,8 @@ def secure_train(
         if reason is not None:
             outcome.failures[node] = f"{COLLECT}: {reason}"
             del masked[node]
+    if len(masked) < threshold:
+        return _give_up(outcome, drawn, f"{len(masked)} masked vectors, reconstruction-threshold is {threshold}")
     dropped = sorted(set(shared) - set(masked))
     unmasked = protocol.exchange(
         UNMASK,
