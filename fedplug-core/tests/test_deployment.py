@@ -113,7 +113,7 @@ def test_insecure_demo_federation_with_embedded_partitions(tmp_path: Path) -> No
         out = tmp_path / "results"
         done = subprocess.run(
             [FEDPLUG, "run", "numpy", "--superlink", address, "--insecure", "--rounds", "1", "--dataset", "embedded",
-             "--fraction-evaluate", "0", "--run-config", "hidden-dims='32'", "--out", str(out)],
+             "--fraction-evaluate", "0", "--run-config", "hidden-dims='32' secagg=true", "--out", str(out)],
             capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
         )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -121,6 +121,7 @@ def test_insecure_demo_federation_with_embedded_partitions(tmp_path: Path) -> No
     assert [r["round"] for r in rounds] == [0, 1]
     assert rounds[1]["train-nodes"] == 2 and rounds[1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"]
     assert sorted(rounds[1]["train-partitions"]) == [0, 1]
+    assert json.loads((out / "config.json").read_text())["secagg"] is True  # SecAgg+ on the Deployment Engine
 
 
 def digits(rows: slice, side: int = 28) -> tuple[np.ndarray, np.ndarray]:

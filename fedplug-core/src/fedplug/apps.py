@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedplug import flower_adapter
+from fedplug import flower_adapter, secagg
 from fedplug.backend import Backend, Config, Scalar, Weights
 from fedplug.capabilities import extend_train_reply
 from fedplug.data import data_spec, load_centralized
@@ -105,6 +106,40 @@ def evaluate(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """Tell the server this node's partition id, backend and data sizes (sent once per node)."""
     return _client_step(msg, context, "query")
+
+
+# -- SecAgg+ (secagg=true): the train step's four stages, fedplug.secagg ----------------------
+
+
+def _secagg_step(msg: Message, context: Context, stage: str) -> Message:
+    try:
+        if stage == secagg.SETUP:
+            settings = secagg.Settings.from_config(session(context.run_config, context.node_config)[1])
+            content = secagg.client_setup(msg, context.state, context.node_id, settings)
+        elif stage == secagg.SHARE:
+            content = secagg.client_share(msg, context.state)
+        elif stage == secagg.COLLECT:
+            trained = _client_step(msg, context, "train")  # train as usual; the weights leave only masked
+            if trained.has_error():
+                return trained
+            content = secagg.client_mask(msg, context.state, trained.content)
+        else:
+            content = secagg.client_unmask(msg, context.state)
+    except Exception as error:
+        return _failed(msg, stage, error)
+    return Message(content=content, reply_to=msg)
+
+
+def _secagg_handler(stage: str) -> Callable[[Message, Context], Message]:
+    def handle(msg: Message, context: Context) -> Message:
+        return _secagg_step(msg, context, stage)
+
+    handle.__name__ = handle.__qualname__ = stage
+    return handle
+
+
+for _stage in secagg.STAGES:  # the ClientApp answers train.secagg_setup, train.secagg_share, ...
+    client_app.train(_stage)(_secagg_handler(_stage))
 
 
 class CentralEvaluation:

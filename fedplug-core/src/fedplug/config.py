@@ -54,6 +54,14 @@ CORE_DEFAULTS: dict[str, Scalar] = {
     "out": "",
     "node-backends": "",
     "track": "",
+    **{  # SecAgg+ (fedplug.secagg, docs/secagg.md): Flower's SecAggPlusWorkflow settings, kebab-cased
+        "secagg": False,
+        "secagg.num-shares": 0,
+        "secagg.reconstruction-threshold": 0,
+        "secagg.clipping-range": 8.0,
+        "secagg.quantization-range": 4194303,
+        "secagg.modulus-range": 4294967296,
+    },
 }
 """Defaults every backend starts from; a backend's ``defaults`` override and extend them."""
 
@@ -328,6 +336,7 @@ def check_values(backend: Backend, config: Config) -> None:
     if config["pool"] not in ("max", "avg"):
         raise ConfigError(f"run-config 'pool' must be 'max' or 'avg', got '{config['pool']}'")
     parse_track(str(config.get("track", "")))
+    check_secagg(config)
     parse_node_backends(str(config.get(NODE_BACKENDS, "")))  # its syntax; the backends: node_backends.check
     try:
         hidden_dims(config)
@@ -413,3 +422,50 @@ def check_supported(backend: Backend, config: Config) -> None:
             )
         if config.get(key) not in (None, 0, 0.0, False, ""):
             raise ConfigError(f"backend '{backend.name}' does not support run-config '{key}': leave it unset")
+
+
+# -- SecAgg+ (secagg=true, fedplug.secagg) ----------------------------------------------------
+# which strategies compose with it is each strategy's own declaration (fedplug.strategies.check_strategy)
+
+
+def check_secagg(config: Config) -> None:
+    """The ``secagg.*`` values; with ``secagg=true``, refuse what needs each node's update (one line, the reason)."""
+    shares, threshold = int(config["secagg.num-shares"]), int(config["secagg.reconstruction-threshold"])
+    if shares != 0 and (shares < 3 or shares % 2 == 0):
+        raise ConfigError(
+            "run-config 'secagg.num-shares' must be 0 (every sampled node) or an odd number of at least 3 "
+            f"(the node and as many neighbours on each side), got {shares}"
+        )
+    if threshold != 0 and not 2 <= threshold <= (shares or threshold):
+        raise ConfigError(
+            "run-config 'secagg.reconstruction-threshold' must be 0 (a majority of the shares) or between 2 and "
+            f"secagg.num-shares ({shares}), got {threshold}"
+        )
+    if not float(config["secagg.clipping-range"]) > 0:
+        raise ConfigError(f"run-config 'secagg.clipping-range' must be above 0, got {config['secagg.clipping-range']}")
+    quantization, modulus = int(config["secagg.quantization-range"]), int(config["secagg.modulus-range"])
+    if not 1 <= quantization < 2**31:
+        raise ConfigError(f"run-config 'secagg.quantization-range' must be between 1 and 2**31 - 1, got {quantization}")
+    if not (quantization < modulus <= 2**32 and modulus & (modulus - 1) == 0):
+        raise ConfigError(
+            "run-config 'secagg.modulus-range' must be a power of two above secagg.quantization-range and at most "
+            f"2**32, got {modulus}"
+        )
+    if not config["secagg"]:
+        return
+    if int(config["num-supernodes"]) * quantization >= modulus:
+        raise ConfigError(
+            f"secagg: {config['num-supernodes']} nodes x secagg.quantization-range ({quantization}) reach "
+            f"secagg.modulus-range ({modulus}), so the masked sum would wrap around: lower secagg.quantization-range"
+        )
+    if float(config["outlier-factor"]) not in (0.0, float(CORE_DEFAULTS["outlier-factor"])):
+        raise ConfigError(
+            "run-config 'outlier-factor' screens each node's update, which secagg hides from the server: "
+            "leave it unset or 0, or drop secagg"
+        )
+    # differential privacy (the dp keys, another branch of issue 27): not combined with secagg yet
+    if str(config.get("dp", "")).lower() not in ("", "off", "none", "false", "0"):
+        raise ConfigError(
+            "secagg with dp is not built yet (the noise would go on the unmasked sum, with clipping on the nodes): "
+            "choose one of them"
+        )

@@ -46,6 +46,13 @@ The private names, why fedplug needs each, and the public alternative that is mi
     source id first, so they never write the user's home. Missing: telemetry that, when
     disabled, touches no file.
 
+``flwr.common.secure_aggregation`` (:func:`quantize`, :func:`dequantize`, :func:`shamir_split`,
+    :func:`shamir_combine`)
+    SecAgg+ (``fedplug.secagg``, ``secagg=true``) quantises updates with Flower's stochastic
+    quantisation and Shamir-shares secrets with Flower's chunking of ``pycryptodome``'s 16-byte
+    Shamir. Flower exports these helpers only for its legacy ``SecAggPlusWorkflow``. Missing: a
+    public secure-aggregation toolkit (or SecAgg+ for Message-API strategies).
+
 Two more private uses are being removed rather than wrapped: ``vars(strategy)`` in
 ``fedplug.checkpoint`` (explicit per-strategy state instead) and the scraping of ``flwr run
 --stream`` output in ``fedplug.deploy``.
@@ -56,6 +63,8 @@ Every function imports Flower when called, never at import time of this module.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -188,3 +197,73 @@ def no_flower_source_id() -> None:
 def _give_source_id(state: dict[str, Any]) -> None:
     if state.get("source") is None:
         state["source"] = "disabled"
+
+
+# -- SecAgg+ (fedplug.secagg): Flower's secure-aggregation helpers ----------------------------
+
+
+def quantize(vector: Any, clipping_range: float, target_range: int, *, seed: int) -> Any:
+    """``vector`` clipped to ``[-clipping_range, clipping_range]`` and stochastically rounded onto ``0..target_range``.
+
+    Wraps ``flwr.common.secure_aggregation.quantization.quantize``, whose stochastic rounding draws from
+    NumPy's global generator: it is seeded with ``seed`` here and restored after, so the result is
+    reproducible and nothing else's random stream moves. Returns int64.
+    """
+    import numpy as np
+    from flwr.common.secure_aggregation.quantization import quantize as flower_quantize
+
+    saved = np.random.get_state()
+    np.random.seed(seed % 2**32)
+    try:
+        return flower_quantize([np.asarray(vector, dtype=np.float64)], clipping_range, target_range)[0].astype(np.int64)
+    finally:
+        np.random.set_state(saved)
+
+
+def dequantize(vector: Any, clipping_range: float, target_range: int) -> Any:
+    """Integers on ``0..target_range`` back to floats: ``v * 2 * clipping_range / target_range - clipping_range``.
+
+    Wraps ``flwr.common.secure_aggregation.quantization.dequantize``.
+    """
+    import numpy as np
+    from flwr.common.secure_aggregation.quantization import dequantize as flower_dequantize
+
+    return flower_dequantize([np.asarray(vector)], clipping_range, target_range)[0]
+
+
+def shamir_split(secret: bytes, threshold: int, count: int) -> list[bytes]:
+    """``count`` Shamir shares of ``secret``, any ``threshold`` of which rebuild it (``pycryptodome``, 16-byte chunks).
+
+    Wraps ``flwr.common.secure_aggregation.crypto.shamir.create_shares``.
+    """
+    from flwr.common.secure_aggregation.crypto.shamir import create_shares
+
+    return create_shares(secret, threshold, count)
+
+
+def shamir_combine(shares: list[bytes]) -> bytes:
+    """The secret that ``shares`` (at least the threshold of them) rebuild; ValueError if they do not.
+
+    Wraps ``flwr.common.secure_aggregation.crypto.shamir.combine_shares``.
+    """
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+
+    return combine_shares(shares)
+
+
+@contextmanager
+def server_app_identity(run_id: int) -> Iterator[None]:
+    """Within the block, this process is a ServerApp of run ``run_id``: ``Message(content, dst_node_id, type)`` works.
+
+    For tests that drive server-side code over an in-process Grid (``fedplug-core/tests/test_secagg.py``).
+    Sets ``flwr.supercore.task_identity.TaskIdentity`` as Flower's ServerApp runtimes do, and restores it.
+    """
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

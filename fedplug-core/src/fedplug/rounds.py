@@ -55,7 +55,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedplug import checkpoint
+from fedplug import checkpoint, secagg
 from fedplug.backend import Config, Weights
 from fedplug.capabilities import STATE_RECORD, reply_problem, take_state
 from fedplug.node_backends import counts
@@ -357,6 +357,8 @@ class Exchange:
     """Each replying node's own time."""
     metrics: dict[str, float] = field(default_factory=dict)
     """The strategy's aggregated loss and accuracy."""
+    aggregate: Message | None = None
+    """With secagg: the one reply the strategy aggregates (the replies' weighted mean, ``fedplug.secagg``)."""
 
     @property
     def partitions(self) -> list[int]:
@@ -512,7 +514,8 @@ class RoundLoop:
         if len(step.replies) < needed:
             self._skip(server_round, record, step, needed, failed_in_a_row + 1)
             return arrays, failed_in_a_row + 1
-        aggregated, metrics = self.strategy.aggregate_train(server_round, step.replies)
+        replies = step.replies if step.aggregate is None else [step.aggregate]
+        aggregated, metrics = self.strategy.aggregate_train(server_round, replies)
         step.metrics = _loss_and_accuracy(metrics)
         if aggregated is None:
             return arrays, 0
@@ -571,6 +574,8 @@ class RoundLoop:
                 state = self.resend_states.pop(partitions.get(message.metadata.dst_node_id, -1), None)
                 if state is not None:  # its own content: Flower's strategies give every message the same one
                     message.content = RecordDict({**dict(message.content.items()), STATE_RECORD: to_record(state)})
+        if train and self.config["secagg"]:
+            return self._secure(step, server_round, messages)
         replies = {
             reply.metadata.src_node_id: reply
             for reply in self.grid.send_and_receive(list(messages), timeout=self.timeout)
@@ -599,6 +604,21 @@ class RoundLoop:
         if train and float(self.config["outlier-factor"]) > 0:
             good = self._drop_outliers(good, reference, step.failures)
         step.replies = [reply for _, reply in good]
+        return step
+
+    def _secure(self, step: Exchange, server_round: int, messages: list[Message]) -> Exchange:
+        """secagg=true: the train exchange as SecAgg+ (``fedplug.secagg``); the strategy gets one reply, the mean."""
+        by_node = {info.node_id: info for info in step.nodes}
+        examples = {node: info.train_examples for node, info in by_node.items()}
+        outcome = secagg.secure_train(self.grid, messages, examples, self.config, server_round, self.timeout)
+        step.failures = [
+            {"partition": by_node[node].partition, "reason": reason} for node, reason in outcome.failures.items()
+        ]
+        step.failures.sort(key=lambda failure: failure["partition"])
+        for failure in step.failures:
+            log.warning("round %s: secagg on partition %s failed: %s", server_round, *failure.values())
+        step.replies, step.aggregate = outcome.survivors, outcome.aggregate
+        step.node_seconds = [_node_timing(reply)[1] for reply in outcome.survivors]
         return step
 
     def _drop_outliers(

@@ -158,6 +158,12 @@ def check_strategy(config: Config, nodes_known: bool = True) -> None:
     strategy = descriptor(name)
     kwargs = strategy_kwargs(config)
     nodes = int(config["num-supernodes"])
+    if config.get("secagg") and not strategy.composes_with_secagg:  # its declared composition (fedplug.Strategy)
+        able = sorted(key for key, entry in get_registry().strategies.items() if entry.strategy.composes_with_secagg)
+        raise ConfigError(
+            f"strategy '{name}' needs every node's update, which secagg hides from the server: "
+            f"choose one of {', '.join(able)}, or drop secagg"
+        )
 
     def shown(param: str) -> str:
         kebab = param.replace("_", "-")
