@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from fedplug import dp
 from fedplug.backend import Config, Scalar
 from fedplug.config import coerce
 from fedplug.errors import ConfigError
@@ -103,6 +104,9 @@ def strategy_class(name: str) -> type:
 
 def state_names(strategy: object) -> tuple[str, ...]:
     """The attributes of ``strategy`` that a checkpoint must keep; refuses a strategy not in ``STATE``."""
+    declared = getattr(strategy, "checkpoint_state", None)  # a wrapper (fedplug.dp.DpStrategy) declares its own
+    if declared is not None:
+        return tuple(declared)
     for name in STRATEGIES:
         if type(strategy) is strategy_class(name):  # a subclass may hold state of its own: not declared
             return STATE[name]
@@ -242,6 +246,7 @@ def make_strategy(config: Config) -> Any:
     kwargs.update(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=0, min_evaluate_nodes=0)
     kwargs["min_available_nodes"] = 0
     try:
-        return cls(**kwargs)
+        made = cls(**kwargs)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"strategy '{config['strategy']}': {error}") from error
+    return dp.wrap(made, config)  # central differential privacy (dp=...): Flower's DP wrapper around it
