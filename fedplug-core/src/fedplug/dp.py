@@ -153,7 +153,7 @@ class Privacy:
             done += 1
         return done
 
-    def record(self, server_round: int) -> dict[str, float]:
+    def record(self, server_round: int) -> dict[str, float | str]:
         """The round record's ``epsilon`` and ``delta`` after ``server_round`` rounds."""
         return {"epsilon": round(self.epsilon(server_round), 6), "delta": self.delta}
 
@@ -375,6 +375,7 @@ def wrap(strategy: Any, config: Mapping[str, Any]) -> Any:
     # Flower's wrappers take the number of sampled clients; the expected number is what the noise needs
     sampled: Any = expected
     wrapper: Any
+    cls: Any
     if chosen in ADAPTIVE:
         cls = (
             flower.DifferentialPrivacyServerSideAdaptiveClipping
@@ -382,7 +383,7 @@ def wrap(strategy: Any, config: Mapping[str, Any]) -> Any:
             else flower.DifferentialPrivacyClientSideAdaptiveClipping
         )
         wrapper = cls(
-            inner,  # type: ignore[arg-type]
+            inner,
             z,
             sampled,
             initial_clipping_norm=norm,
@@ -396,7 +397,7 @@ def wrap(strategy: Any, config: Mapping[str, Any]) -> Any:
             if chosen == "server-fixed"
             else flower.DifferentialPrivacyClientSideFixedClipping
         )
-        wrapper = cls(inner, z, norm, sampled)  # type: ignore[arg-type]
+        wrapper = cls(inner, z, norm, sampled)
     return DpStrategy(wrapper, int(config["seed"]), chosen in ADAPTIVE)
 
 
@@ -434,7 +435,7 @@ def client_mod(msg: Any, context: Any, call_next: Callable[[Any, Any], Any]) -> 
         return fixedclipping_mod(msg, context, call_next)
     if chosen == "client-adaptive":
         return adaptiveclipping_mod(msg, context, call_next)
-    sent = next(iter(msg.content.config_records.values()), {})
+    sent: Mapping[str, Any] = next(iter(msg.content.config_records.values()), {})
     server_round = int(sent.get("server-round", 0))
     partition = int(context.node_config.get("partition-id", context.node_id))
     with seeded(int(config["seed"]), server_round, partition):

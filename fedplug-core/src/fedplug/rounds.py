@@ -357,7 +357,7 @@ class RoundRecord:
     unusable: list[dict[str, Any]] = field(default_factory=list)
     """Nodes found unusable during this round (``unusable-nodes``)."""
     centralized: dict[str, float] = field(default_factory=dict)
-    privacy: dict[str, Any] = field(default_factory=dict)
+    privacy: dict[str, float | str] = field(default_factory=dict)
     """Differential privacy: ``epsilon`` and ``delta`` spent after this round, why the run stopped (``fedplug.dp``)."""
     seconds: float = 0.0
 
