@@ -102,12 +102,14 @@ def replies(global_model: dict[str, np.ndarray], nodes: int, rng: np.random.Gene
     return out
 
 
-class _Grid:
-    def __init__(self, nodes: int) -> None:
-        self.nodes = list(range(1, nodes + 1))
-
-    def get_node_ids(self) -> list[int]:
-        return self.nodes
+def prime(strategy: Any, arrays: ArrayRecord) -> None:
+    """What ``configure_train`` records of the round's global model (its Messages need a running ServerApp)."""
+    wrapper = getattr(strategy, "wrapper", None)  # fedplug.dp.DpStrategy
+    if wrapper is None:
+        return
+    if hasattr(wrapper, "current_arrays"):  # server-side clipping: the updates are taken against it
+        wrapper.current_arrays = arrays
+    wrapper.strategy.current = arrays.to_numpy_ndarrays()  # fedplug.dp.FixedDenominator
 
 
 def server_seconds(case: Case, nodes: int, repeat: int) -> float:
@@ -118,8 +120,7 @@ def server_seconds(case: Case, nodes: int, repeat: int) -> float:
     for server_round in range(1, repeat + 1):
         strategy = make_strategy(config)
         global_model = weights(rng)
-        messages = list(strategy.configure_train(server_round, record(global_model), ConfigRecord(), _Grid(nodes)))
-        assert len(messages) == nodes
+        prime(strategy, record(global_model))
         received = replies(global_model, nodes, rng, norm_bit="client-adaptive" in str(config.get("dp")))
         started = time.perf_counter()
         aggregated, _ = strategy.aggregate_train(server_round, received)
@@ -155,7 +156,7 @@ def node_seconds(case: Case, repeat: int) -> float:
 
         context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config=config)
         started = time.perf_counter()
-        case.node_step(message, context, lambda msg, ctx: msg)  # the step's own overhead, without training
+        train(message, context)  # the node's reply without the step: subtracted
         base = time.perf_counter() - started
         started = time.perf_counter()
         case.node_step(message, context, train)
