@@ -338,3 +338,30 @@ def test_local_dp_in_a_federation_of_two_backends(tmp_path: Path) -> None:
     assert rounds[-1]["train-backends"] == {"numpy": 2, "mlx": 2}
     assert rounds[-1]["epsilon"] == pytest.approx(rdp_epsilon(0.002, 1.0, 2), abs=1e-5)
     assert rounds[-1]["centralized-accuracy"] > 0.5
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("chosen", ["server-fixed", "server-adaptive"])
+def test_an_update_of_exactly_zero_does_not_stop_server_side_clipping(chosen: str) -> None:
+    """Flower's clipping divides by the update's norm: a node that returns the global model unchanged
+    (no data to learn from, lr too small for float32) would end the run with ZeroDivisionError."""
+    from flwr.serverapp.strategy import FedAvg
+
+    strategy = dp.wrap(FedAvg(), config(dp=chosen, **{"dp.noise-multiplier": 0.1}))
+    g = {"w": np.ones(4, dtype=np.float32)}
+    strategy.wrapper.current_arrays = ArrayRecord({"w": Array(g["w"])})  # what configure_train records
+    strategy.wrapper.strategy.current = [g["w"]]
+    replies = []
+    for node, update in enumerate((np.zeros(4, np.float32), np.full(4, 0.5, np.float32))):
+        content = RecordDict(
+            {"arrays": ArrayRecord({"w": Array(g["w"] + update)}), "metrics": MetricRecord({"num-examples": 5})}
+        )
+        replies.append(
+            message_for_client_app(
+                content, message_type="train", run_id=1, message_id=str(node), dst_node_id=0, group_id="1"
+            )
+        )
+    aggregated, _ = strategy.aggregate_train(1, replies)
+    assert aggregated is not None and np.all(np.isfinite(aggregated["w"].numpy()))
+    expected = 1 + 0.5 / NODES  # the one non-zero update over the expected 10 nodes, plus noise of 0.1 * 1 / 10
+    assert np.all(np.abs(aggregated["w"].numpy() - expected) < 5 * 0.1 / NODES)

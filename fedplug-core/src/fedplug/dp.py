@@ -349,8 +349,16 @@ class DpStrategy:
         return self.wrapper.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Any) -> Any:
+        """The wrapper's aggregate with seeded noise, of the replies whose update is not exactly zero.
+
+        Flower's clipping divides by the update's norm (a zero update raises ZeroDivisionError); a zero
+        update adds nothing to the sum divided by the fixed denominator, so leaving it out changes
+        nothing of the aggregate (adaptive clipping: it is not counted among the unclipped updates).
+        """
+        current = self.wrapper.strategy.current  # FixedDenominator: the round's global model
+        kept = [reply for reply in replies if not _unchanged(reply, current)]
         with seeded(self.seed, server_round):
-            return self.wrapper.aggregate_train(server_round, replies)
+            return self.wrapper.aggregate_train(server_round, kept)
 
     def configure_evaluate(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Any:
         return self.wrapper.configure_evaluate(server_round, arrays, config, grid)
@@ -360,6 +368,14 @@ class DpStrategy:
 
     def summary(self) -> None:
         self.wrapper.summary()
+
+
+def _unchanged(reply: Any, current: list[np.ndarray]) -> bool:
+    """Whether every ArrayRecord of ``reply`` is exactly the round's global model."""
+    return all(
+        all(np.array_equal(x, g) for x, g in zip(record.to_numpy_ndarrays(), current, strict=True))
+        for record in reply.content.array_records.values()
+    )
 
 
 def wrap(strategy: Any, config: Mapping[str, Any]) -> Any:
