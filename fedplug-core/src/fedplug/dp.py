@@ -147,11 +147,14 @@ class Privacy:
         return self.max_epsilon <= 0 or self.epsilon(releases) <= self.max_epsilon
 
     def rounds_within_budget(self, rounds: int) -> int:
-        """How many of ``rounds`` rounds the budget allows."""
-        done = 0
-        while done < rounds and self.allows(done + 1):
-            done += 1
-        return done
+        """How many of ``rounds`` rounds the budget allows (epsilon grows with the rounds: a bisection)."""
+        if self.allows(rounds):
+            return rounds
+        low, high = 0, rounds  # low rounds are allowed, high are not
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if self.allows(middle) else (low, middle)
+        return low
 
     def record(self, server_round: int) -> dict[str, float | str]:
         """The round record's ``epsilon`` and ``delta`` after ``server_round`` rounds."""
@@ -195,7 +198,7 @@ def noise_for_epsilon(config: Mapping[str, Any]) -> float:
         raise ValueError(f"no noise multiplier up to {high:.4g} reaches epsilon {target:g} in {rounds} rounds")
     if spent(low) <= target:
         return low
-    for _ in range(24):  # bisection in log space: 1e5 / 2**24 apart, far below the 4 digits kept
+    for _ in range(24):  # bisection in log space: the bounds end a factor 1e5 ** (1 / 2**24) apart
         middle = math.sqrt(low * high)
         low, high = (low, middle) if spent(middle) <= target else (middle, high)
     digits = 3 - math.floor(math.log10(high))
