@@ -109,12 +109,12 @@ def _epsilon(z: float, q: float, delta: float, releases: int) -> float:
     event: Any = dp_accounting.GaussianDpEvent(z)
     if q < 1.0:
         event = dp_accounting.PoissonSampledDpEvent(q, event)
-    accountant = rdp.RdpAccountant()
-    accountant.compose(event, releases)
     absl = logging.getLogger("absl")  # orders whose series does not converge are dropped (an upper bound)
     level = absl.level
     absl.setLevel(logging.ERROR)
     try:
+        accountant = rdp.RdpAccountant()
+        accountant.compose(event, releases)
         return float(accountant.get_epsilon(delta))
     finally:
         absl.setLevel(level)
