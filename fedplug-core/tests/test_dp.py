@@ -377,3 +377,15 @@ def test_an_update_of_exactly_zero_does_not_stop_server_side_clipping(chosen: st
     assert aggregated is not None and np.all(np.isfinite(aggregated["w"].numpy()))
     expected = 1 + 0.5 / NODES  # the one non-zero update over the expected 10 nodes, plus noise of 0.1 * 1 / 10
     assert np.all(np.abs(aggregated["w"].numpy() - expected) < 5 * 0.1 / NODES)
+
+
+@pytest.mark.fast
+def test_without_dp_accounting_the_server_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "dp_accounting", None)  # `import dp_accounting` fails
+    dp._epsilon.cache_clear()
+    with pytest.raises(ConfigError, match=r"needs dp-accounting where the ServerApp runs: pip install"):
+        dp._epsilon(1.0, 1.0, DELTA, 1)
+    with pytest.raises(ConfigError, match=r"dp=server-fixed needs dp-accounting"):
+        plan_run("numpy", {"dp": "server-fixed", "dp.noise-multiplier": 1.0}, create=False)

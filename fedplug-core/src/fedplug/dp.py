@@ -103,8 +103,13 @@ def accounted_multiplier(config: Mapping[str, Any], noise_multiplier: float | No
 def _epsilon(z: float, q: float, delta: float, releases: int) -> float:
     if releases <= 0:
         return 0.0
-    import dp_accounting
-    from dp_accounting import rdp
+    try:
+        import dp_accounting
+        from dp_accounting import rdp
+    except ImportError:  # where the ServerApp runs (a SuperLink's machine): one line, not a traceback
+        from fedplug.errors import ConfigError
+
+        raise ConfigError(f"differential privacy needs dp-accounting where the ServerApp runs: {INSTALL}") from None
 
     event: Any = dp_accounting.GaussianDpEvent(z)
     if q < 1.0:
