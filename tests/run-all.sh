@@ -22,7 +22,7 @@ echo "== test environment .venv"
 # the CPU build of PyTorch first: a bare `torch` requirement would pull CUDA wheels
 .venv/bin/pip install "${PIP_FLAGS[@]}" torch==2.13.0
 .venv/bin/pip install "${PIP_FLAGS[@]}" \
-  "./fedplug-core[tensorboard,mlflow]" tensorboard ./fedplug-torch "./fedplug-keras[tensorflow-cpu]" ./fedplug-jax ./fedplug-mlx \
+  "./fedplug-core[tensorboard,mlflow,dp]" tensorboard ./fedplug-torch "./fedplug-keras[tensorflow-cpu]" ./fedplug-jax ./fedplug-mlx \
   ./tests/plugins/fedplug-testplugins ./tests/plugins/fedplug-broken-example ./tests/plugins/fedplug-faulty \
   ./tests/plugins/fedplug-legacy-example ./tests/plugins/fedplug-scaffold \
   pytest pytest-xdist pytest-timeout psutil ruff import-linter sybil pyyaml

@@ -279,7 +279,8 @@ def _run_simulated(plan: RunPlan, verbose: bool, quiet: bool, started: float) ->
         raise interrupted
     finished = sum(1 for record in rounds_done if record["round"] > 0)
     status = read_status(out)
-    if code or status.get("status") != "finished" or finished < int(config["num-server-rounds"]):
+    budget_spent = bool(rounds_done) and "privacy-stop" in rounds_done[-1]  # dp.max-epsilon stopped it (fedplug.dp)
+    if code or status.get("status") != "finished" or (finished < int(config["num-server-rounds"]) and not budget_spent):
         reason = status.get("reason") or f"the simulation stopped after {finished} rounds"
         raise RunError(f"{reason} (log: {out / 'simulation.log'})", out=out)
     return RunResult(out, "finished", config, rounds_done, seconds=time.monotonic() - started)
@@ -321,7 +322,8 @@ def _run_deployed(plan: RunPlan, verbose: bool, quiet: bool, started: float) -> 
     finished = sum(1 for record in result.rounds if record["round"] > 0)
     where = f"{result.out} on the SuperLink's machine" if result.out else "none (the ServerApp did not start)"
     _say(f"results: {where}  ({time.monotonic() - started:.1f}s)", quiet)
-    if result.status != "finished" or finished < int(config["num-server-rounds"]):
+    budget_spent = bool(result.rounds) and "privacy-stop" in result.rounds[-1]  # dp.max-epsilon (fedplug.dp)
+    if result.status != "finished" or (finished < int(config["num-server-rounds"]) and not budget_spent):
         reason = result.reason or f"the run stopped after {finished} rounds"
         raise RunError(f"{reason} (log: {log_path})", out=result.out or None)
     shutil.rmtree(work, ignore_errors=True)

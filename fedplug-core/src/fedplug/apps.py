@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedplug import flower_adapter, secagg
+from fedplug import dp, flower_adapter, secagg
 from fedplug.backend import Backend, Config, Scalar, Weights
 from fedplug.capabilities import extend_train_reply
 from fedplug.data import data_spec, load_centralized
@@ -87,7 +87,7 @@ def _timing(called: float, started: float) -> ConfigRecord:
     return ConfigRecord({"called": called, "seconds": time.perf_counter() - started})
 
 
-client_app = ClientApp()
+client_app = ClientApp(mods=[dp.client_mod])  # differential privacy: clipping, local DP (fedplug.dp)
 
 
 @client_app.train()

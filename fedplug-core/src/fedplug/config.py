@@ -85,6 +85,58 @@ def refuse_set_by_fedplug(overrides: Mapping[str, Scalar]) -> None:
 
 # -----------------------------------------------------------------------------------------------------------
 
+# -- differential privacy (fedplug.dp, docs/privacy.md) ----------------------------------
+DP_DEFAULTS: dict[str, Scalar] = {
+    "dp": "off",
+    "dp.noise-multiplier": 0.0,
+    "dp.clipping-norm": 1.0,
+    "dp.target-clipped-quantile": 0.5,
+    "dp.clip-norm-lr": 0.2,
+    "dp.clipped-count-stddev": 0.0,
+    "dp.delta": 1e-5,
+    "dp.epsilon": 0.0,
+    "dp.max-epsilon": 0.0,
+    "dp.noise-seed": 0,
+}
+"""``dp`` (off, or a mechanism of ``fedplug.dp.MODES``) and its settings."""
+CORE_DEFAULTS.update(DP_DEFAULTS)
+
+
+def check_dp(config: Config) -> None:
+    """The DP keys' ranges, and the combinations whose privacy guarantee would not hold; ConfigError (one line)."""
+    from fedplug import dp
+
+    chosen = str(config["dp"]).strip().lower()
+    if chosen not in (*dp.OFF, *dp.MODES):
+        raise ConfigError(f"run-config 'dp' must be off or one of: {', '.join(dp.MODES)}; got {config['dp']!r}")
+    for key in ("dp.noise-multiplier", "dp.clipped-count-stddev", "dp.epsilon", "dp.max-epsilon", "dp.noise-seed"):
+        if not float(config[key]) >= 0.0:
+            raise ConfigError(f"run-config '{key}' must be 0 (unset) or positive, got {config[key]}")
+    if not float(config["dp.clipping-norm"]) > 0.0:
+        raise ConfigError(f"run-config 'dp.clipping-norm' must be positive, e.g. 1.0, got {config['dp.clipping-norm']}")
+    if not 0.0 < float(config["dp.delta"]) < 1.0:
+        raise ConfigError(f"run-config 'dp.delta' must be between 0 and 1 (exclusive), got {config['dp.delta']}")
+    if not 0.0 <= float(config["dp.target-clipped-quantile"]) <= 1.0:
+        raise ConfigError(
+            f"run-config 'dp.target-clipped-quantile' must be in [0, 1], got {config['dp.target-clipped-quantile']}"
+        )
+    if not float(config["dp.clip-norm-lr"]) > 0.0:
+        raise ConfigError(f"run-config 'dp.clip-norm-lr' must be positive, got {config['dp.clip-norm-lr']}")
+    if not dp.mode(config):
+        return
+    if float(config["clip-norm"]) > 0:
+        raise ConfigError(
+            f"clip-norm clips updates outside the DP mechanism (dp={chosen}): leave clip-norm at 0 "
+            "and set dp.clipping-norm"
+        )
+    # whether the strategy composes with central DP is its descriptor's declaration (fedplug.strategies)
+    if chosen in dp.ADAPTIVE and float(config["fraction-train"]) < 1.0:
+        raise ConfigError(
+            f"dp={chosen} divides the noisy clipped count by the number of replies, which Poisson sampling "
+            "makes private: use fraction-train=1 or fixed clipping (dp=server-fixed or client-fixed)"
+        )
+
+
 PREFIXES = ("strategy.", "partitioner.")
 RENAMED = {"keras-backend": "keras.backend"}
 """Former run-config keys -> their names now; the old name is refused with a one-line error naming the new one."""
@@ -337,6 +389,7 @@ def check_values(backend: Backend, config: Config) -> None:
         raise ConfigError(f"run-config 'pool' must be 'max' or 'avg', got '{config['pool']}'")
     parse_track(str(config.get("track", "")))
     check_secagg(config)
+    check_dp(config)
     parse_node_backends(str(config.get(NODE_BACKENDS, "")))  # its syntax; the backends: node_backends.check
     try:
         hidden_dims(config)

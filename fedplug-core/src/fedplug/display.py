@@ -248,8 +248,11 @@ def round_line(record: dict[str, Any]) -> str:
             parts.append(
                 f"{label} {record[f'{kind}-loss']:.3f}" + (f" {accuracy:6.1%}" if accuracy is not None else "")
             )
+    if "epsilon" in record:  # differential privacy: the budget spent so far (fedplug.dp)
+        parts.append(f"ε {record['epsilon']:.3g} δ {record['delta']:g}")
     parts.append(f"{record['seconds']:.1f} s")
-    return " │ ".join(parts)
+    line = " │ ".join(parts)
+    return f"{line}\n{record['privacy-stop']}" if "privacy-stop" in record else line
 
 
 class RoundPrinter(logging.Handler):
@@ -267,18 +270,29 @@ SUMMARY_COLUMNS = {
     "evaluate-accuracy": "eval acc",
     "centralized-loss": "server loss",
     "centralized-accuracy": "server acc",
+    "epsilon": "epsilon",  # differential privacy (fedplug.dp), at the delta in the caption
     "seconds": "s",
 }
 
 
 def summary_table(rounds: list[dict[str, Any]]) -> Table:
-    table = Table(title="summary")
+    table = Table(title="summary", caption=privacy_caption(rounds))
     columns = [c for c in SUMMARY_COLUMNS if any(c in r for r in rounds)]
     for column in columns:
         table.add_column(SUMMARY_COLUMNS[column], justify="right")
     for record in rounds:
         table.add_row(*(_fmt(record.get(c), 2 if c == "seconds" else 4) for c in columns))
     return table
+
+
+def privacy_caption(rounds: list[dict[str, Any]]) -> str | None:
+    """Differential privacy under the summary: the epsilon spent at delta, and why the run stopped early."""
+    spent = [record for record in rounds if "epsilon" in record]
+    if not spent:
+        return None
+    last = spent[-1]
+    text = f"differential privacy: epsilon {last['epsilon']:.3f} at delta {last['delta']:g} after round {last['round']}"
+    return f"{text}; {last['privacy-stop']}" if "privacy-stop" in last else text
 
 
 NODE_IDS = 2**20

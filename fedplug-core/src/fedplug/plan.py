@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedplug import checkpoint, machine, node_backends
+from fedplug import checkpoint, dp, machine, node_backends
 from fedplug.availability import check_backend_available, find_backend
 from fedplug.backend import Backend, BackendUnavailable, ModelError, Scalar
 from fedplug.config import check_partitioner, refuse_set_by_fedplug, resolve
@@ -137,6 +137,7 @@ def plan_run(
     check_backend_available(chosen, config)  # now with the run config it runs (keras.backend=jax needs jax)
     check_trackers(config)
     notes = check_held_out(config, overrides)
+    notes += dp.plan(config, overrides)  # differential privacy: the accountant's checks, a target epsilon's noise
     check_model(chosen, config)
     _check_node_backends(config)
     if out is None:  # made now: every check has passed
@@ -176,7 +177,7 @@ def _plan_deployed(
         # the data is on the nodes: the server has a held-out set only when the coordinator names one
         overrides["centralized-eval"] = False
     config = resolve_and_check(chosen, overrides, deployed=True)
-    notes = check_held_out(config, overrides)
+    notes = check_held_out(config, overrides) + dp.plan(config, overrides)  # dp: the accountant's checks
     check_model(chosen, config)  # a custom model runs on the SuperLink and the nodes: it is tried here first
     config["out"] = str(out) if out else ""  # a path on the SuperLink's machine, where the ServerApp runs
     return RunPlan(chosen, config, Engine(superlink=superlink, security=security), None, notes=notes)

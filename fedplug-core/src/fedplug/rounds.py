@@ -55,7 +55,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedplug import checkpoint, secagg
+from fedplug import checkpoint, dp, secagg
 from fedplug.backend import Config, Weights
 from fedplug.capabilities import STATE_RECORD, reply_problem, take_state
 from fedplug.node_backends import counts
@@ -78,6 +78,7 @@ __all__ = [
     "RunFailed",
     "Sampling",
     "draw",
+    "poisson_draw",
     "resume",
     "sample",
 ]
@@ -316,8 +317,29 @@ def draw(partitions: list[int], fraction: float, minimum: int, seed: int, server
     return sorted(partitions[i] for i in chosen)
 
 
-def sample(discovery: Discovery, sampling: Sampling, seed: int, server_round: int, train: bool) -> list[NodeInfo]:
-    """The nodes of a round's step, drawn by partition from the seed, the round and the population only."""
+# -- differential privacy (fedplug.dp): Poisson sampling ----------------------------------
+POISSON_STREAM = 2
+"""The stream of ``poisson_draw``: a draw of its own, never the train (0) or evaluate (1) draw."""
+
+
+def poisson_draw(partitions: list[int], fraction: float, seed: int, server_round: int) -> list[int]:
+    """Each partition independently with probability ``fraction``, seeded: what the DP accountant assumes.
+
+    Used for training under central DP with ``fraction-train`` below 1 (``fedplug.dp.poisson``); the
+    number drawn varies from round to round and may be 0 (the round is then skipped).
+    """
+    rng = np.random.default_rng([seed, server_round, POISSON_STREAM])
+    taken = rng.random(len(partitions)) < fraction
+    return [partition for partition, take in zip(sorted(partitions), taken) if take]
+
+
+def sample(
+    discovery: Discovery, sampling: Sampling, seed: int, server_round: int, train: bool, poisson: bool = False
+) -> list[NodeInfo]:
+    """The nodes of a round's step, drawn by partition from the seed, the round and the population only.
+
+    ``poisson``: training nodes by ``poisson_draw`` (differential privacy), not a fixed count.
+    """
     fraction, minimum = (
         (sampling.fraction_train, sampling.min_train_nodes)
         if train
@@ -326,7 +348,10 @@ def sample(discovery: Discovery, sampling: Sampling, seed: int, server_round: in
     if fraction <= 0:
         return []
     population = discovery.population(sampling.min_available_nodes, server_round)
-    chosen = draw(population, fraction, minimum, seed, server_round, 0 if train else 1)
+    if poisson and train:
+        chosen = poisson_draw(population, fraction, seed, server_round)
+    else:
+        chosen = draw(population, fraction, minimum, seed, server_round, 0 if train else 1)
     return [discovery.nodes[partition] for partition in chosen]
 
 
@@ -376,6 +401,8 @@ class RoundRecord:
     unusable: list[dict[str, Any]] = field(default_factory=list)
     """Nodes found unusable during this round (``unusable-nodes``)."""
     centralized: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, float | str] = field(default_factory=dict)
+    """Differential privacy: ``epsilon`` and ``delta`` spent after this round, why the run stopped (``fedplug.dp``)."""
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -404,6 +431,7 @@ class RoundRecord:
         if self.unusable:
             out["unusable-nodes"] = self.unusable
         out.update({f"centralized-{name}": value for name, value in self.centralized.items()})
+        out.update(self.privacy)  # differential privacy: epsilon, delta (fedplug.dp)
         out["seconds"] = self.seconds
         return out
 
@@ -445,6 +473,8 @@ class RoundLoop:
         self.descriptor = descriptor(str(config["strategy"]))
         self.node_states: dict[int, Weights] = {}  # each partition's latest node state, for the checkpoint
         self.resend_states: dict[int, Weights] = {}  # states a resumed run sends each node once
+        self.privacy = dp.privacy(config)  # differential privacy: the accountant, Poisson sampling (fedplug.dp)
+        self.poisson = dp.poisson(config)
 
     def run(
         self,
@@ -462,6 +492,9 @@ class RoundLoop:
         dtypes = {name: array.dtype for name, array in from_record(arrays).items()}
         eval_every = int(self.config["eval-every"])
         for server_round in range(first, last + 1):
+            if self.privacy is not None and server_round > 0 and not self.privacy.allows(server_round):
+                log.warning("%s", self.privacy.stop_reason(server_round - 1))  # a resumed run: the budget is spent
+                break
             started = time.monotonic()
             record = RoundRecord(server_round)
             # evaluation (federated and centralized): round 0, every eval-every-th round and the last
@@ -482,9 +515,23 @@ class RoundLoop:
             # --- centralized evaluation ------------------------------------------------------
             weights = from_record(arrays)
             record.centralized = (self.evaluate(server_round, weights) if evaluated else None) or {}
+            stop = self._account(server_round, last, record)
             record.seconds = round(time.monotonic() - started, 3)
             self._finish(server_round, weights, record, failed_in_a_row)
+            if stop:
+                break
         return arrays
+
+    def _account(self, server_round: int, last: int, record: RoundRecord) -> bool:
+        """Differential privacy: the budget spent after this round in its record; whether the next would exceed it."""
+        if self.privacy is None:
+            return False
+        record.privacy = self.privacy.record(server_round)
+        if server_round < last and not self.privacy.allows(server_round + 1):
+            record.privacy["privacy-stop"] = self.privacy.stop_reason(server_round)
+            log.warning("%s", record.privacy["privacy-stop"])
+            return True
+        return False
 
     def _finish(self, server_round: int, weights: Weights, record: RoundRecord, failed_in_a_row: int) -> None:
         """Checkpoint first (it carries the metrics), then the results files."""
@@ -559,7 +606,7 @@ class RoundLoop:
         """Draw the step's nodes, send them the strategy's messages, screen the replies; None if it draws none."""
         if (self.sampling.fraction_train if train else self.sampling.fraction_evaluate) <= 0:
             return None
-        step = Exchange(sample(self.discovery, self.sampling, self.seed, server_round, train))
+        step = Exchange(sample(self.discovery, self.sampling, self.seed, server_round, train, self.poisson))
         if self.discovery.first_call is not None and not self._marked:
             self.results.mark("first-client-call", self.discovery.first_call)
             self._marked = True

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fedplug import dp
 from fedplug.backend import Config, Scalar
 from fedplug.config import coerce
 from fedplug.errors import ConfigError
@@ -78,6 +79,9 @@ def strategy_class(name: str) -> type:
 
 def state_names(strategy: object) -> tuple[str, ...]:
     """The attributes of ``strategy`` that a checkpoint must keep; refuses a strategy no descriptor declares."""
+    wrapped = getattr(strategy, "checkpoint_state", None)  # a wrapper (fedplug.dp.DpStrategy) declares its own
+    if wrapped is not None:
+        return tuple(wrapped)
     for entry in get_registry().strategies.values():
         declared = entry.strategy
         if declared.implementation.rpartition(":")[2] != type(strategy).__name__ or declared.state is None:
@@ -164,6 +168,13 @@ def check_strategy(config: Config, nodes_known: bool = True) -> None:
             f"strategy '{name}' needs every node's update, which secagg hides from the server: "
             f"choose one of {', '.join(able)}, or drop secagg"
         )
+    if dp.central(config) and not strategy.composes_with_dp:  # its declared composition (fedplug.Strategy)
+        able = sorted(key for key, entry in get_registry().strategies.items() if entry.strategy.composes_with_dp)
+        raise ConfigError(
+            f"dp={config['dp']} calibrates its noise to the mean of clipped updates, but strategy '{name}' "
+            f"aggregates otherwise (its sensitivity is not bounded by the clipping norm): use {' or '.join(able)}, "
+            "or dp=local"
+        )
 
     def shown(param: str) -> str:
         kebab = param.replace("_", "-")
@@ -199,4 +210,4 @@ def make_strategy(config: Config) -> Any:
     kwargs = strategy.arguments(strategy_kwargs(config), config)
     kwargs.update(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=0, min_evaluate_nodes=0)
     kwargs["min_available_nodes"] = 0
-    return strategy.build(kwargs)
+    return dp.wrap(strategy.build(kwargs), config)  # central differential privacy (dp=...): Flower's DP wrapper
