@@ -57,8 +57,17 @@ def _client_step(msg: Message, context: Context, step: str) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _work(received: RecordDict, run_config: Config, node_config: Config, node_id: int, step: str) -> RecordDict:
-    """One client's step (query, train or evaluate) on its own data: the reply's content."""
+def _work(
+    received: RecordDict,
+    run_config: Config,
+    node_config: Config,
+    node_id: int,
+    step: str,
+    weights: Weights | None = None,
+) -> RecordDict:
+    """One client's step (query, train or evaluate) on its own data: the reply's content.
+
+    ``weights``: the received arrays, decoded once for the many clients of a cohort."""
     backend, config, model = session(run_config, node_config)
     partition_id, num_partitions = identity(node_config, node_id)
     part = node_data(config, node_config)
@@ -74,7 +83,7 @@ def _work(received: RecordDict, run_config: Config, node_config: Config, node_id
             }
         )
         return content
-    backend.set_weights(model, from_record(cast(ArrayRecord, received["arrays"])))
+    backend.set_weights(model, weights if weights is not None else from_record(cast(ArrayRecord, received["arrays"])))
     sent = cast(dict[str, Scalar], dict(received.get("config", ConfigRecord())))
     step_config: dict[str, Scalar] = {**config, **sent, "partition-id": partition_id}
     if step == "train":
@@ -107,11 +116,17 @@ def _cohort_step(msg: Message, context: Context, step: str) -> Message:
         return _failed(msg, step, error)
     received = RecordDict({k: v for k, v in msg.content.items() if k != COHORT_RECORD})
     content = RecordDict()
+    try:  # the global model, decoded once for all the cohort's clients
+        weights = from_record(cast(ArrayRecord, received["arrays"]))
+    except Exception as error:
+        return _failed(msg, step, error)
+    for array in weights.values():  # a backend that wrote into them would change the next client's start: it fails
+        array.flags.writeable = False
     for partition in cast(list[int], request["partitions"]):
         called, started = time.time(), time.perf_counter()
         node_config = {"partition-id": partition, "num-partitions": clients}
         try:
-            records = _work(received, context.run_config, node_config, context.node_id, step)
+            records = _work(received, context.run_config, node_config, context.node_id, step, weights)
         except Exception as error:
             log.error("%s failed for partition %s:\n%s", step, partition, traceback.format_exc())
             code, reason = _error(step, error)

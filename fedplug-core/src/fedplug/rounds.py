@@ -716,9 +716,10 @@ class RoundLoop:
         step.node_seconds = [_node_timing(reply)[1] for reply in replies.values()]
         reference = from_record(arrays) if train else {}
         good: list[tuple[int, Message]] = []
+        norms: dict[int, float] = {}  # each accepted update's norm, taken while screening decoded it
         for info in step.nodes:
             reply = replies.get(info.node_id)
-            reason = self._screen(reply, info, reference, train)
+            reason = self._screen(reply, info, reference, train, norms)
             if reason is None:
                 assert reply is not None
                 good.append((info.partition, reply))
@@ -732,19 +733,17 @@ class RoundLoop:
                     reason,
                 )
         if train and float(self.config["outlier-factor"]) > 0:
-            good = self._drop_outliers(good, reference, step.failures)
+            good = self._drop_outliers(good, norms, step.failures)
         step.replies = [reply for _, reply in good]
         return step
 
     def _drop_outliers(
-        self, good: list[tuple[int, Message]], reference: Weights, failures: list[dict[str, Any]]
+        self, good: list[tuple[int, Message]], by_partition: dict[int, float], failures: list[dict[str, Any]]
     ) -> list[tuple[int, Message]]:
         """Refuse updates whose norm is ``outlier-factor`` times the round's median update norm or more."""
         if len(good) < 3:
             return good
-        norms = [
-            update_norm(from_record(next(iter(reply.content.array_records.values()))), reference) for _, reply in good
-        ]
+        norms = [by_partition[partition] for partition, _ in good]
         limit = float(self.config["outlier-factor"]) * float(np.median(norms))
         if limit <= 0:
             return good
@@ -759,8 +758,10 @@ class RoundLoop:
         failures.sort(key=lambda failure: failure["partition"])
         return kept
 
-    def _screen(self, reply: Message | None, info: NodeInfo, reference: Weights, train: bool) -> str | None:
-        """Why a reply is refused, or None; clips an accepted update to ``clip-norm``."""
+    def _screen(
+        self, reply: Message | None, info: NodeInfo, reference: Weights, train: bool, norms: dict[int, float]
+    ) -> str | None:
+        """Why a reply is refused, or None; clips an accepted update to ``clip-norm``; its norm into ``norms``."""
         if reply is None:
             return f"no reply within round-timeout ({self.timeout:g} s)"
         if reply.has_error():
@@ -785,6 +786,9 @@ class RoundLoop:
             clipped = clip_update(weights, reference, clip_norm)
             if clipped is not weights:
                 content[key] = to_record(clipped)
+                weights = from_record(content[key])  # the update as the strategy will read it
+        if reason is None:
+            norms[info.partition] = update_norm(weights, reference)
         return reason
 
 
