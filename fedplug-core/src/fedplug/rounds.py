@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
@@ -370,7 +370,8 @@ class Cohorts:
 
     def _discover(self) -> None:
         """Ask every cohort the engine lists, until all C have answered (an answer says C) or ``wait`` is over."""
-        began, pending, expected = time.monotonic(), {}, None
+        began, expected = time.monotonic(), None
+        pending: dict[str, int] = {}  # query message id -> cohort node id
         while True:
             listed = [node for node in self.grid.get_node_ids() if node not in self._asked]
             if listed:
@@ -406,9 +407,11 @@ class Cohorts:
             self.unusable[node] = "no cohort record in its reply"
             return None
         answer = reply.content[COHORT_RECORD]
-        columns = [list(answer[key]) for key in ("partitions", "backends", "train-examples", "test-examples")]  # type: ignore[arg-type]
-        self.nodes.add(node, *columns)
-        return int(answer["cohorts"])  # type: ignore[arg-type]
+        partitions, backends, train, test = (
+            cast(list[Any], answer[key]) for key in ("partitions", "backends", "train-examples", "test-examples")
+        )
+        self.nodes.add(node, partitions, backends, train, test)
+        return int(cast(int, answer["cohorts"]))
 
     def take_unusable(self) -> list[dict[str, Any]]:
         """The cohorts found unusable since the last call, with their reasons."""
@@ -451,9 +454,9 @@ class Cohorts:
         out = {}
         for message in group:
             client = records.get(message.metadata.dst_node_id, {})
-            error = client.get("error")
-            if isinstance(error, ConfigRecord):
-                code, reason = int(error["code"]), str(error["reason"])  # type: ignore[call-overload]
+            failed = client.get("error")
+            if isinstance(failed, ConfigRecord):
+                code, reason = int(cast(int, failed["code"])), str(failed["reason"])
                 out[message.metadata.dst_node_id] = Message(Error(code, reason), reply_to=message)
             else:
                 out[message.metadata.dst_node_id] = Message(RecordDict(client), reply_to=message)
@@ -786,7 +789,7 @@ class RoundLoop:
             clipped = clip_update(weights, reference, clip_norm)
             if clipped is not weights:
                 content[key] = to_record(clipped)
-                weights = from_record(content[key])  # the update as the strategy will read it
+                weights = from_record(cast(ArrayRecord, content[key]))  # the update as the strategy will read it
         if reason is None:
             norms[info.partition] = update_norm(weights, reference)
         return reason

@@ -119,7 +119,8 @@ def ray_workers(client_cpus: float) -> int:
     """How many clients Ray runs at once: the cluster's CPUs over each client's."""
     import ray
 
-    return max(1, int(float(ray.cluster_resources().get("CPU", 1.0)) // max(client_cpus, 1e-9)))
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
+    return max(1, int(cpus // max(client_cpus, 1e-9)))
 
 
 def simulation_server_app(cohorts: bool = False) -> Any:
