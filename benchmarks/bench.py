@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py numpy -- --rounds 5 --nodes 10     # one run config
     python benchmarks/bench.py --suite defaults                    # every installed backend's default run
-    python benchmarks/bench.py --suite scale                       # numpy, 100 / 1,000 / 10,000 nodes
+    python benchmarks/bench.py --suite scale                       # numpy, 1,000 to 1,000,000 clients
 
 Each run is a real ``fedplug run`` (Flower's Simulation Engine) in a fresh results folder. The
 figures come from what every run records: ``timeline.json`` (when the engine was ready, when the
@@ -46,13 +46,19 @@ import psutil
 HERE = Path(__file__).resolve().parent
 FEDPLUG = str(Path(sys.executable).with_name("fedplug"))
 FIRST_PARTY = ("numpy", "torch", "keras", "jax", "mlx", "mxnet")
-SCALE = [100, 1000, 10000]
-"""Node counts of the scale series: numpy backend, 10% of the nodes per round, 5 rounds."""
+SCALE = [  # (clients, fraction per round, rounds, rows per client): numpy backend, the shared mlp
+    (1_000, 0.1, 5, 5),
+    (10_000, 0.1, 5, 5),
+    (100_000, 0.01, 5, 3),
+    (1_000_000, 0.001, 2, 2),
+]
+"""The scale series. Its data is the embedded training digits repeated until each client holds about
+``rows per client`` examples (train + test; at 1,000,000 clients the digits are downsampled to 14x14)."""
 
 
-def scale_dataset(folder: Path, copies: int = 5) -> Path:
-    """The embedded training digits repeated ``copies`` times as a local parquet file (60,000 rows):
-    the embedded 12,000 are too few for 10,000 nodes of at least 2 examples each."""
+def scale_dataset(folder: Path, rows: int, size: int = 28) -> Path:
+    """The embedded training digits (12,000) repeated to ``rows`` rows as a local parquet file; ``size`` 14:
+    downsampled to 14x14 (the mean of each 2x2 block), for a million clients in little memory."""
     from importlib import resources
 
     import numpy as np
@@ -60,10 +66,16 @@ def scale_dataset(folder: Path, copies: int = 5) -> Path:
     import pyarrow.parquet as pq
 
     with resources.files("fedplug.data").joinpath("mnist.npz").open("rb") as file, np.load(file) as npz:
-        images, labels = np.tile(npz["train_images"], (copies, 1, 1)), np.tile(npz["train_labels"], copies)
-    rows = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), images.shape[2])
-    column = pa.FixedSizeListArray.from_arrays(rows, images.shape[1])
-    path = folder / "mnist-x5.parquet"
+        images, labels = npz["train_images"], npz["train_labels"]
+    if size != images.shape[1]:
+        factor = images.shape[1] // size
+        blocks = images.reshape(len(images), size, factor, size, factor).astype(np.float32)
+        images = blocks.mean(axis=(2, 4)).round().astype(np.uint8)
+    copies = -(-rows // len(labels))
+    images, labels = np.tile(images, (copies, 1, 1))[:rows], np.tile(labels, copies)[:rows]
+    flat = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), images.shape[2])
+    column = pa.FixedSizeListArray.from_arrays(flat, images.shape[1])
+    path = folder / f"digits-{rows}x{size}.parquet"
     pq.write_table(pa.table({"image": column, "label": pa.array(labels.astype(np.int64))}), path)
     return path
 
@@ -75,10 +87,20 @@ def suite(name: str, folder: Path) -> list[tuple[str, list[str]]]:
         ok = {entry["name"] for entry in json.loads(listed) if entry["status"] == "ok"}
         return [(backend, []) for backend in FIRST_PARTY if backend in ok]
     if name == "scale":
-        data = ["--dataset", str(scale_dataset(folder)), "--run-config", "centralized-eval=false"]
-        tenth = ["--fraction-train", "0.1", "--fraction-evaluate", "0.1"]
-        return [("numpy", ["--nodes", str(n), "--rounds", "5", *tenth, *data]) for n in SCALE]
+        runs = []
+        for clients, fraction, rounds, per_client in SCALE:
+            if SCALE_ONLY and clients not in SCALE_ONLY:
+                continue
+            data = scale_dataset(folder, clients * per_client, 14 if clients >= 1_000_000 else 28)
+            share = ["--fraction-train", str(fraction), "--fraction-evaluate", str(fraction)]
+            rest = ["--dataset", str(data), "--run-config", "centralized-eval=false"]
+            runs.append(("numpy", ["--nodes", str(clients), "--rounds", str(rounds), *share, *rest]))
+        return runs
     raise SystemExit(f"unknown suite '{name}': choose defaults or scale")
+
+
+SCALE_ONLY = {int(n) for n in os.environ.get("FEDPLUG_BENCH_CLIENTS", "").split(",") if n}
+"""``FEDPLUG_BENCH_CLIENTS=1000,10000``: run only these points of the scale series."""
 
 
 class TreeMemory(threading.Thread):
@@ -108,7 +130,7 @@ def measure(backend: str, args: list[str], work: Path) -> dict[str, Any]:
     """One ``fedplug run BACKEND ARGS``, timed."""
     out = work / f"{backend}-{len(list(work.glob(f'{backend}-*')))}"
     command = [FEDPLUG, "run", backend, "--out", str(out), *args]
-    started = time.time()
+    load, started = os.getloadavg()[0], time.time()
     with open(work / "output.txt", "ab") as output:
         process = subprocess.Popen(command, stdout=output, stderr=output)
         memory = TreeMemory(process.pid)
@@ -137,6 +159,10 @@ def measure(backend: str, args: list[str], work: Path) -> dict[str, Any]:
         "model": config["model"],
         "nodes": config["num-supernodes"],
         "rounds": len(rounds),
+        "train-per-round": sum(r.get("train-nodes", 0) for r in rounds) / len(rounds),
+        # client updates (trained and screened) per second of the rounds' wall time
+        "updates-per-s": sum(r.get("train-nodes", 0) for r in rounds) / sum(r["seconds"] for r in rounds),
+        "load-1min-before": round(load, 2),
         "startup": timeline["engine-ready"] - started,
         "first-call": timeline["first-client-call"] - timeline["engine-ready"],
         "first-round": rounds[0]["seconds"],
@@ -180,6 +206,8 @@ def machine(load: tuple[float, float, float] | None = None) -> dict[str, Any]:
 COLUMNS = {
     "backend": ("backend", "{}"),
     "nodes": ("nodes", "{}"),
+    "train-per-round": ("train/round", "{:.0f}"),
+    "updates-per-s": ("updates/s", "{:.0f}"),
     "startup": ("start-up s", "{:.1f}"),
     "first-call": ("1st call s", "{:.1f}"),
     "first-round": ("round 1 s", "{:.1f}"),
@@ -192,6 +220,7 @@ COLUMNS = {
     "peak-rss-mb": ("peak MB", "{:.0f}"),
     "efficiency": ("efficiency", "{:.0%}"),
     "accuracy": ("accuracy", "{:.2%}"),
+    "load-1min-before": ("load", "{:.1f}"),
 }
 
 

@@ -22,64 +22,166 @@ from flwr.serverapp import Grid, ServerApp
 from fedplug import dp, flower_adapter, secagg
 from fedplug.backend import Backend, Config, Scalar, Weights
 from fedplug.capabilities import extend_train_reply
-from fedplug.data import data_spec, load_centralized
+from fedplug.data import data_spec, load_centralized, partition_sizes
 from fedplug.errors import ConfigError
 from fedplug.node import backend_and_config, identity, node_data, session
 from fedplug.records import from_record, to_record
 from fedplug.results import Results, default_out, mark, plot_metrics, progress_log, write_status
-from fedplug.rounds import NODE_RECORD, TIMING_RECORD, RoundLoop, RunFailed, resume
+from fedplug.rounds import COHORT_RECORD, NODE_RECORD, TIMING_RECORD, RoundLoop, RunFailed, cohort_key, resume
 from fedplug.strategies import make_strategy, sampling
 from fedplug.tracking import track
 
 log = logging.getLogger("fedplug.apps")
 
 
+def _error(step: str, error: Exception) -> tuple[int, str]:
+    """The error code and one-line reason of a client whose step raised."""
+    reason = " ".join(str(error).split())[:240]
+    return flower_adapter.client_app_raised_exception(), f"{step} raised {type(error).__name__}: {reason}"
+
+
 def _failed(msg: Message, step: str, error: Exception) -> Message:
     """An error reply whose reason is the node's own one-line error; the traceback goes to the log."""
     log.error("%s failed on this node:\n%s", step, traceback.format_exc())
-    reason = " ".join(str(error).split())[:240]
-    return Message(
-        Error(
-            code=flower_adapter.client_app_raised_exception(), reason=f"{step} raised {type(error).__name__}: {reason}"
-        ),
-        reply_to=msg,
-    )
+    code, reason = _error(step, error)
+    return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
 def _client_step(msg: Message, context: Context, step: str) -> Message:
+    if COHORT_RECORD in msg.content:  # a simulated SuperNode serving many clients (fedplug.rounds.Cohorts)
+        return _cohort_step(msg, context, step)
     called, started = time.time(), time.perf_counter()
     try:
-        backend, config, model = session(context.run_config, context.node_config)
-        partition_id, num_partitions = identity(context.node_config, context.node_id)
-        part = node_data(config, context.node_config)
-        content = RecordDict()
-        if step == "query":
-            content[NODE_RECORD] = ConfigRecord(
-                {
-                    "partition-id": partition_id,
-                    "num-partitions": num_partitions,
-                    "backend": backend.name,
-                    "train-examples": len(part.y_train),
-                    "test-examples": len(part.y_test),
-                }
-            )
-            content[TIMING_RECORD] = _timing(called, started)
-            return Message(content=content, reply_to=msg)
-        backend.set_weights(model, from_record(cast(ArrayRecord, msg.content["arrays"])))
-        sent = cast(dict[str, Scalar], dict(msg.content.get("config", ConfigRecord())))
-        step_config: dict[str, Scalar] = {**config, **sent, "partition-id": partition_id}
-        if step == "train":
-            metrics = backend.train(model, part.x_train, part.y_train, step_config)
-            content["arrays"] = to_record(backend.get_weights(model))
-            # a strategy's node-side capabilities (extra reply arrays, node state): fedplug.capabilities
-            extend_train_reply(content, msg.content, context.state, step_config, len(part.y_train))
-        else:
-            metrics = backend.evaluate(model, part.x_test, part.y_test, step_config)
-        content["metrics"] = MetricRecord(dict(metrics.items()))
+        content = _work(
+            msg.content, context.run_config, context.node_config, context.node_id, step, state=context.state
+        )
         content[TIMING_RECORD] = _timing(called, started)
     except Exception as error:
         return _failed(msg, step, error)
     return Message(content=content, reply_to=msg)
+
+
+def _work(
+    received: RecordDict,
+    run_config: Config,
+    node_config: Config,
+    node_id: int,
+    step: str,
+    weights: Weights | None = None,
+    state: RecordDict | None = None,
+) -> RecordDict:
+    """One client's step (query, train or evaluate) on its own data: the reply's content.
+
+    ``weights``: the received arrays, decoded once for the many clients of a cohort. ``state``: the node's
+    state across rounds (Flower's ``Context.state``), for a strategy's node capabilities; a cohort serves
+    only strategies that need none (``fedplug.strategies.use_cohorts``)."""
+    backend, config, model = session(run_config, node_config)
+    partition_id, num_partitions = identity(node_config, node_id)
+    part = node_data(config, node_config)
+    content = RecordDict()
+    if step == "query":
+        content[NODE_RECORD] = ConfigRecord(
+            {
+                "partition-id": partition_id,
+                "num-partitions": num_partitions,
+                "backend": backend.name,
+                "train-examples": len(part.y_train),
+                "test-examples": len(part.y_test),
+            }
+        )
+        return content
+    backend.set_weights(model, weights if weights is not None else from_record(cast(ArrayRecord, received["arrays"])))
+    sent = cast(dict[str, Scalar], dict(received.get("config", ConfigRecord())))
+    step_config: dict[str, Scalar] = {**config, **sent, "partition-id": partition_id}
+    if step == "train":
+        metrics = backend.train(model, part.x_train, part.y_train, step_config)
+        content["arrays"] = to_record(backend.get_weights(model))
+        # a strategy's node-side capabilities (extra reply arrays, node state): fedplug.capabilities
+        extend_train_reply(content, received, RecordDict() if state is None else state, step_config, len(part.y_train))
+    else:
+        metrics = backend.evaluate(model, part.x_test, part.y_test, step_config)
+    content["metrics"] = MetricRecord(dict(metrics.items()))
+    return content
+
+
+# -- cohorts: one simulated SuperNode serves many clients ----------------------------------
+
+
+def _cohort_step(msg: Message, context: Context, step: str) -> Message:
+    """Serve every client the message names, one after another, with this process's model.
+
+    The reply carries each client's records under ``cohort_key(record, partition)``, or its
+    error; the round loop expands it into one reply per client (:class:`fedplug.rounds.Cohorts`).
+    """
+    called, started = time.time(), time.perf_counter()
+    request = msg.content[COHORT_RECORD]
+    clients = int(request["clients"])  # type: ignore[arg-type]
+    try:
+        if step == "query":
+            content = RecordDict({COHORT_RECORD: _cohort_answer(context, clients)})
+            content[TIMING_RECORD] = _timing(called, started)
+            return Message(content=content, reply_to=msg)
+    except Exception as error:
+        return _failed(msg, step, error)
+    received = RecordDict({k: v for k, v in msg.content.items() if k != COHORT_RECORD})
+    content = RecordDict()
+    try:  # the global model, decoded once for all the cohort's clients
+        weights = from_record(cast(ArrayRecord, received["arrays"]))
+    except Exception as error:
+        return _failed(msg, step, error)
+    for array in weights.values():  # a backend that wrote into them would change the next client's start: it fails
+        array.flags.writeable = False
+    for partition in cast(list[int], request["partitions"]):
+        called, started = time.time(), time.perf_counter()
+        node_config = {"partition-id": partition, "num-partitions": clients}
+        try:
+            records = _work(received, context.run_config, node_config, context.node_id, step, weights)
+        except Exception as error:
+            log.error("%s failed for partition %s:\n%s", step, partition, traceback.format_exc())
+            code, reason = _error(step, error)
+            content[cohort_key("error", partition)] = ConfigRecord({"code": code, "reason": reason})
+            continue
+        records[TIMING_RECORD] = _timing(called, started)
+        for name, record in records.items():
+            content[cohort_key(name, partition)] = record
+    return Message(content=content, reply_to=msg)
+
+
+def _cohort_answer(context: Context, clients: int) -> ConfigRecord:
+    """The partitions this cohort serves (``p % cohorts == index``) with their backends and data sizes.
+
+    The sizes come from the run's partition plan (computed once per run), not from cutting
+    every client's data; each backend taking part in the cohort is built once and the data of its
+    first client loaded, so a cohort that cannot serve (its backend or data fails) says so here,
+    as a single node would.
+    """
+    index, cohorts = identity(context.node_config, context.node_id)
+    served = slice(index, clients, max(cohorts, 1))
+    partitions = list(range(clients))[served]
+    mixed = bool(context.run_config.get("node-backends"))
+    backends: list[str] = []
+    for partition in partitions if mixed else partitions[:1]:
+        node_config = {"partition-id": partition, "num-partitions": clients}
+        backend, config, _ = session(context.run_config, node_config)
+        backends.append(backend.name)
+    if not partitions:
+        empty: list[int] = []
+        return ConfigRecord(
+            {"cohorts": cohorts, "partitions": empty, "backends": [], "train-examples": empty, "test-examples": empty}
+        )
+    first = {"partition-id": partitions[0], "num-partitions": clients}
+    _, config, _ = session(context.run_config, first)
+    node_data(config, first)  # the data loads
+    train, test = partition_sizes(config, clients)
+    return ConfigRecord(
+        {
+            "cohorts": cohorts,
+            "partitions": partitions,
+            "backends": backends if mixed else backends * len(partitions),
+            "train-examples": train[served].tolist(),
+            "test-examples": test[served].tolist(),
+        }
+    )
 
 
 def _timing(called: float, started: float) -> ConfigRecord:
@@ -163,6 +265,13 @@ server_app = ServerApp()
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured strategy from a fresh global model, or continue from the results' checkpoint."""
+    run_server(grid, context)
+
+
+def run_server(grid: Grid, context: Context, cohorts: bool = False) -> None:
+    """The ServerApp's work (:func:`main`). ``cohorts``: the Grid's nodes are cohorts, each serving many
+    clients (the Simulation Engine's, see :func:`fedplug.simulation.cohort_count`); on the Deployment
+    Engine every SuperNode is one client."""
     backend, config = backend_and_config(context.run_config)
     model = backend.build_model(str(config["model"]), data_spec(config), config)
     out = Path(str(config["out"])) if config["out"] else default_out(backend.name)
@@ -171,7 +280,7 @@ def main(grid: Grid, context: Context) -> None:
     evaluation = CentralEvaluation(backend, config, model)
     try:
         with track(config, out, progress_log) as tracking:  # --track: TensorBoard, MLflow (fedplug.tracking)
-            arrays = _run_rounds(grid, strategy, config, out, backend.get_weights(model), evaluation)
+            arrays = _run_rounds(grid, strategy, config, out, backend.get_weights(model), evaluation, cohorts)
             mark(out, "rounds-done")
             backend.set_weights(model, from_record(arrays))
             backend.save(model, out / f"model{backend.file_suffix}")
@@ -184,12 +293,18 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _run_rounds(
-    grid: Grid, strategy: Any, config: Config, out: Path, initial: Weights, evaluation: CentralEvaluation
+    grid: Grid,
+    strategy: Any,
+    config: Config,
+    out: Path,
+    initial: Weights,
+    evaluation: CentralEvaluation,
+    cohorts: bool = False,
 ) -> ArrayRecord:
     """Round 0 (the initial model) and every round after it, or the rounds after the checkpoint in ``out``."""
     resumed = resume(out, strategy)
     results = Results(out, config, None if resumed is None else resumed.rounds)
-    loop = RoundLoop(grid, strategy, config, sampling(config), results, evaluation)
+    loop = RoundLoop(grid, strategy, config, sampling(config), results, evaluation, cohorts=cohorts)
     last = int(config["num-server-rounds"])
     if resumed is None:
         return loop.run(to_record(initial), 0, last)

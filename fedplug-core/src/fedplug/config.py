@@ -62,6 +62,8 @@ CORE_DEFAULTS: dict[str, Scalar] = {
         "secagg.quantization-range": 4194303,
         "secagg.modulus-range": 4294967296,
     },
+    # -- cohorts (issue 29): simulated SuperNodes that each serve many clients
+    "cohorts": True,
 }
 """Defaults every backend starts from; a backend's ``defaults`` override and extend them."""
 
@@ -142,8 +144,6 @@ RENAMED = {"keras-backend": "keras.backend"}
 """Former run-config keys -> their names now; the old name is refused with a one-line error naming the new one."""
 MAX_SEED = 2**32 - 1
 """Seeds are unsigned 32-bit integers: every framework's generator accepts them."""
-MAX_SUPERNODES = 10_000
-"""More simulated nodes than this is a typo, not a federation (the data also bounds the count)."""
 PARTITIONER_CHOICES: dict[str, tuple[str, ...]] = {
     "class-assignment-mode": ("random", "deterministic", "first-deterministic"),
 }
@@ -356,10 +356,6 @@ def check_values(backend: Backend, config: Config) -> None:
     if not 0.0 <= float(config["outlier-factor"]) < float("inf"):
         raise ConfigError(
             f"run-config 'outlier-factor' must be 0 (off) or a positive factor, got {config['outlier-factor']}"
-        )
-    if int(config["num-supernodes"]) > MAX_SUPERNODES:
-        raise ConfigError(
-            f"run-config 'num-supernodes' must be at most {MAX_SUPERNODES}, got {config['num-supernodes']}"
         )
     if not 0 <= int(config["seed"]) <= MAX_SEED:
         raise ConfigError(f"run-config 'seed' must be between 0 and {MAX_SEED}, got {config['seed']}")

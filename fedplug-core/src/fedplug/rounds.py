@@ -46,13 +46,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedplug import checkpoint, dp, secagg
@@ -65,10 +65,12 @@ from fedplug.strategies import Sampling, descriptor
 from fedplug.validation import all_finite, check_metrics, check_weights, clip_update, update_norm
 
 __all__ = [
+    "COHORT_RECORD",
     "JOIN_TIMEOUT",
     "NODE_RECORD",
     "TIMING_KEYS",
     "TIMING_RECORD",
+    "Cohorts",
     "Discovery",
     "Exchange",
     "NodeInfo",
@@ -77,6 +79,7 @@ __all__ = [
     "RoundRecord",
     "RunFailed",
     "Sampling",
+    "cohort_key",
     "draw",
     "poisson_draw",
     "resume",
@@ -86,6 +89,8 @@ __all__ = [
 log = logging.getLogger("fedplug.rounds")
 NODE_RECORD = "node"
 """Key of the ConfigRecord a node returns to the discovery query."""
+COHORT_RECORD = "cohort"
+"""Key of the ConfigRecord of a message to a cohort (a simulated SuperNode serving many clients), and of its answer."""
 TIMING_RECORD = "timing"
 """Key of the ConfigRecord in which a node reports when its step began and how long its own work took."""
 TIMING_KEYS = ("seconds", "train-slowest-seconds", "evaluate-slowest-seconds", "compute-seconds")
@@ -100,6 +105,8 @@ RETRY_WAIT = 10.0
 """Seconds a round waits at most for the answer of a node queried again (see ``Discovery``)."""
 MAX_BACKOFF_ROUNDS = 16
 """The longest a node whose query failed waits for its next query, in rounds (see ``Discovery``)."""
+COHORT_POLL_SECONDS = 0.01
+"""How often cohort discovery looks for the cohorts' answers (a few messages: polling is cheap)."""
 
 
 class RunFailed(RuntimeError):
@@ -307,14 +314,213 @@ class Discovery:
         return found
 
 
-def draw(partitions: list[int], fraction: float, minimum: int, seed: int, server_round: int, stream: int) -> list[int]:
+# -- cohorts: a few simulated SuperNodes, each serving many clients ---------------------
+
+
+def cohort_key(record: str, partition: int) -> str:
+    """The key of a client's record (``arrays``, ``metrics``, ``timing``, ``error``) in a cohort's reply."""
+    return f"{record}.{partition}"
+
+
+class _Clients(Mapping[int, NodeInfo]):
+    """Clients by partition, held as arrays: a ``NodeInfo`` is made only for a client that is looked up."""
+
+    def __init__(self) -> None:
+        self.partitions = np.zeros(0, dtype=np.int64)  # sorted
+        self.columns = np.zeros((0, 4), dtype=np.int64)  # cohort index, backend index, train, test examples
+        self.backends: list[str] = []
+        self.cohorts: list[int] = []  # node ids (Flower's are unsigned 64-bit: not in an int64 column)
+
+    def add(self, node: int, partitions: list[int], backends: list[str], train: list[int], test: list[int]) -> None:
+        names = {name: self._backend(name) for name in dict.fromkeys(backends)}
+        columns = np.column_stack(
+            [np.full(len(partitions), len(self.cohorts)), [names[name] for name in backends], train, test]
+        ).astype(np.int64)
+        self.cohorts.append(node)
+        merged = np.concatenate([self.partitions, np.asarray(partitions, dtype=np.int64)])
+        order = np.argsort(merged, kind="stable")
+        self.partitions, self.columns = merged[order], np.concatenate([self.columns, columns.reshape(-1, 4)])[order]
+
+    def _backend(self, name: str) -> int:
+        if name not in self.backends:
+            self.backends.append(name)
+        return self.backends.index(name)
+
+    def _row(self, partition: int) -> int:
+        row = int(np.searchsorted(self.partitions, partition))
+        if row >= len(self.partitions) or self.partitions[row] != partition:
+            raise KeyError(partition)
+        return row
+
+    def __getitem__(self, partition: int) -> NodeInfo:
+        _, backend, train, test = (int(v) for v in self.columns[self._row(partition)])
+        return NodeInfo(int(partition), int(partition), self.backends[backend], train, test)
+
+    def cohort(self, partition: int) -> int:
+        """The node id of the cohort that serves ``partition``."""
+        return self.cohorts[int(self.columns[self._row(partition), 0])]
+
+    def __contains__(self, partition: object) -> bool:
+        try:
+            self._row(int(partition))  # type: ignore[call-overload]
+        except (KeyError, TypeError, ValueError):
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[int]:
+        return (int(p) for p in self.partitions)
+
+    def __len__(self) -> int:
+        return len(self.partitions)
+
+
+class Cohorts:
+    """The population of a simulation whose SuperNodes are cohorts, each serving many clients (partitions).
+
+    ``num-supernodes`` (``--nodes``) still counts clients: the Simulation Engine runs a few
+    SuperNodes (``fedplug.simulation.cohort_count``), and cohort ``i`` of ``C`` serves the
+    partitions ``p`` with ``p % C == i``. Discovery asks each cohort once, and it answers for all
+    its clients at once (partitions, backends and data sizes as lists), so the population costs
+    one message per cohort, not per client, and is held as arrays (``_Clients``). A client's
+    ``NodeInfo.node_id`` is its partition: the id the strategy addresses it by.
+
+    ``exchange`` sends one message per cohort that has drawn clients, carrying their partitions
+    and the strategy's content (the same for each client, as Flower's strategies send it), and
+    expands each cohort's reply into one reply per client, in Flower's ``Message`` (a reply to the
+    strategy's message to that client): the round loop screens each and the strategy aggregates
+    them as if each client had been a node. A client whose step raised gets its error reply; a
+    cohort that failed as a whole gives each of its clients its error; a cohort that did not
+    answer within ``round-timeout`` leaves its clients without a reply.
+    """
+
+    def __init__(self, grid: Grid, wait: float, clients: int) -> None:
+        self.grid, self.wait, self.clients = grid, wait, clients
+        self.nodes = _Clients()
+        self.unusable: dict[int, str] = {}
+        self.first_call: float | None = None
+        self._reported: set[int] = set()
+        self._asked: set[int] = set()
+
+    def _query(self, node: int) -> Message:
+        content = RecordDict({COHORT_RECORD: ConfigRecord({"clients": self.clients})})
+        return Message(content=content, dst_node_id=node, message_type=MessageType.QUERY)
+
+    def population(self, needed: int, server_round: int | None = None) -> list[int] | np.ndarray:
+        """All partitions of the usable cohorts; asks the cohorts once, waiting for every one (at most ``wait``)."""
+        if not self._asked:
+            self._discover()
+        return self.nodes.partitions
+
+    def _discover(self) -> None:
+        """Ask every cohort the engine lists, until all C have answered (an answer says C) or ``wait`` is over."""
+        began, expected = time.monotonic(), None
+        pending: dict[str, int] = {}  # query message id -> cohort node id
+        while True:
+            listed = [node for node in self.grid.get_node_ids() if node not in self._asked]
+            if listed:
+                pending.update(zip(self.grid.push_messages([self._query(node) for node in listed]), listed))
+                self._asked.update(listed)
+            if pending:
+                for reply in sorted(self.grid.pull_messages(list(pending)), key=lambda r: r.metadata.src_node_id):
+                    expected = self._take(pending.pop(reply.metadata.reply_to_message_id), reply) or expected
+            if not pending and self._asked:
+                if expected is not None and len(self._asked) >= expected:
+                    break
+                if not len(self.nodes) and set(self.unusable) >= self._asked:
+                    reasons = "; ".join(sorted(set(self.unusable.values())))
+                    raise RunFailed(f"no node can take part: {reasons[:400]}")
+            if time.monotonic() - began >= self.wait:
+                break
+            time.sleep(COHORT_POLL_SECONDS)
+        for node in pending.values():
+            self.unusable[node] = f"no answer to the discovery query within {self.wait:g} s"
+        if not len(self.nodes):
+            reasons = "; ".join(sorted(set(self.unusable.values()))) or "no node joined"
+            raise RunFailed(f"no node can take part: {reasons[:400]}")
+
+    def _take(self, node: int, reply: Message) -> int | None:
+        """Take a cohort's answer; the number of cohorts it declares (None if it cannot take part)."""
+        called = _node_timing(reply)[0]
+        if called and (self.first_call is None or called < self.first_call):
+            self.first_call = called
+        if reply.has_error():
+            self.unusable[node] = _reason(reply)
+            return None
+        if COHORT_RECORD not in reply.content:
+            self.unusable[node] = "no cohort record in its reply"
+            return None
+        answer = reply.content[COHORT_RECORD]
+        partitions, backends, train, test = (
+            cast(list[Any], answer[key]) for key in ("partitions", "backends", "train-examples", "test-examples")
+        )
+        self.nodes.add(node, partitions, backends, train, test)
+        return int(cast(int, answer["cohorts"]))
+
+    def take_unusable(self) -> list[dict[str, Any]]:
+        """The cohorts found unusable since the last call, with their reasons."""
+        found = [{"node": node, "reason": why} for node, why in self.unusable.items() if node not in self._reported]
+        self._reported.update(self.unusable)
+        return found
+
+    def exchange(self, messages: list[Message], timeout: float) -> dict[int, Message]:
+        """Send the strategy's per-client messages as one message per cohort; each client's reply by its id."""
+        by_cohort: dict[int, list[Message]] = {}
+        for message in messages:
+            by_cohort.setdefault(self.nodes.cohort(message.metadata.dst_node_id), []).append(message)
+        sent = []
+        for node, group in by_cohort.items():
+            content = group[0].content
+            if any(not _same_content(other.content, content) for other in group[1:]):
+                raise RunFailed("the strategy sends different content to the clients of a round; set cohorts=false")
+            cohort = RecordDict(dict(content.items()))
+            partitions = [message.metadata.dst_node_id for message in group]
+            cohort[COHORT_RECORD] = ConfigRecord({"clients": self.clients, "partitions": partitions})
+            sent.append(Message(content=cohort, dst_node_id=node, message_type=group[0].metadata.message_type))
+        replies = {reply.metadata.src_node_id: reply for reply in self.grid.send_and_receive(sent, timeout=timeout)}
+        out: dict[int, Message] = {}
+        for node, group in by_cohort.items():
+            out.update(self._client_replies(replies.get(node), group))
+        return out
+
+    @staticmethod
+    def _client_replies(reply: Message | None, group: list[Message]) -> dict[int, Message]:
+        """Each client's reply (by its id), cut from its cohort's; none without an answer from the cohort."""
+        if reply is None:
+            return {}
+        if reply.has_error():  # the cohort failed as a whole: each of its clients with its error
+            error = reply.error
+            return {m.metadata.dst_node_id: Message(Error(error.code, error.reason), reply_to=m) for m in group}
+        records: dict[int, dict[str, Any]] = {}
+        for key, record in reply.content.items():
+            name, _, partition = key.rpartition(".")
+            records.setdefault(int(partition), {})[name] = record
+        out = {}
+        for message in group:
+            client = records.get(message.metadata.dst_node_id, {})
+            failed = client.get("error")
+            if isinstance(failed, ConfigRecord):
+                code, reason = int(cast(int, failed["code"])), str(failed["reason"])
+                out[message.metadata.dst_node_id] = Message(Error(code, reason), reply_to=message)
+            else:
+                out[message.metadata.dst_node_id] = Message(RecordDict(client), reply_to=message)
+        return out
+
+
+def _same_content(a: RecordDict, b: RecordDict) -> bool:
+    """Whether two messages carry the same records (Flower's strategies send one RecordDict to every node)."""
+    return a is b or (list(a.keys()) == list(b.keys()) and all(a[k] is b[k] or a[k] == b[k] for k in a))
+
+
+def draw(
+    partitions: Sequence[int] | np.ndarray, fraction: float, minimum: int, seed: int, server_round: int, stream: int
+) -> list[int]:
     """The partitions that take part in a round: ``max(int(n * fraction), minimum)`` of them, seeded."""
-    if fraction <= 0.0 or not partitions:
+    if fraction <= 0.0 or len(partitions) == 0:
         return []
     count = min(len(partitions), max(int(len(partitions) * fraction), minimum))
     rng = np.random.default_rng([seed, server_round, stream])
     chosen = rng.choice(len(partitions), size=count, replace=False)
-    return sorted(partitions[i] for i in chosen)
+    return sorted(int(partitions[i]) for i in chosen)
 
 
 # -- differential privacy (fedplug.dp): Poisson sampling ----------------------------------
@@ -322,7 +528,7 @@ POISSON_STREAM = 2
 """The stream of ``poisson_draw``: a draw of its own, never the train (0) or evaluate (1) draw."""
 
 
-def poisson_draw(partitions: list[int], fraction: float, seed: int, server_round: int) -> list[int]:
+def poisson_draw(partitions: Sequence[int] | np.ndarray, fraction: float, seed: int, server_round: int) -> list[int]:
     """Each partition independently with probability ``fraction``, seeded: what the DP accountant assumes.
 
     Used for training under central DP with ``fraction-train`` below 1 (``fedplug.dp.poisson``); the
@@ -330,11 +536,11 @@ def poisson_draw(partitions: list[int], fraction: float, seed: int, server_round
     """
     rng = np.random.default_rng([seed, server_round, POISSON_STREAM])
     taken = rng.random(len(partitions)) < fraction
-    return [partition for partition, take in zip(sorted(partitions), taken) if take]
+    return [int(partition) for partition, take in zip(sorted(partitions), taken) if take]
 
 
 def sample(
-    discovery: Discovery, sampling: Sampling, seed: int, server_round: int, train: bool, poisson: bool = False
+    discovery: Discovery | Cohorts, sampling: Sampling, seed: int, server_round: int, train: bool, poisson: bool = False
 ) -> list[NodeInfo]:
     """The nodes of a round's step, drawn by partition from the seed, the round and the population only.
 
@@ -462,12 +668,17 @@ class RoundLoop:
         sampling: Sampling,
         results: Results,
         evaluate: Callable[[int, Weights], dict[str, float] | None],
+        cohorts: bool = False,
     ) -> None:
+        """``cohorts``: the Grid's nodes are cohorts serving many clients each (:class:`Cohorts`, simulation only)."""
         self.grid, self.strategy, self.config, self.sampling = grid, strategy, config, sampling
         self.results, self.evaluate = results, evaluate
         self.seed = int(config["seed"])
         self.timeout = float(config["round-timeout"])
-        self.discovery = Discovery(grid, wait=max(self.timeout, JOIN_TIMEOUT))
+        wait = max(self.timeout, JOIN_TIMEOUT)
+        self.discovery: Discovery | Cohorts = (
+            Cohorts(grid, wait, clients=int(config["num-supernodes"])) if cohorts else Discovery(grid, wait=wait)
+        )
         self._marked = False  # the timeline has its first-client-call
         # -- the strategy's node capabilities (fedplug.capabilities) --
         self.descriptor = descriptor(str(config["strategy"]))
@@ -623,16 +834,21 @@ class RoundLoop:
                     message.content = RecordDict({**dict(message.content.items()), STATE_RECORD: to_record(state)})
         if train and self.config["secagg"]:
             return self._secure(step, server_round, messages)
-        replies = {
-            reply.metadata.src_node_id: reply
-            for reply in self.grid.send_and_receive(list(messages), timeout=self.timeout)
-        }
+        if isinstance(self.discovery, Cohorts):  # one message per cohort, one reply per client
+            replies = self.discovery.exchange(messages, timeout=self.timeout)
+        else:
+            sent = self.grid.send_and_receive(messages, timeout=self.timeout)
+            # by the message each reply answers: an error the SuperLink gives for a node (e.g. it is unreachable)
+            # comes from the SuperLink's own node id, not the node's
+            to = {message.metadata.message_id: message.metadata.dst_node_id for message in messages}
+            replies = {to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id): reply for reply in sent}
         step.node_seconds = [_node_timing(reply)[1] for reply in replies.values()]
         reference = from_record(arrays) if train else {}
         good: list[tuple[int, Message]] = []
+        norms: dict[int, float] = {}  # each accepted update's norm, taken while screening decoded it
         for info in step.nodes:
             reply = replies.get(info.node_id)
-            reason = self._screen(reply, info, reference, train)
+            reason = self._screen(reply, info, reference, train, norms)
             if reason is None:
                 assert reply is not None
                 state = take_state(reply.content) if train else None  # the strategy never sees a node's state
@@ -649,7 +865,7 @@ class RoundLoop:
                     reason,
                 )
         if train and float(self.config["outlier-factor"]) > 0:
-            good = self._drop_outliers(good, reference, step.failures)
+            good = self._drop_outliers(good, norms, step.failures)
         step.replies = [reply for _, reply in good]
         return step
 
@@ -669,14 +885,12 @@ class RoundLoop:
         return step
 
     def _drop_outliers(
-        self, good: list[tuple[int, Message]], reference: Weights, failures: list[dict[str, Any]]
+        self, good: list[tuple[int, Message]], by_partition: dict[int, float], failures: list[dict[str, Any]]
     ) -> list[tuple[int, Message]]:
         """Refuse updates whose norm is ``outlier-factor`` times the round's median update norm or more."""
         if len(good) < 3:
             return good
-        norms = [
-            update_norm(from_record(next(iter(reply.content.array_records.values()))), reference) for _, reply in good
-        ]
+        norms = [by_partition[partition] for partition, _ in good]
         limit = float(self.config["outlier-factor"]) * float(np.median(norms))
         if limit <= 0:
             return good
@@ -691,8 +905,10 @@ class RoundLoop:
         failures.sort(key=lambda failure: failure["partition"])
         return kept
 
-    def _screen(self, reply: Message | None, info: NodeInfo, reference: Weights, train: bool) -> str | None:
-        """Why a reply is refused, or None; clips an accepted update to ``clip-norm``."""
+    def _screen(
+        self, reply: Message | None, info: NodeInfo, reference: Weights, train: bool, norms: dict[int, float]
+    ) -> str | None:
+        """Why a reply is refused, or None; clips an accepted update to ``clip-norm``; its norm into ``norms``."""
         if reply is None:
             return f"no reply within round-timeout ({self.timeout:g} s)"
         if reply.has_error():
@@ -720,6 +936,9 @@ class RoundLoop:
             clipped = clip_update(weights, reference, clip_norm)
             if clipped is not weights:
                 content[key] = to_record(clipped)
+                weights = from_record(cast(ArrayRecord, content[key]))  # the update as the strategy will read it
+        if reason is None:
+            norms[info.partition] = update_norm(weights, reference)
         return reason
 
 

@@ -117,7 +117,30 @@ PULL_INTERVAL = 0.01
 """Seconds between the ServerApp's polls for replies on the Simulation Engine (Flower's default: 0.1)."""
 
 
-def simulation_server_app() -> Any:
+COHORTS_PER_WORKER = 4
+"""Cohorts (simulated SuperNodes serving many clients each) per Ray worker: a few, so that the workers stay
+busy while one cohort's clients take longer than another's, and a round's messages stay few."""
+
+
+def cohort_count(clients: int, workers: int) -> int:
+    """How many SuperNodes the Simulation Engine runs for ``clients`` clients on ``workers`` Ray workers.
+
+    ``cohorts=true`` (the default): :data:`COHORTS_PER_WORKER` per worker, at most one per client.
+    Each serves the clients ``p`` with ``p % cohorts == index`` (:class:`fedplug.rounds.Cohorts`): a
+    round costs one message per cohort, not per client, and the engine's per-node polling stays small.
+    """
+    return max(1, min(clients, COHORTS_PER_WORKER * max(workers, 1)))
+
+
+def ray_workers(client_cpus: float) -> int:
+    """How many clients Ray runs at once: the cluster's CPUs over each client's."""
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
+    return max(1, int(cpus // max(client_cpus, 1e-9)))
+
+
+def simulation_server_app(cohorts: bool = False) -> Any:
     """fedplug's ServerApp (``fedplug.apps.main``), polling the Simulation Engine for replies every 10 ms.
 
     Flower's in-memory Grid polls its LinkState every 100 ms, so each exchange of a round (train,
@@ -134,7 +157,7 @@ def simulation_server_app() -> Any:
     @served.main()
     def main(grid: Grid, context: Any) -> None:
         flower_adapter.set_reply_poll_interval(grid, PULL_INTERVAL)
-        apps.main(grid, context)
+        apps.run_server(grid, context, cohorts=cohorts)
 
     return served
 
@@ -158,6 +181,7 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float, r
     from flwr.app import Context, RecordDict
 
     from fedplug.apps import client_app
+    from fedplug.strategies import use_cohorts
 
     flower_adapter.no_flower_source_id()
 
@@ -174,14 +198,16 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float, r
         logging_level=logging.INFO if verbose else logging.ERROR,
     )
     mark(out, "engine-ready")
+    clients = int(config["num-supernodes"])
+    cohorts = cohort_count(clients, ray_workers(client_cpus)) if use_cohorts(config) else 0
     backend_config: dict[str, Any] = {"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus}}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(config))
     try:
         # Flower's own simulation runtime, as ``flwr run`` drives it for a Flower App folder
         flower_adapter.run_simulation_engine(
-            num_supernodes=int(config["num-supernodes"]),
+            num_supernodes=cohorts or clients,  # cohorts serve the clients, or one SuperNode per client
             client_app=client_app,
-            server_app=simulation_server_app(),
+            server_app=simulation_server_app(cohorts=bool(cohorts)),
             backend_config=backend_config,
             app_dir=str(app_dir),  # the nodes read their run config from it, as under `flwr run`
             server_app_context=context,

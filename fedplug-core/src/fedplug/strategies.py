@@ -204,6 +204,23 @@ def check_strategy(config: Config, nodes_known: bool = True) -> None:
     strategy.check(kwargs, sampled)
 
 
+def use_cohorts(config: Config) -> bool:
+    """Whether a simulation serves its clients in cohorts (``fedplug.rounds.Cohorts``; the result is the same).
+
+    ``cohorts=true`` (the default) asks for it; a run whose clients must each be a node of their own
+    gets one SuperNode per client instead: SecAgg+ (each client's keys and masked messages), DP on the
+    clients (Flower's mods act on one client's reply), a strategy that asks nodes for capabilities
+    (node state lives in one node's ``Context.state``), or one that does not declare it composes with
+    cohorts.
+    """
+    if not config.get("cohorts", True) or config.get("secagg"):
+        return False
+    if dp.mode(config) in ("client-fixed", "client-adaptive", "local"):
+        return False
+    strategy = descriptor(str(config["strategy"]))
+    return strategy.composes_with_cohorts and not strategy.needs
+
+
 def make_strategy(config: Config) -> Any:
     """The configured strategy, set to use every node the round loop shows it (it samples nothing)."""
     strategy = descriptor(str(config["strategy"]))

@@ -66,6 +66,7 @@ __all__ = [
     "load_partition",
     "make_partitioner",
     "min_examples",
+    "partition_sizes",
     "remove_run_data",
     "share_run_data",
     "shipped_spec",
@@ -106,6 +107,15 @@ def _digest(key: Key) -> str:
 def load_partition(config: Config, partition_id: int, num_partitions: int) -> Partition:
     """Node ``partition_id``'s data of ``num_partitions``, cut by index from the run's shared source."""
     return _partition(_key(config), partition_id, num_partitions)
+
+
+def partition_sizes(config: Config, num_partitions: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training and test examples of every one of ``num_partitions`` partitions (two arrays), from the run's plan.
+
+    What :func:`load_partition` would give each, without cutting any data: for a population of clients.
+    """
+    bounds = _plan(_key(config), num_partitions).bounds
+    return bounds[:, 1] - bounds[:, 0], bounds[:, 2] - bounds[:, 1]
 
 
 def load_centralized(config: Config) -> tuple[np.ndarray, np.ndarray] | None:
