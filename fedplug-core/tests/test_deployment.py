@@ -81,6 +81,24 @@ def test_insecure_demo_federation_with_embedded_partitions(tmp_path: Path) -> No
         assert [r["round"] for r in rounds] == [0, 1]
         assert rounds[1]["train-nodes"] == 2 and rounds[1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"]
         assert sorted(rounds[1]["train-partitions"]) == [0, 1]
+        # Ctrl-C on the SuperLink while a run streams its log to `fedplug run`: Flower's SuperLink (uvicorn) waits
+        # for that stream to close unless told twice; fedplug superlink still ends within seconds, as on SIGTERM
+        streaming = tmp_path / "streaming.out"
+        with open(streaming, "wb") as file:
+            submitted = subprocess.Popen(
+                [FEDPLUG, "run", "numpy", "--superlink", address, "--insecure", "--rounds", "100",
+                 "--fraction-evaluate", "0", "--run-config", "hidden-dims='32'", "--out", str(tmp_path / "stopped")],
+                stdout=file, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+            )  # fmt: skip
+        started.append((submitted, streaming))
+        wait_for_line(streaming, "round   1", submitted, timeout=300)
+        link.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        link.wait(timeout=60)
+        stopped = time.monotonic() - interrupted
+        assert link.returncode == 130 and "stopping the SuperLink" in link_out.read_text()
+        assert stopped < 10, f"fedplug superlink took {stopped:.1f} s to end after Ctrl-C during a run"
+        assert submitted.wait(timeout=60) != 0, "the run went on without its SuperLink"
     finally:
         for process, _ in started:  # Ctrl-C
             with suppress(ProcessLookupError):
@@ -93,4 +111,4 @@ def test_insecure_demo_federation_with_embedded_partitions(tmp_path: Path) -> No
             with suppress(psutil.Error):
                 proc.kill()
     assert not left, f"processes outlived their fedplug command: {left}"
-    assert all(process.returncode == 130 for process, _ in started), [p.returncode for p, _ in started]
+    assert all(process.returncode == 130 for process, _ in started[:3]), [p.returncode for p, _ in started]
