@@ -233,6 +233,19 @@ def test_run_on_the_superlink_trains_on_node_local_data(federation: Federation) 
     assert config["dataset"] == "embedded" and config["centralized-eval"] is True
 
 
+def test_each_supernodes_superexec_looks_for_messages_every_tenth_of_a_second(federation: Federation) -> None:
+    from fedplug import flower_adapter
+    from fedplug.deployment.serve import SUPEREXEC_POLL
+
+    wanted = flower_adapter.superexec_poll_environment(SUPEREXEC_POLL)
+    assert SUPEREXEC_POLL <= 0.1
+    for node in federation.nodes:
+        superexecs = [p for p in marked(node.mark) if "flower-superexec" in " ".join(p.cmdline())]
+        assert len(superexecs) == 1, f"{node.name}: {[p.cmdline() for p in marked(node.mark)]}"
+        environment = superexecs[0].environ()
+        assert {key: environment.get(key) for key in wanted} == wanted
+
+
 def test_exported_flower_app_is_portable_and_runs_with_plain_flwr_run(federation: Federation) -> None:
     config = resolve(
         NumpyBackend(),
