@@ -233,6 +233,19 @@ def test_run_on_the_superlink_trains_on_node_local_data(federation: Federation) 
     assert config["dataset"] == "embedded" and config["centralized-eval"] is True
 
 
+def test_each_supernodes_superexec_looks_for_messages_every_tenth_of_a_second(federation: Federation) -> None:
+    from fedplug import flower_adapter
+    from fedplug.deployment.serve import SUPEREXEC_POLL
+
+    wanted = flower_adapter.superexec_poll_environment(SUPEREXEC_POLL)
+    assert SUPEREXEC_POLL <= 0.1
+    for node in federation.nodes:
+        superexecs = [p for p in marked(node.mark) if "flower-superexec" in " ".join(p.cmdline())]
+        assert len(superexecs) == 1, f"{node.name}: {[p.cmdline() for p in marked(node.mark)]}"
+        environment = superexecs[0].environ()
+        assert {key: environment.get(key) for key in wanted} == wanted
+
+
 def test_exported_flower_app_is_portable_and_runs_with_plain_flwr_run(federation: Federation) -> None:
     config = resolve(
         NumpyBackend(),
@@ -463,3 +476,49 @@ def test_a_supernode_gives_up_on_an_unreachable_superlink_after_max_wait(tmp_pat
     assert len(lines) == 1 and "no SuperLink answered at 127.0.0.1:" in lines[0] and "within 3 s" in lines[0]
     assert time.monotonic() - started < 60
     assert marked(env[MARK]) == [], "the SuperNode outlived the command"
+
+
+class RepliesLater:
+    """A Grid whose nodes reply at given seconds after the push (None: never), with Flower's Grid methods."""
+
+    def __init__(self, delays: list[float | None]) -> None:
+        self.delays, self.pushed_at, self.pulls = delays, 0.0, 0
+
+    def push_messages(self, messages: object) -> list[str]:
+        self.pushed_at = time.monotonic()
+        return [f"m{i}" for i in range(len(self.delays))]
+
+    def pull_messages(self, message_ids: list[str]) -> list[object]:
+        from types import SimpleNamespace
+
+        self.pulls += 1
+        now = time.monotonic() - self.pushed_at
+        ready = [f"m{i}" for i, delay in enumerate(self.delays) if delay is not None and delay <= now]
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=m)) for m in ready if m in message_ids]
+
+
+@pytest.mark.fast
+def test_the_deployed_serverapp_takes_replies_within_a_fraction_of_a_second_not_flowers_3_s() -> None:
+    from fedplug.deploy_app import PromptGrid
+
+    inner = RepliesLater([0.3, 0.3, 0.4])
+    grid = PromptGrid(inner)  # type: ignore[arg-type]
+    started = time.monotonic()
+    replies = list(grid.send_and_receive([object(), object(), object()], timeout=30))  # type: ignore[list-item]
+    waited = time.monotonic() - started
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
+    assert 0.4 <= waited < 0.8, waited  # Flower's HttpGrid: 3 s (it pulls, then sleeps 3 s)
+    assert inner.pulls == grid.pulls <= 15, "it polls every few ms for ever instead of backing off"
+
+
+@pytest.mark.fast
+def test_the_deployed_serverapp_gives_up_on_a_missing_reply_at_the_timeout() -> None:
+    from fedplug.deploy_app import PromptGrid
+
+    inner = RepliesLater([0.05, None])
+    started = time.monotonic()
+    replies = list(PromptGrid(inner, longest=0.2).send_and_receive([object(), object()], timeout=1.0))  # type: ignore
+    waited = time.monotonic() - started
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
+    assert 1.0 <= waited < 1.3, waited
+    assert inner.pulls <= 12, inner.pulls

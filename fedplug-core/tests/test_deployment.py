@@ -49,7 +49,8 @@ def free_port() -> int:
 
 def wait_for_line(path: Path, text: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while text not in path.read_text(errors="replace"):
+    wanted = "".join(text.split())  # the terminal wraps long lines anywhere
+    while wanted not in "".join(path.read_text(errors="replace").split()):
         assert process.poll() is None, f"{process.args} ended:\n{path.read_text(errors='replace')}"
         assert time.monotonic() < deadline, f"no '{text}' in {path.name} after {timeout} s:\n{path.read_text()}"
         time.sleep(0.2)
@@ -65,9 +66,12 @@ def marked(value: str) -> list[psutil.Process]:
 
 
 @contextmanager
-def insecure_federation(folder: Path, nodes: list[list[str]]) -> Iterator[tuple[str, dict[str, str], list[Path]]]:
+def insecure_federation(
+    folder: Path, nodes: list[list[str]]
+) -> Iterator[tuple[str, dict[str, str], list[tuple[subprocess.Popen[bytes], Path]]]]:
     """``fedplug superlink --insecure`` on loopback and a ``fedplug supernode numpy --insecure`` per entry of
-    ``nodes`` (its data options), each connected: yields (address, environment, outputs, the SuperLink's first).
+    ``nodes`` (its data options), each connected: yields (address, environment, (process, output) of each command,
+    the SuperLink's first).
     After the block every command gets Ctrl-C; each must end with exit code 130 and leave no process behind."""
     port, mark = free_port(), uuid.uuid4().hex
     address = f"127.0.0.1:{port}"
@@ -90,7 +94,7 @@ def insecure_federation(folder: Path, nodes: list[list[str]]) -> Iterator[tuple[
                 "--log", f"node{index}.log",
             )  # fmt: skip
             wait_for_line(node_out, "connected to", node)
-        yield address, env, [output for _, output in started]
+        yield address, env, list(started)
     finally:
         for process, _ in started:  # Ctrl-C
             with suppress(ProcessLookupError):
@@ -108,20 +112,45 @@ def insecure_federation(folder: Path, nodes: list[list[str]]) -> Iterator[tuple[
 
 def test_insecure_demo_federation_with_embedded_partitions(tmp_path: Path) -> None:
     nodes = [["--data", "embedded", "--partition-id", str(index), "--num-partitions", "2"] for index in range(2)]
-    with insecure_federation(tmp_path, nodes) as (address, env, outputs):
-        assert "--insecure: no TLS and no SuperNode authentication" in outputs[0].read_text()
+    with insecure_federation(tmp_path, nodes) as (address, env, started):
+        (link, link_out), *_ = started
+        assert "--insecure: no TLS and no SuperNode authentication" in link_out.read_text()
         out = tmp_path / "results"
         done = subprocess.run(
             [FEDPLUG, "run", "numpy", "--superlink", address, "--insecure", "--rounds", "1", "--dataset", "embedded",
              "--fraction-evaluate", "0", "--run-config", "hidden-dims='32' secagg=true", "--out", str(out)],
             capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
         )  # fmt: skip
+        # Ctrl-C on the SuperLink while a run streams its log to `fedplug run`: Flower's SuperLink (uvicorn) waits
+        # for that stream to close unless told twice; fedplug superlink still ends within seconds, as on SIGTERM
+        streaming = tmp_path / "streaming.out"
+        with open(streaming, "wb") as file:
+            submitted = subprocess.Popen(
+                [FEDPLUG, "run", "numpy", "--superlink", address, "--insecure", "--rounds", "100",
+                 "--fraction-evaluate", "0", "--run-config", "hidden-dims='32'", "--out", str(tmp_path / "stopped")],
+                stdout=file, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+            )  # fmt: skip
+        try:
+            wait_for_line(streaming, "(written by the ServerApp)", submitted, timeout=300)  # the run streams its log
+            link.send_signal(signal.SIGINT)
+            interrupted = time.monotonic()
+            link.wait(timeout=60)
+            stopped = time.monotonic() - interrupted
+            assert link.returncode == 130 and "stopping the SuperLink" in link_out.read_text()
+            # it took 26.6 s, and at least 20 s: SIGINT, 15 s, SIGTERM (which uvicorn ignores when stopping), 5 s,
+            # SIGKILL; now 10 s at a load of 14 on 2 cores
+            assert submitted.wait(timeout=60) != 0, "the run went on without its SuperLink"
+        finally:
+            with suppress(ProcessLookupError):
+                submitted.kill()
+            submitted.wait()
     assert done.returncode == 0, done.stdout + done.stderr
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1]
     assert rounds[1]["train-nodes"] == 2 and rounds[1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"]
     assert sorted(rounds[1]["train-partitions"]) == [0, 1]
     assert json.loads((out / "config.json").read_text())["secagg"] is True  # SecAgg+ on the Deployment Engine
+    assert stopped < 15, f"fedplug superlink took {stopped:.1f} s to end after Ctrl-C during a run"
 
 
 def digits(rows: slice, side: int = 28) -> tuple[np.ndarray, np.ndarray]:

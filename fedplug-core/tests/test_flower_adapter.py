@@ -391,3 +391,19 @@ def test_no_source_id_keeps_telemetry_out_of_the_home(
     assert with_id.returncode == 0, changed(name, with_id.stderr.strip()[-600:], package)
     assert with_id.stdout.strip() == "disabled", changed(name, f"the source id is {with_id.stdout.strip()!r}", package)
     assert flower_files(given) == [], changed(name, f"with a source id given it wrote {flower_files(given)}", package)
+
+
+@pytest.mark.fast
+def test_superexec_reads_its_task_poll_interval_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "flwr.supercore.superexec.run_superexec._TASK_POLL_INTERVAL_ENV"
+    try:
+        from flwr.supercore.superexec import run_superexec
+
+        read = run_superexec._get_task_poll_interval
+    except (ImportError, AttributeError) as error:
+        pytest.fail(changed(name, f"{type(error).__name__}: {error}"))
+    environment = flower_adapter.superexec_poll_environment(0.05)
+    assert list(environment) == ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"], changed(name, f"it is now {list(environment)}")
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    assert read() == 0.05, changed(name, "the SuperExec no longer reads its poll interval from it")

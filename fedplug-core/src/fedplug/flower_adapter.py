@@ -267,3 +267,20 @@ def server_app_identity(run_id: int) -> Iterator[None]:
         yield
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+# -- the Deployment Engine's SuperExec: how often it looks for tasks (fedplug superlink, fedplug supernode) ----------
+#
+# ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (``flwr.supercore.superexec.run_superexec._TASK_POLL_INTERVAL_ENV``)
+#     Flower's SuperExec (started by ``flower-superlink`` for the ServerApp and by ``flower-supernode`` for
+#     each message's ClientApp) asks its runtime API for a new task every second by default: each message
+#     to a SuperNode waits 0.5 s on average before its ClientApp process even starts. The interval is read
+#     from this environment variable only, which no public API or command-line option names. Missing: a
+#     ``flower-supernode``/``flower-superlink`` option for it.
+
+
+def superexec_poll_environment(seconds: float) -> dict[str, str]:
+    """The environment that makes Flower's SuperExec look for new tasks every ``seconds`` (Flower's default: 1.0)."""
+    from flwr.supercore.superexec import run_superexec
+
+    return {run_superexec._TASK_POLL_INTERVAL_ENV: f"{seconds:g}"}

@@ -5,8 +5,11 @@ SuperLink and SuperNode, the ``flwr`` CLI) runs in a process group of its own, w
 in its environment; when the command's block ends, however it ends (success, error,
 Ctrl-C, SIGTERM, SIGHUP), :meth:`Processes.stop` ends each group and every process that
 carries the mark: SIGINT first (Flower and Ray shut down cleanly), then SIGTERM, then
-SIGKILL for what is left. Flower's state goes to a temporary ``FLWR_HOME``, never
-``~/.flwr``, removed at the end.
+SIGKILL for what is left. A process started with ``force_quit_after`` (Flower's SuperLink, a
+uvicorn server that waits for every open connection to close, such as a run's log stream) gets
+a second SIGINT after that many seconds: its documented "Ctrl-C again to force quit". Signals
+that arrive while the processes are being stopped do not cut the stopping short. Flower's
+state goes to a temporary ``FLWR_HOME``, never ``~/.flwr``, removed at the end.
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ class Processes:
 
     mark: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    force_quit: dict[int, float] = field(default_factory=dict)
+    """Seconds after the first SIGINT at which a process (by pid) gets a second one."""
     home: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix=FLWR_HOME_PREFIX)))
     extra_env: dict[str, str] = field(default_factory=lambda: {"COLUMNS": "400"})
     """Set for every process started; by default Flower's commands print each message on one line."""
@@ -104,10 +109,12 @@ class Processes:
         env: dict[str, str] | None = None,
         keep_stdout: bool = False,
         keep_stderr: bool = False,
+        force_quit_after: float | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start ``command`` in a new process group, its output to ``log`` (a file, appended, or a pipe).
 
         ``keep_stdout``/``keep_stderr``: that stream stays this command's own (the terminal) instead.
+        ``force_quit_after``: when stopped, it gets a second SIGINT after that many seconds (see the module).
         """
         file = None
         if isinstance(log, Path):
@@ -127,6 +134,8 @@ class Processes:
             if file is not None:
                 file.close()
         self.started.append(process)
+        if force_quit_after is not None:
+            self.force_quit[process.pid] = force_quit_after
         return process
 
     def members(self) -> list[Any]:
@@ -145,7 +154,15 @@ class Processes:
         return list(found.values())
 
     def stop(self, grace: float = 15.0) -> None:
-        """SIGINT to each process group, SIGTERM after ``grace`` seconds, then SIGKILL for what is left."""
+        """SIGINT to each process group, SIGTERM after ``grace`` seconds, then SIGKILL for what is left.
+
+        In the main thread, SIGINT, SIGTERM and SIGHUP are ignored meanwhile: a second Ctrl-C must not
+        leave Flower's processes running by interrupting their stopping.
+        """
+        with _deferred_signals():
+            self._stop(grace)
+
+    def _stop(self, grace: float) -> None:
         import psutil
 
         members = self.members()
@@ -157,10 +174,15 @@ class Processes:
                 with suppress(ProcessLookupError, PermissionError):
                     os.killpg(process.pid, sig)
             deadline = time.monotonic() + wait
+            if sig == signal.SIGINT:
+                self._force_quit(running, deadline)
             for process in running:
                 with suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=max(0.1, deadline - time.monotonic()))
         members = [m for m in {m.pid: m for m in [*members, *self.members()]}.values() if m.is_running()]
+        for proc in members:  # what the started processes left behind (Flower's SuperExec and app processes, Ray's)
+            with suppress(psutil.Error):
+                proc.terminate()
         _, alive = psutil.wait_procs(members, timeout=3.0)
         for proc in alive:
             with suppress(psutil.Error):
@@ -172,6 +194,33 @@ class Processes:
             with suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=5)
         shutil.rmtree(self.home, ignore_errors=True)
+
+    def _force_quit(self, running: list[subprocess.Popen[bytes]], deadline: float) -> None:
+        """A second SIGINT to each process that asks for one and still runs ``force_quit`` seconds after the first."""
+        began = time.monotonic()
+        for process in sorted(running, key=lambda p: self.force_quit.get(p.pid, float("inf"))):
+            if process.pid not in self.force_quit:
+                continue
+            when = min(deadline, began + self.force_quit[process.pid])
+            with suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.0, when - time.monotonic()))
+                continue
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGINT)
+
+
+@contextmanager
+def _deferred_signals() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP ignored in this block (main thread only); the previous handlers come back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextmanager

@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from fedplug import flower_adapter
 from fedplug.backend import Scalar
 from fedplug.deployment.flower_cli import (
     Security,
@@ -22,6 +23,20 @@ from fedplug.deployment.flower_cli import (
 )
 from fedplug.deployment.network import port_open, wait_for
 from fedplug.deployment.processes import supervised
+
+SUPEREXEC_POLL = 0.1
+"""Seconds between a SuperExec's looks for new tasks (a SuperNode's ClientApps, a SuperLink's ServerApps).
+
+Flower's default is 1 s: each message to a SuperNode would wait 0.5 s on average before its ClientApp
+starts. Each look is one request on loopback (the SuperNode's or SuperLink's runtime API).
+"""
+FORCE_QUIT_AFTER = 2.0
+"""Seconds after Ctrl-C at which Flower's SuperLink gets a second one.
+
+It is a uvicorn server: on the first SIGINT (or SIGTERM) it stops taking connections and waits,
+without limit, for the open ones to close; a run's log stream (``fedplug run``, ``flwr log
+--stream``) never does. A second SIGINT is its own "force quit".
+"""
 
 
 def serve_superlink(
@@ -51,6 +66,8 @@ def serve_superlink(
         process = group.start(
             superlink_command(host, port, files, node_auth and not insecure, database),  # type: ignore[arg-type]
             log=log,
+            env=flower_adapter.superexec_poll_environment(SUPEREXEC_POLL),
+            force_quit_after=FORCE_QUIT_AFTER,
         )
         if not wait_for(lambda: port_open(host, port), timeout=120, process=process):
             reason = last_error(log) or f"it did not open port {port}"
@@ -90,7 +107,11 @@ def serve_supernode(
     without joining, it is stopped and the reason said in one line.
     """
     with supervised() as group:
-        process = group.start(supernode_command(superlink, security, key, node_config, runtime_port), log=log)
+        process = group.start(
+            supernode_command(superlink, security, key, node_config, runtime_port),
+            log=log,
+            env=flower_adapter.superexec_poll_environment(SUPEREXEC_POLL),
+        )
         echo(f"fedplug: connecting to the SuperLink {superlink} (Flower's log: {log}) ...")
         connected = wait_for(lambda: "SuperNode ID:" in read_text(log), timeout=max_wait, process=process)
         if not connected and process.poll() is None:
