@@ -318,6 +318,28 @@ def test_secagg_with_client_side_dp_gives_client_fixed_dps_aggregate_noise_inclu
 
 
 @pytest.mark.fast
+def test_with_local_dp_each_node_noises_its_update_before_masking_it(initial) -> None:
+    """dp=local with secagg: Flower's LocalDpMod on each node, then the masking; the server's weighted mean carries
+    each node's noise (stddev z * 2 * clipping norm) with its weight n / n_max."""
+    nodes = list(range(1, NODES + 1))
+    _, plain, examples = _secure(_config(), initial, nodes)
+    z, norm = 0.001, 100.0  # a clipping norm no update reaches: the difference is the noise alone
+    config = _config(dp="local", **{"dp.noise-multiplier": z, "dp.clipping-norm": norm, "dp.noise-seed": 4})
+    _, noisy, _ = _secure(config, initial, nodes)
+    _, again, _ = _secure(config, initial, nodes)
+    names = list(from_record(initial))
+    difference = secagg._flatten(from_record(noisy.aggregate.content["arrays"]), names) - secagg._flatten(
+        from_record(plain.aggregate.content["arrays"]), names
+    )
+    weights = np.array([examples[node] for node in nodes], dtype=float)
+    expected = z * 2 * norm * np.sqrt(np.sum(weights**2)) / np.sum(weights)
+    assert np.std(difference) == pytest.approx(expected, rel=0.05)
+    # dp.noise-seed: the same noise again (seeded by it, the round and the node)
+    repeated = secagg._flatten(from_record(again.aggregate.content["arrays"]), names)
+    assert np.array_equal(repeated, secagg._flatten(from_record(noisy.aggregate.content["arrays"]), names))
+
+
+@pytest.mark.fast
 def test_no_reply_the_server_receives_reveals_a_nodes_update(initial) -> None:
     config = _config(**{"secagg.num-shares": 5, "secagg.reconstruction-threshold": 3})
     nodes = list(range(1, NODES + 1))
