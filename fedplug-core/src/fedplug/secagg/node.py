@@ -215,7 +215,7 @@ def _local_dp(msg: Message, trained: RecordDict, record: ConfigRecord, server_ro
         return Message(content=trained, reply_to=msg)
 
     with dp.seeded(*dp.noise_key(config), server_round, node % 2**32):
-        reply = dp.local_mod(config)(msg, cast(Any, None), answer)
+        reply: Message = dp.local_mod(config)(msg, cast(Any, None), answer)
     if reply.has_error():
         raise ValueError(f"local DP: {reply.error.reason}")
     return reply.content
