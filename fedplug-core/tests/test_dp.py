@@ -411,3 +411,23 @@ def test_without_dp_accounting_the_server_says_what_to_install(monkeypatch: pyte
         dp._epsilon(1.0, 1.0, DELTA, 1)
     with pytest.raises(ConfigError, match=r"dp=server-fixed needs dp-accounting"):
         plan_run("numpy", {"dp": "server-fixed", "dp.noise-multiplier": 1.0}, create=False)
+
+
+def test_secagg_runs_with_central_and_local_dp_learn_and_report_the_accounted_epsilon(tmp_path: Path) -> None:
+    """With secagg=true (docs/secagg.md): dp=client-fixed, each node clips and masks, the server noises the
+    unmasked sum, half the nodes per round by Poisson sampling; dp=local, each node noises before masking."""
+    base = ["--seed", "5", "--fraction-evaluate", "0"]
+    settings = "secagg=true hidden-dims='16' lr=0.1 dp.clipping-norm=2.0"
+    central = ["--nodes", str(NODES), "--rounds", "2", "--fraction-train", "0.5"]
+    run(tmp_path / "central", *base, *central, "--run-config", f"{settings} dp='client-fixed' {NM}=0.2")
+    local = ["--nodes", "4", "--rounds", "1"]  # a small federation: the noise itself is checked in test_secagg.py
+    run(tmp_path / "local", *base, *local, "--run-config", f"{settings} dp='local' {NM}=0.002")
+    for name, z, q in (("central", 0.2, 0.5), ("local", 0.002, 1.0)):
+        rounds = read_rounds(tmp_path / name)
+        assert [r["epsilon"] for r in rounds] == pytest.approx(
+            [rdp_epsilon(z, q, r["round"]) for r in rounds], abs=1e-5
+        )
+        assert rounds[-1]["centralized-accuracy"] > rounds[0]["centralized-accuracy"] + 0.2, (name, rounds)
+        assert all(r["train-nodes"] >= 2 and not r.get("train-failures") for r in rounds[1:]), (name, rounds)
+    sampled = [len(r["train-partitions"]) for r in read_rounds(tmp_path / "central")[1:]]
+    assert all(count < NODES for count in sampled), sampled  # Poisson sampling holds under secagg

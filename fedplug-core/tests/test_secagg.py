@@ -22,6 +22,7 @@ from fedplug.config import resolve
 from fedplug.errors import ConfigError
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.records import from_record, to_record
+from fedplug.secagg import COLLECT
 
 NODES = 10
 BACKEND = NumpyBackend()
@@ -243,6 +244,101 @@ def test_too_many_dropouts_end_the_step_without_a_result(initial) -> None:
     assert any("too many nodes dropped" in reason for reason in outcome.failures.values())
 
 
+class _Drawn:
+    """The Grid as the strategy's ``configure_train`` sees it in the round loop: the drawn nodes."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+def _dp_round(config: dict[str, Any], arrays: Any, nodes: list[int], secure: bool, drop: set[tuple[str, int]]) -> Any:
+    """Round 1 as the round loop runs it under central DP: the configured strategy (Flower's wrapper over
+    ``fedplug.dp.FixedDenominator``), its train messages, the nodes' replies (plain: fixedclipping_mod clips them;
+    secure: one reply, the unmasked sum), the wrapper's aggregate with its seeded noise. Returns the aggregate,
+    the updates the strategy got (plain: the clipped ones), and the secure round's outcome."""
+    from fedplug.strategies import make_strategy
+
+    strategy = make_strategy(config)
+    grid = RecordingGrid(config, drop)
+    outcome = None
+    with flower_adapter.server_app_identity(run_id=1):
+        messages = list(strategy.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), _Drawn(nodes)))
+        if secure:
+            examples = {node: _examples(config, node) for node in nodes}
+            outcome = secagg.secure_train(grid, messages, examples, config, 1, 60.0)
+            replies = [outcome.aggregate]
+        else:  # the nodes that drop in the secure round are simply not asked here
+            replies = grid.send_and_receive(
+                [m for m in messages if (COLLECT, m.metadata.dst_node_id) not in drop], timeout=60
+            )
+        names, reference = list(from_record(arrays)), secagg._flatten(from_record(arrays), list(from_record(arrays)))
+        updates = [secagg._flatten(from_record(r.content["arrays"]), names) - reference for r in replies]
+        aggregated, _ = strategy.aggregate_train(1, replies)  # (FixedDenominator rescales the replies in place)
+    return secagg._flatten(from_record(aggregated), names), updates, outcome
+
+
+@pytest.mark.fast
+def test_secagg_with_client_side_dp_gives_client_fixed_dps_aggregate_noise_included(initial) -> None:
+    """Each node clips its update and masks it with weight 1; the server unmasks the sum, the DP wrapper divides it
+    by the expected 10 nodes and adds its noise: plain client-fixed DP's aggregate up to the quantisation bound,
+    with two nodes dropping after sharing keys (the denominator stays 10), noiseless and with the same seeded noise."""
+    nodes = list(range(1, NODES + 1))
+    drop = {(COLLECT, 4), (COLLECT, 9)}
+    survivors = [node for node in nodes if node not in (4, 9)]
+    norm = 0.3
+    reference = secagg._flatten(from_record(initial), list(from_record(initial)))
+    quiet = None
+    for z in (0.0, 0.5):
+        config = _config(dp="client-fixed", **{"dp.noise-multiplier": z, "dp.clipping-norm": norm, "dp.noise-seed": 3})
+        plain, clipped, _ = _dp_round(config, initial, nodes, secure=False, drop=drop)
+        norms = [np.linalg.norm(update) for update in clipped]
+        assert len(norms) == len(survivors) and np.allclose(norms, norm, rtol=1e-5)  # every update was clipped
+        secure, _, outcome = _dp_round(config, initial, nodes, secure=True, drop=drop)
+        assert outcome is not None and sorted(outcome.failures) == [4, 9]
+        # per weight, each survivor errs by under one quantum (stochastic rounding) plus what clipping to the norm
+        # less the quantisation slack s takes off its clipped update c (|c| s / norm), over the expected count;
+        # and the float32 models' rounding
+        settings = secagg.Settings.from_config(config)
+        quantum = 2 * settings.clipping_range / settings.quantization_range
+        slack = settings.quantisation_slack(reference.size)
+        bound = (len(survivors) * quantum + slack / norm * np.sum(np.abs(clipped), axis=0)) / NODES + 1e-7
+        error = np.abs(secure - plain)
+        assert np.all(error < bound), f"error {np.max(error - bound):.3g} above the bound"
+        assert np.max(error) > 0
+        if z == 0:
+            quiet = secure
+            # the sum over the expected 10 nodes, not the mean of the 8 survivors (that would be 10/8 of the update)
+            assert np.linalg.norm(secure - reference) < len(survivors) * norm / NODES + np.linalg.norm(bound)
+        else:  # the wrapper's noise, z * clipping norm / expected per weight, the same draw as the plain round's
+            assert quiet is not None
+            assert np.std(secure - quiet) == pytest.approx(z * norm / NODES, rel=0.1)
+
+
+@pytest.mark.fast
+def test_with_local_dp_each_node_noises_its_update_before_masking_it(initial) -> None:
+    """dp=local with secagg: Flower's LocalDpMod on each node, then the masking; the server's weighted mean carries
+    each node's noise (stddev z * 2 * clipping norm) with its weight n / n_max."""
+    nodes = list(range(1, NODES + 1))
+    _, plain, examples = _secure(_config(), initial, nodes)
+    z, norm = 0.001, 100.0  # a clipping norm no update reaches: the difference is the noise alone
+    config = _config(dp="local", **{"dp.noise-multiplier": z, "dp.clipping-norm": norm, "dp.noise-seed": 4})
+    _, noisy, _ = _secure(config, initial, nodes)
+    _, again, _ = _secure(config, initial, nodes)
+    names = list(from_record(initial))
+    difference = secagg._flatten(from_record(noisy.aggregate.content["arrays"]), names) - secagg._flatten(
+        from_record(plain.aggregate.content["arrays"]), names
+    )
+    weights = np.array([examples[node] for node in nodes], dtype=float)
+    expected = z * 2 * norm * np.sqrt(np.sum(weights**2)) / np.sum(weights)
+    assert np.std(difference) == pytest.approx(expected, rel=0.05)
+    # dp.noise-seed: the same noise again (seeded by it, the round and the node)
+    repeated = secagg._flatten(from_record(again.aggregate.content["arrays"]), names)
+    assert np.array_equal(repeated, secagg._flatten(from_record(noisy.aggregate.content["arrays"]), names))
+
+
 @pytest.mark.fast
 def test_no_reply_the_server_receives_reveals_a_nodes_update(initial) -> None:
     config = _config(**{"secagg.num-shares": 5, "secagg.reconstruction-threshold": 3})
@@ -345,13 +441,26 @@ def test_what_secagg_cannot_do_is_refused_in_one_line(overrides: dict[str, Any],
 
 
 @pytest.mark.fast
-def test_secagg_with_differential_privacy_is_refused_until_it_is_built() -> None:
-    from fedplug.config import check_secagg
+@pytest.mark.parametrize(
+    ("chosen", "message"),
+    [
+        ("server-fixed", "dp=server-fixed clips each update on the server, which secagg hides from it"),
+        ("server-adaptive", "dp=server-adaptive clips each update on the server"),
+        ("client-adaptive", "dp=client-adaptive needs each node's clipped bit, which secagg would show the server"),
+    ],
+)
+def test_secagg_refuses_the_dp_modes_it_cannot_combine_with_in_one_line(chosen: str, message: str) -> None:
+    from fedplug.plan import plan_run
 
-    config = _config()
-    check_secagg({**config, "dp": "off"})  # dp's keys come from another branch: only its value is read here
-    with pytest.raises(ConfigError, match="secagg with dp is not built yet"):
-        check_secagg({**config, "dp": "server-fixed"})
+    with pytest.raises(ConfigError) as error:
+        plan_run(
+            "numpy",
+            {"num-supernodes": NODES, "secagg": True, "dp": chosen, "dp.noise-multiplier": 0.5},
+            create=False,
+        )
+    text = str(error.value)
+    assert message in text and "use dp=client-fixed with secagg" in text
+    assert "\n" not in text and error.value.exit_code == 2
 
 
 @pytest.mark.fast

@@ -512,9 +512,14 @@ def check_secagg(config: Config) -> None:
             "run-config 'outlier-factor' screens each node's update, which secagg hides from the server: "
             "leave it unset or 0, or drop secagg"
         )
-    # differential privacy (the dp keys, another branch of issue 27): not combined with secagg yet
-    if str(config.get("dp", "")).lower() not in ("", "off", "none", "false", "0"):
+    # -- secagg with differential privacy (fedplug.secagg, docs/secagg.md "Differential privacy") --
+    chosen = str(config.get("dp", "")).strip().lower()
+    if chosen in ("server-fixed", "server-adaptive"):
         raise ConfigError(
-            "secagg with dp is not built yet (the noise would go on the unmasked sum, with clipping on the nodes): "
-            "choose one of them"
+            f"dp={chosen} clips each update on the server, which secagg hides from it: use dp=client-fixed with secagg"
+        )
+    if chosen == "client-adaptive":
+        raise ConfigError(
+            "dp=client-adaptive needs each node's clipped bit, which secagg would show the server: "
+            "use dp=client-fixed with secagg"
         )

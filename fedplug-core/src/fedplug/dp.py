@@ -20,6 +20,9 @@ They act on ``ArrayRecord``s, so every backend and mixed federations work alike.
   with that probability (``fedplug.rounds.poisson_draw``, seeded by seed and round), which is what the
   accountant's Poisson-subsampled Gaussian assumes.
 - **Accounting** with Google's ``dp-accounting`` (RDP), every round: :class:`Privacy`.
+- **With SecAgg+** (``secagg=true``, ``fedplug.secagg``): ``client-fixed`` clips on the nodes before masking,
+  and the one reply the strategy gets stands for the sum of the clipped updates, so the same wrapper and
+  :class:`FixedDenominator` add the same noise; ``local`` noises before masking; the others are refused.
 - **Secret, resumable noise.** Flower's wrappers and mods draw noise with numpy's global generator; fedplug
   seeds it around each call (:func:`seeded`) from a noise key, the round (and the partition, on a node),
   and restores it after. The key is never the run's ``seed`` (whoever read ``config.json`` could subtract

@@ -24,6 +24,12 @@ The strategy then aggregates ONE reply: the weighted mean of the survivors' mode
 example count, so FedAvg's arithmetic (and FedProx's, FedAdam's, ...) gives that mean. Strategies that
 need each update (median, Krum, trimmed mean, Bulyan, q-FedAvg) are refused by ``fedplug.config``.
 
+Differential privacy (``docs/secagg.md``): with ``dp=client-fixed`` each node clips its update to
+``dp.clipping-norm`` less the quantisation's slack and masks it with weight 1, and the one reply carries
+``global + the unmasked sum``, which ``fedplug.dp``'s wrapper divides by the expected count and noises,
+as for plain client-fixed replies; with ``dp=local`` each node runs Flower's ``LocalDpMod`` before masking.
+Server-side and adaptive clipping are refused with secagg.
+
 Primitives: ``cryptography`` (X25519, HKDF-SHA256, AES-GCM, and AES-CTR as the masks' pseudo-random
 generator), Flower's Shamir sharing on ``pycryptodome`` and Flower's quantisation, both through
 ``fedplug.flower_adapter``. Flower's own ``pseudo_rand_gen`` is not used: it seeds NumPy's Mersenne

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -61,6 +61,11 @@ def client_setup(msg: Message, state: RecordDict, node_id: int, settings: Settin
             "quantization-range": settings.quantization_range,
             "modulus": settings.modulus,
             "configured-threshold": settings.threshold,
+            "dp": settings.dp,
+            "dp-clipping-norm": settings.dp_clipping_norm,
+            "dp-noise-multiplier": settings.dp_local[0],
+            "dp-delta": settings.dp_local[1],
+            "dp-noise-seed": settings.dp_local[2],
         }
     )
     state[RECORD] = record
@@ -131,6 +136,8 @@ def client_mask(msg: Message, state: RecordDict, trained: RecordDict) -> RecordD
         key_shares.append(plaintext[2 + size :])
     peers = sorted(set(holders) - {me})  # the neighbours that shared with this node: the pairwise masks
     reference = from_record(cast(ArrayRecord, msg.content["arrays"]))
+    if record["dp"] == "local":  # local DP: Flower's LocalDpMod clips and noises the update before it is masked
+        trained = _local_dp(msg, trained, record, server_round, me)
     weights = from_record(next(iter(trained.array_records.values())))
     reason = check_weights(weights, reference)
     if reason is not None:
@@ -139,8 +146,10 @@ def client_mask(msg: Message, state: RecordDict, trained: RecordDict) -> RecordD
     if clip_norm > 0:
         weights = clip_update(weights, reference, clip_norm)
     names = list(reference)
-    ratio = float(cast(float, sent["weight"]))
-    update = ratio * (_flatten(weights, names) - _flatten(reference, names))
+    update = _flatten(weights, names) - _flatten(reference, names)
+    # central DP: weight 1, clipped by this node's own run config; otherwise FedAvg's weight n / n_max
+    central = record["dp"] == "client-fixed"
+    update = _dp_clip(update, record) if central else float(cast(float, sent["weight"])) * update
     modulus = int(cast(int, record["modulus"]))
     quantized = flower_adapter.quantize(
         update,
@@ -163,6 +172,53 @@ def client_mask(msg: Message, state: RecordDict, trained: RecordDict) -> RecordD
     for name, config in trained.config_records.items():
         reply[name] = config
     return reply
+
+
+def _dp_clip(update: np.ndarray, record: ConfigRecord) -> np.ndarray:
+    """Central DP (``dp=client-fixed``): the update clipped so that, quantised, its norm stays within the clipping norm.
+
+    The weight is 1 whatever the server asks (the noise is calibrated to one clipped update per node), and the
+    clipping norm is this node's run config's, less the quantisation's slack (``Settings.quantisation_slack``).
+    """
+    norm = float(cast(float, record["dp-clipping-norm"]))
+    clipping_range, quantization_range = (
+        float(cast(float, record["clipping-range"])),
+        int(cast(int, record["quantization-range"])),
+    )
+    settings = Settings(0, 0, clipping_range, quantization_range, 0)
+    bound = norm - settings.quantisation_slack(update.size)
+    if bound <= 0:
+        raise ValueError(
+            f"dp.clipping-norm {norm:g} is within the quantisation error of {update.size} weights: "
+            "raise secagg.quantization-range or dp.clipping-norm"
+        )
+    length = float(np.linalg.norm(update))
+    return update * (bound / length) if length > bound else update
+
+
+def _local_dp(msg: Message, trained: RecordDict, record: ConfigRecord, server_round: int, node: int) -> RecordDict:
+    """Local DP (``dp=local``): Flower's ``LocalDpMod`` (``fedplug.dp.local_mod``) on this node's train reply.
+
+    The noise key is fresh for every update (``fedplug.dp.noise_key``); with ``dp.noise-seed`` set, it is that
+    seed's, with the round and this node's id (the protocol's state does not know the partition).
+    """
+    from fedplug import dp
+
+    config = {
+        "dp.clipping-norm": record["dp-clipping-norm"],
+        "dp.noise-multiplier": record["dp-noise-multiplier"],
+        "dp.delta": record["dp-delta"],
+        "dp.noise-seed": record["dp-noise-seed"],
+    }
+
+    def answer(_msg: Message, _context: object) -> Message:
+        return Message(content=trained, reply_to=msg)
+
+    with dp.seeded(*dp.noise_key(config), server_round, node % 2**32):
+        reply: Message = dp.local_mod(config)(msg, cast(Any, None), answer)
+    if reply.has_error():
+        raise ValueError(f"local DP: {reply.error.reason}")
+    return reply.content
 
 
 def client_unmask(msg: Message, state: RecordDict) -> RecordDict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,20 +31,44 @@ class Settings:
     clipping_range: float
     quantization_range: int
     modulus: int
+    dp: str = ""
+    """The run config's differential privacy (``fedplug.dp.mode``): ``client-fixed``, ``local`` or off."""
+    dp_clipping_norm: float = 0.0
+    dp_local: tuple[float, float, int] = (0.0, 0.0, 0)
+    """Local DP's ``dp.noise-multiplier``, ``dp.delta`` and ``dp.noise-seed``."""
 
     @classmethod
     def from_config(cls, config: Config) -> Settings:
+        from fedplug import dp
+
         return cls(
             int(config["secagg.num-shares"]),
             int(config["secagg.reconstruction-threshold"]),
             float(config["secagg.clipping-range"]),
             int(config["secagg.quantization-range"]),
             int(config["secagg.modulus-range"]),
+            dp.mode(config),
+            float(config.get("dp.clipping-norm", 0.0)),
+            (
+                float(config.get("dp.noise-multiplier", 0.0)),
+                float(config.get("dp.delta", 0.0)),
+                int(config.get("dp.noise-seed", 0)),
+            ),
         )
 
     def threshold_for(self, group: int) -> int:
         """Shares needed to rebuild a secret shared among ``group`` nodes: the configured one, or a majority."""
         return self.threshold or max(2, group // 2 + 1)
+
+    def quantisation_slack(self, size: int) -> float:
+        """How much quantising can lengthen an update of ``size`` weights: under one quantum per coordinate.
+
+        Stochastic rounding moves each coordinate by less than ``2 * clipping-range / quantization-range``,
+        so the L2 norm grows by less than ``sqrt(size)`` quanta. Under central DP a node clips its update
+        to ``dp.clipping-norm`` minus this slack, so that what enters the sum is within ``dp.clipping-norm``:
+        the sensitivity the noise is calibrated to.
+        """
+        return math.sqrt(size) * 2 * self.clipping_range / self.quantization_range
 
 
 def neighbours(nodes: list[int], num_shares: int) -> dict[int, list[int]]:

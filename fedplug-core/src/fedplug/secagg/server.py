@@ -120,6 +120,9 @@ def secure_train(
         for dst, ciphertext in zip(cast(list[int], sent["destinations"]), cast(list[bytes], sent["ciphertexts"])):
             if int(dst) in inbox:
                 inbox[int(dst)].append((node, ciphertext))
+    # central DP (dp=client-fixed): every node clips and sends its update with weight 1 (the nodes decide that
+    # by their own run config); the aggregate reply then carries the SUM for fedplug.dp.FixedDenominator
+    central = settings.dp == "client-fixed"
     scale = max(examples[node] for node in shared) if shared else 1
     collect = {}
     for node in shared:
@@ -129,7 +132,7 @@ def secure_train(
                 "round": server_round,
                 "senders": [src for src, _ in inbox[node]],
                 "ciphertexts": [ciphertext for _, ciphertext in inbox[node]],
-                "weight": examples[node] / scale,
+                "weight": 1.0 if central else examples[node] / scale,
                 "clip-norm": float(config["clip-norm"]),
                 "rounding-seed": int(
                     np.random.SeedSequence([int(config["seed"]), server_round, node]).generate_state(1)[0]
@@ -164,11 +167,14 @@ def secure_train(
     except ValueError as error:
         return _give_up(outcome, sorted(masked), str(error))
     reference = from_record(cast(ArrayRecord, next(iter(train.values())).content["arrays"]))
-    weight_sum = sum(examples[node] / scale for node in masked)
     names = list(reference)
-    mean = _flatten(reference, names) + total / weight_sum
     outcome.survivors = [masked[node] for node in sorted(masked)]
-    outcome.aggregate = _aggregate_reply(outcome.survivors, _unflatten(mean, reference), examples, masked)
+    if central:  # global + the sum of the clipped updates: the DP wrapper divides by the expected count, adds noise
+        arrays = _unflatten(_flatten(reference, names) + total, reference)
+    else:  # the survivors' weighted mean, with their summed example count: FedAvg's arithmetic gives it back
+        weight_sum = sum(examples[node] / scale for node in masked)
+        arrays = _unflatten(_flatten(reference, names) + total / weight_sum, reference)
+    outcome.aggregate = _aggregate_reply(outcome.survivors, arrays, examples, masked, weighted=not central)
     return outcome
 
 
@@ -233,20 +239,27 @@ def _rebuild(shares: list[bytes], threshold: int, what: str) -> bytes:
 
 
 def _aggregate_reply(
-    survivors: list[Message], mean: Weights, examples: Mapping[int, int], masked: Mapping[int, Message]
+    survivors: list[Message],
+    mean: Weights,
+    examples: Mapping[int, int],
+    masked: Mapping[int, Message],
+    weighted: bool = True,
 ) -> Message:
-    """One train reply as the strategy expects it: the mean model, the summed count, the weighted mean metrics."""
+    """One train reply as the strategy expects it: the model, the summed count, the (weighted) mean metrics.
+
+    ``weighted=False`` (central DP, where every reply weighs 1): the metrics' unweighted means, as
+    ``fedplug.dp.FixedDenominator`` gives them for plain replies.
+    """
     total = sum(examples[node] for node in masked)
     metrics: dict[str, float] = {}
+    counted = 0.0
     for _node, reply in masked.items():
         record = next(iter(reply.content.metric_records.values()))
-        count = float(cast(float, record["num-examples"]))
+        count = float(cast(float, record["num-examples"])) if weighted else 1.0
+        counted += count
         for key, value in record.items():
             if key != "num-examples" and isinstance(value, int | float):
                 metrics[key] = metrics.get(key, 0.0) + float(value) * count
-    counted = sum(
-        float(cast(float, next(iter(r.content.metric_records.values()))["num-examples"])) for r in masked.values()
-    )
     record = MetricRecord({key: value / counted for key, value in metrics.items()})
     record["num-examples"] = total
     # a reply of the server's own (to the first survivor's reply): the survivors' replies stay as they came
