@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -185,11 +186,39 @@ def read_metrics(out: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text())["rounds"] if path.is_file() else []
 
 
+def prepare_plotting() -> threading.Thread:
+    """Import matplotlib and draw a first figure (half a second) in a background thread, so that :func:`plot_metrics`
+    at the end of a run does not wait for it. Returns the thread."""
+
+    def load() -> None:
+        draw_metrics([{"round": 0, "train-loss": 1.0, "train-accuracy": 0.5}], "")  # imports, fonts, first draw
+
+    thread = threading.Thread(target=load, name="fedplug-import-matplotlib", daemon=True)
+    thread.start()
+    return thread
+
+
 def plot_metrics(out: Path, title: str = "") -> Path | None:
     """Draw loss and accuracy per round into ``metrics.png``; None if there is nothing to draw."""
     rounds = read_metrics(out)
     if not rounds:
         return None
+    path = out / "metrics.png"
+    write_atomic(path, draw_metrics(rounds, title))
+    return path
+
+
+_PLOTTING = threading.Lock()
+"""pyplot is not thread-safe: one figure at a time (the warm-up of :func:`prepare_plotting`, then the run's)."""
+
+
+def draw_metrics(rounds: list[dict[str, Any]], title: str) -> bytes:
+    """The PNG of :func:`plot_metrics`."""
+    with _PLOTTING:
+        return _draw(rounds, title)
+
+
+def _draw(rounds: list[dict[str, Any]], title: str) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,9 +240,7 @@ def plot_metrics(out: Path, title: str = "") -> Path | None:
         axis.legend()
     figure.suptitle(title)
     figure.tight_layout()
-    path = out / "metrics.png"
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
-    write_atomic(path, buffer.getvalue())
-    return path
+    return buffer.getvalue()
