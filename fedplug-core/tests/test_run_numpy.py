@@ -38,7 +38,13 @@ def test_run_numpy_end_to_end(run_fedplug, tmp_path: Path) -> None:
     for noise in ("INFO", "WARNING", "DEPRECATED", "Ray", "oneDNN", "absl"):
         assert noise not in proc.stdout + proc.stderr, f"'{noise}' reached the terminal"
     assert not (home / ".flwr").exists(), "fedplug wrote to ~/.flwr"
-    assert processes_of(out) == [], "processes of the run outlived it"
+    assert processes_of(out) == [], "processes of the run outlived it"  # at once: no wait for a reaper
+    assert (out / "metrics.png").stat().st_size > 0 and (out / "model.npz").is_file()
+    timeline = json.loads((out / "timeline.json").read_text())
+    # teardown (issue 29): the fast path ran (simulation.exit_now), Ray's processes were ended by the simulation
+    # process once the results were written, not by Flower's stopping and ray.shutdown()
+    assert "simulation-exit" in timeline and "engine-stopped" not in timeline, timeline
+    assert timeline["rounds-done"] <= timeline["simulation-exit"]
 
 
 def test_failing_client_apps_end_the_run_with_one_line(tmp_path: Path) -> None:
