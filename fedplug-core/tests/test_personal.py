@@ -1,7 +1,8 @@
 """Personalised FL (fedplug.personal): FedPer's head on every backend's layout, the node steps, the evaluation
 of the personal models in metrics.json, FedPer and Ditto beating FedAvg on non-IID digits, and exact resume.
 
-The comparison runs once (module fixture): 10 nodes, dirichlet alpha 0.1, 2 rounds, hidden-dims 32, numpy.
+The comparison runs once (module fixture): 10 nodes, dirichlet alpha 0.1, 2 rounds, hidden-dims 32, numpy (FedPer
+with half of the nodes on torch).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def test_ditto_trains_the_personal_model_and_pulls_it_toward_the_global_one() ->
     step = NodeStep(_weights(0.0), _weights(0.3), {}, {"w1": np.full((3, 2), 2.0, np.float32)}, config, 20, train=train)
     ditto_step(step)
     assert trained_from == [2.0]  # from its personal model where it has one; the global one elsewhere
-    keep = (1 - 0.1 * 0.5) ** 2  # K = 2 steps of the pull v <- v - lr * lambda * (v - w)
+    keep = (1 + 0.1 * 0.5) ** -2  # K = 2 proximal steps v <- (v + lr * lambda * w) / (1 + lr * lambda)
     assert np.allclose(step.state["w1"], keep * 3.0) and np.allclose(step.state["b1"], keep * 1.0)
     assert np.all(step.after["w1"] == 0.3)  # the global model's training is FedAvg's
     assert np.allclose(ditto_model(_weights(9.0), step.state)["w2"], keep)
@@ -94,11 +95,13 @@ CONFIG_ARGS = ("--run-config", "partitioner.alpha=0.1 hidden-dims='32'")
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory) -> dict[str, list[dict]]:
-    """FedAvg, FedPer and Ditto on the same non-IID split (numpy): each run's rounds."""
+    """FedAvg, FedPer and Ditto on the same non-IID split (numpy; FedPer in a federation of numpy and torch nodes):
+    each run's rounds."""
     found = {}
     for strategy in ("fedavg", "fedper", "ditto"):
         out = tmp_path_factory.mktemp(strategy)
-        done = fedplug("run", "numpy", "--strategy", strategy, *ARGS, *CONFIG_ARGS, "--out", str(out))
+        mixed = ("--node-backends", "0-4:numpy,5-9:torch") if strategy == "fedper" else ()
+        done = fedplug("run", "numpy", *mixed, "--strategy", strategy, *ARGS, *CONFIG_ARGS, "--out", str(out))
         assert done.returncode == 0, done.stderr[-2000:]
         found[strategy] = read_rounds(out)
     return found
@@ -106,6 +109,7 @@ def compared(tmp_path_factory) -> dict[str, list[dict]]:
 
 def test_personalised_strategies_record_global_and_personal_metrics(compared) -> None:
     assert not any(key.startswith("personal-") for r in compared["fedavg"] for key in r)
+    assert set(compared["fedper"][-1]["partition-backends"].values()) == {"numpy", "torch"}
     for strategy in ("fedper", "ditto"):
         last = compared[strategy][-1]
         per_node = last["personal-accuracy-per-node"]

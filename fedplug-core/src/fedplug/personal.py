@@ -17,10 +17,11 @@ carries the global head unchanged, so FedAvg averages only the body.
 
 **Ditto** (Li et al., 2021): the global model trains as in FedAvg; each node also trains a personal
 model ``v`` on its data from its last ``v`` with the backend's own ``train``, then pulls it toward
-the global model ``w`` it received: the proximal term ``lambda/2 ||v - w||^2``'s gradient step
-``v <- v - lr * lambda * (v - w)``, taken for each of the ``K`` local steps, is applied after training
-in closed form, ``v <- w + (1 - lr * lambda)^K (v - w)`` (exact when the data gradients do not
-depend on the pull, an approximation otherwise, as SCAFFOLD's correction is).
+the global model ``w`` it received: the proximal term ``lambda/2 ||v - w||^2``, taken as its proximal
+step ``v <- (v + lr * lambda * w) / (1 + lr * lambda)`` (the gradient step ``v - lr * lambda * (v - w)``
+to first order in ``lr * lambda``, and stable for any) for each of the ``K`` local steps, is applied
+after training in closed form, ``v <- w + (1 + lr * lambda)^-K (v - w)`` (exact when the data gradients
+do not depend on the pull, an approximation otherwise, as SCAFFOLD's correction is).
 """
 
 from __future__ import annotations
@@ -100,6 +101,6 @@ def ditto_step(step: NodeStep) -> None:
     start = ditto_model(step.before, step.state)
     trained = step.train(start, step.config)
     lam = float(step.config.get("strategy.lambda", Ditto.parameters[0].default))
-    keep = (1.0 - float(step.config["lr"]) * lam) ** step.steps
+    keep = (1.0 + float(step.config["lr"]) * lam) ** -step.steps  # stable for any lr * lambda
     step.state.clear()
     step.state.update({key: (w + keep * (trained[key] - w)).astype(w.dtype) for key, w in step.before.items()})
