@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from fedplug.backend import Backend, Scalar
+from fedplug.builtin_strategies import PERSONAL
 from fedplug.config import CORE_DEFAULTS
 from fedplug.data.partition import PARTITIONER_DEFAULTS, PARTITIONERS, make_partitioner
 from fedplug.strategies import STRATEGIES, strategy_parameters
@@ -155,6 +156,9 @@ def strategy_rows_expected() -> dict[str, tuple[str, str, str]]:
         params = ", ".join(f"`{key}` {fmt(value)}" for key, value in strategy_parameters(name).items())
         honour = not_honoured("proximal-mu", found) if "proximal-mu" in strategy_parameters(name) else "-"
         rows[name] = (cls, params, honour)
+    for strategy in PERSONAL:  # fedplug's personalised strategies (fedplug.personal): FedAvg on the server
+        params = ", ".join(f"`{key}` {fmt(value)}" for key, value in strategy_parameters(strategy.name).items())
+        rows[strategy.name] = (strategy.implementation.rpartition(":")[2], params, "-")
     return rows
 
 

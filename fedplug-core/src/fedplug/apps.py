@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedplug import dp, flower_adapter, secagg
 from fedplug.backend import Backend, Config, Scalar, Weights
-from fedplug.capabilities import extend_train_reply
+from fedplug.capabilities import extend_train_reply, personal_weights, train_start
 from fedplug.data import data_spec, load_centralized, partition_sizes
 from fedplug.errors import ConfigError
 from fedplug.node import backend_and_config, identity, node_data, session
@@ -90,18 +90,42 @@ def _work(
             }
         )
         return content
-    backend.set_weights(model, weights if weights is not None else from_record(cast(ArrayRecord, received["arrays"])))
+    global_weights = weights if weights is not None else from_record(cast(ArrayRecord, received["arrays"]))
     sent = cast(dict[str, Scalar], dict(received.get("config", ConfigRecord())))
     step_config: dict[str, Scalar] = {**config, **sent, "partition-id": partition_id}
+    node_state = RecordDict() if state is None else state
     if step == "train":
+        # a personalised strategy (FedPer) trains from the node's personal model: fedplug.capabilities.train_start
+        backend.set_weights(model, train_start(global_weights, received, node_state, step_config))
         metrics = backend.train(model, part.x_train, part.y_train, step_config)
         content["arrays"] = to_record(backend.get_weights(model))
+
+        def train_other(start: Weights, other_config: Config) -> Weights:  # e.g. Ditto's personal model
+            backend.set_weights(model, start)
+            backend.train(model, part.x_train, part.y_train, other_config)
+            return backend.get_weights(model)
+
         # a strategy's node-side capabilities (extra reply arrays, node state): fedplug.capabilities
-        extend_train_reply(content, received, RecordDict() if state is None else state, step_config, len(part.y_train))
+        extend_train_reply(content, received, node_state, step_config, len(part.y_train), train_other)
     else:
-        metrics = backend.evaluate(model, part.x_test, part.y_test, step_config)
+        backend.set_weights(model, global_weights)
+        metrics = dict(backend.evaluate(model, part.x_test, part.y_test, step_config))
+        metrics.update(_personal_metrics(backend, model, part, global_weights, node_state, step_config))
     content["metrics"] = MetricRecord(dict(metrics.items()))
     return content
+
+
+def _personal_metrics(
+    backend: Backend, model: Any, part: Any, global_weights: Weights, state: RecordDict, config: Config
+) -> dict[str, float]:
+    """A personalised strategy's evaluation of the node's personal model (``fedplug.personal``):
+    ``personal-loss`` and ``personal-accuracy``, beside the global model's; nothing for other strategies."""
+    personal = personal_weights(global_weights, state, config)
+    if personal is None:
+        return {}
+    backend.set_weights(model, personal)
+    metrics = backend.evaluate(model, part.x_test, part.y_test, config)
+    return {"personal-loss": float(metrics["loss"]), "personal-accuracy": float(metrics["accuracy"])}
 
 
 # -- cohorts: one simulated SuperNode serves many clients ----------------------------------

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedplug import ConfigError, Parameter, Scalar, Strategy, hookimpl
+from fedplug.personal import Ditto, FedPer
 from fedplug.strategies import STATE
 
 INF = None  # an unbounded end
@@ -162,9 +163,11 @@ BUILTINS: tuple[Strategy, ...] = (
         composes=ROBUST,
     ),
 )
+PERSONAL: tuple[Strategy, ...] = (FedPer(), Ditto())
+"""Personalised FL (``fedplug.personal``): FedAvg on the server, a personal part on each node."""
 
 
 @hookimpl
 def fedplug_register_strategies(register: Any) -> None:
-    for strategy in BUILTINS:
+    for strategy in (*BUILTINS, *PERSONAL):
         register(strategy)

@@ -58,6 +58,9 @@ class NodeStep:
     num_examples: int
     reply: dict[str, Weights] = field(default_factory=dict)
     """Extra ArrayRecords to send back, by name: those the descriptor's ``reply_records`` declares."""
+    train: Callable[[Weights, Config], Weights] | None = None
+    """Trains other weights with the backend on this node's data (a copy of ``config`` may change keys),
+    returning the trained weights: for a personal model (``fedplug.personal``). None where not offered."""
 
     @property
     def steps(self) -> int:
@@ -77,7 +80,12 @@ def node_function(strategy: Strategy) -> Callable[[NodeStep], Any]:
 
 
 def extend_train_reply(
-    content: RecordDict, message: RecordDict, context_state: RecordDict, config: Config, num_examples: int
+    content: RecordDict,
+    message: RecordDict,
+    context_state: RecordDict,
+    config: Config,
+    num_examples: int,
+    train: Callable[[Weights, Config], Weights] | None = None,
 ) -> None:
     """Run the configured strategy's node step on a train reply holding the trained ``"arrays"``, in place.
 
@@ -100,7 +108,7 @@ def extend_train_reply(
     if saved is None and STATE_RECORD in context_state.array_records:
         saved = from_record(context_state.array_records[STATE_RECORD])
     after = from_record(content.array_records["arrays"])
-    data = NodeStep(before, after, sent, dict(saved or {}), config, num_examples)
+    data = NodeStep(before, after, sent, dict(saved or {}), config, num_examples, train=train)
     node_function(strategy)(data)
     content["arrays"] = to_record(data.after)
     for name in strategy.reply_records:
@@ -134,6 +142,49 @@ def take_state(content: RecordDict) -> Weights | None:
     record: ArrayRecord = content.array_records[STATE_RECORD]
     del content[STATE_RECORD]
     return from_record(record)
+
+
+# -- personalised models (fedplug.personal): where training starts, what evaluation adds ----------
+
+
+def _personal_function(strategy: Strategy, attribute: str) -> Callable[..., Any] | None:
+    target = str(getattr(strategy, attribute, "") or "")
+    if not target:
+        return None
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+
+
+def _node_state(message: RecordDict, context_state: RecordDict) -> Weights:
+    """The node's state: the one a resumed run sends, else the one kept in ``Context.state``; empty at first."""
+    if STATE_RECORD in message.array_records:
+        return from_record(message.array_records[STATE_RECORD])
+    if STATE_RECORD in context_state.array_records:
+        return from_record(context_state.array_records[STATE_RECORD])
+    return {}
+
+
+def train_start(received: Weights, message: RecordDict, context_state: RecordDict, config: Config) -> Weights:
+    """The weights a node trains from: the global model, or for a strategy whose descriptor sets
+    ``trains_personal`` (FedPer) its ``personal_model`` of the global model and the node's state."""
+    entry = get_registry().strategies.get(str(config["strategy"]))
+    if entry is None or not getattr(entry.strategy, "trains_personal", False):
+        return received
+    personal = _personal_function(entry.strategy, "personal_model")
+    state = _node_state(message, context_state)
+    return received if personal is None or not state else dict(personal(received, state))
+
+
+def personal_weights(received: Weights, context_state: RecordDict, config: Config) -> Weights | None:
+    """The node's personalised model for evaluation, from the global model and the node's state: None unless
+    the strategy declares a ``personal_model`` (``fedplug.personal``). A node with no state yet (it has not
+    trained) evaluates the global model as its personal one."""
+    entry = get_registry().strategies.get(str(config["strategy"]))
+    personal = None if entry is None else _personal_function(entry.strategy, "personal_model")
+    if personal is None:
+        return None
+    state = _node_state(RecordDict(), context_state)
+    return received if not state else dict(personal(received, state))
 
 
 class Probe(Strategy):

@@ -62,7 +62,7 @@ from fedplug.node_backends import counts
 from fedplug.records import from_record, to_record
 from fedplug.results import Results
 from fedplug.strategies import Sampling, descriptor
-from fedplug.validation import all_finite, check_metrics, check_weights, clip_update, update_norm
+from fedplug.validation import NUM_EXAMPLES, all_finite, check_metrics, check_weights, clip_update, update_norm
 
 __all__ = [
     "COHORT_RECORD",
@@ -607,6 +607,9 @@ class RoundRecord:
     unusable: list[dict[str, Any]] = field(default_factory=list)
     """Nodes found unusable during this round (``unusable-nodes``)."""
     centralized: dict[str, float] = field(default_factory=dict)
+    personal: dict[str, Any] = field(default_factory=dict)
+    """Personalised strategies (``fedplug.personal``): ``personal-loss``, ``personal-accuracy`` (example-weighted)
+    and ``personal-accuracy-per-node`` (by partition) of the nodes' personal models."""
     privacy: dict[str, float | str] = field(default_factory=dict)
     """Differential privacy: ``epsilon`` and ``delta`` spent after this round, why the run stopped (``fedplug.dp``)."""
     seconds: float = 0.0
@@ -634,6 +637,7 @@ class RoundRecord:
             if kind == "train" and self.skipped is not None:
                 out["skipped"] = self.skipped
             out.update({f"{kind}-{name}": value for name, value in step.metrics.items()})
+        out.update(self.personal)  # personalised strategies' evaluation (fedplug.personal)
         if self.unusable:
             out["unusable-nodes"] = self.unusable
         out.update({f"centralized-{name}": value for name, value in self.centralized.items()})
@@ -810,6 +814,7 @@ class RoundLoop:
         record.evaluate = step
         if step.replies:
             step.metrics = _loss_and_accuracy(self.strategy.aggregate_evaluate(server_round, step.replies))
+            record.personal = _personal_metrics(step)
 
     # -- one exchange ------------------------------------------------------------------
 
@@ -940,6 +945,28 @@ class RoundLoop:
         if reason is None:
             norms[info.partition] = update_norm(weights, reference)
         return reason
+
+
+def _personal_metrics(step: Exchange) -> dict[str, Any]:
+    """The personal models' evaluation (``fedplug.personal``): example-weighted ``personal-loss`` and
+    ``personal-accuracy``, and each partition's ``personal-accuracy``; empty when the replies carry none."""
+    failed = {failure["partition"] for failure in step.failures}
+    partitions = [partition for partition in step.partitions if partition not in failed]
+    rows: list[tuple[int, float, float, float]] = []
+    for partition, reply in zip(partitions, step.replies):
+        metrics = next(iter(reply.content.metric_records.values()))
+        if "personal-accuracy" not in metrics or "personal-loss" not in metrics:
+            return {}
+        values = [cast(float, metrics[key]) for key in (NUM_EXAMPLES, "personal-loss", "personal-accuracy")]
+        rows.append((partition, float(values[0]), float(values[1]), float(values[2])))
+    if not rows:
+        return {}
+    examples = sum(row[1] for row in rows)
+    return {
+        "personal-loss": sum(row[1] * row[2] for row in rows) / examples,
+        "personal-accuracy": sum(row[1] * row[3] for row in rows) / examples,
+        "personal-accuracy-per-node": {str(row[0]): row[3] for row in rows},
+    }
 
 
 def _loss_and_accuracy(metrics: Any) -> dict[str, float]:
