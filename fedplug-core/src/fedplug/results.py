@@ -35,12 +35,16 @@ METRIC_COLUMNS = (
     "evaluate-failed",
     "evaluate-loss",
     "evaluate-accuracy",
+    "personal-loss",  # personalised strategies (fedplug.personal): the nodes' personal models
+    "personal-accuracy",
     "centralized-loss",
     "centralized-accuracy",
     "seconds",
     "train-slowest-seconds",
     "evaluate-slowest-seconds",
     "compute-seconds",
+    "epsilon",  # differential privacy (fedplug.dp): the budget spent after the round
+    "delta",
 )
 progress_log = logging.getLogger("fedplug.progress")
 """Each finished round is logged here with ``extra={"record": {...}}``; the CLI shows it."""
