@@ -14,7 +14,7 @@ from fedplug import DataSpec
 from fedplug.capabilities import NodeStep
 from fedplug.config import resolve
 from fedplug.personal import ditto_model, ditto_step, fedper_model, fedper_step, head_keys
-from fedplug.plugins import get_backend, get_registry
+from fedplug.plugins import get_backend
 from fedplug.testing import StrategyConformance
 from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, fedplug, read_rounds
 
@@ -38,15 +38,7 @@ def test_the_head_is_the_last_layer_weight_and_bias_in_every_backends_layout(bac
 @pytest.mark.parametrize("name", ["fedper", "ditto"])
 def test_fedper_and_ditto_pass_the_strategy_suite(name, tmp_path) -> None:
     suite = type(f"Test_{name}", (StrategyConformance,), {"strategy_name": name, "nodes": 5})()
-    descriptor = get_registry().strategies[name].strategy
-    suite.test_registered_and_well_formed(descriptor)
-    suite.test_builds_with_its_defaults_and_refuses_out_of_range_parameters(descriptor)
-    suite.test_aggregates_replies_into_a_finite_model()
-    suite.test_deterministic_for_a_seed()
-    suite.test_declared_state_is_what_changes_across_rounds(descriptor)
-    suite.test_killed_run_resumes_bit_identical_from_a_checkpoint(tmp_path)
-    suite.test_survives_failed_and_screened_replies()
-    suite.test_declared_compositions_hold(descriptor)
+    suite.check_all(tmp_path)  # every check of the suite, the node step's included
 
 
 def _weights(value: float) -> dict[str, np.ndarray]:

@@ -25,15 +25,7 @@ def suite(request: pytest.FixtureRequest) -> StrategyConformance:
 
 
 def test_every_builtin_passes_the_suite(suite: StrategyConformance, tmp_path: Path) -> None:
-    descriptor = get_registry().strategies[suite.strategy_name].strategy
-    suite.test_registered_and_well_formed(descriptor)
-    suite.test_builds_with_its_defaults_and_refuses_out_of_range_parameters(descriptor)
-    suite.test_aggregates_replies_into_a_finite_model()
-    suite.test_deterministic_for_a_seed()
-    suite.test_declared_state_is_what_changes_across_rounds(descriptor)
-    suite.test_killed_run_resumes_bit_identical_from_a_checkpoint(tmp_path)
-    suite.test_survives_failed_and_screened_replies()
-    suite.test_declared_compositions_hold(descriptor)
+    suite.check_all(tmp_path)  # every check of the suite, the node step's included
 
 
 class Forgetful(fedplug.Strategy):

@@ -28,7 +28,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedplug import checkpoint
-from fedplug.backend import Scalar, Weights
+from fedplug.backend import Config, Scalar, Weights
 from fedplug.config import resolve
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.plugins import get_registry, strategy_problem
@@ -138,6 +138,14 @@ class StrategyConformance:
         weights = from_record(arrays)
         strategy.aggregate_evaluate(server_round, [self.reply(node, server_round, weights, False) for node in nodes])
         return arrays
+
+    def check_all(self, tmp_path: Path) -> None:
+        """Every check of the suite, in the order written, for a suite built in a loop (not collected by pytest)."""
+        arguments = {"descriptor": get_registry().strategies[self.strategy_name].strategy, "tmp_path": tmp_path}
+        for name, check in vars(StrategyConformance).items():
+            if name.startswith("test_"):
+                wanted = check.__code__.co_varnames[1 : check.__code__.co_argcount]
+                check(self, **{argument: arguments[argument] for argument in wanted})
 
     # -- the checks ------------------------------------------------------------------
 
@@ -290,6 +298,11 @@ class StrategyConformance:
         sent_names = descriptor.reply_records if self.sent_records is None else self.sent_records
         config: dict[str, Scalar] = {"lr": 0.05, "batch-size": 4, "local-epochs": 1, "server-round": 1}
 
+        def train(weights: Weights, step_config: Config) -> Weights:
+            """The node's trainer as the ClientApp offers it (NodeStep.train): here a deterministic step of lr."""
+            lr = float(step_config["lr"])
+            return {k: (v - lr * np.sign(v)).astype(v.dtype) for k, v in weights.items()}
+
         def two_rounds() -> list[NodeStep]:
             steps: list[NodeStep] = []
             state: Weights = {}
@@ -297,7 +310,8 @@ class StrategyConformance:
                 rng = np.random.default_rng(server_round)
                 after = {k: (v + rng.normal(0, 0.1, v.shape)).astype(v.dtype) for k, v in WEIGHTS.items()}
                 sent = {name: {k: np.full_like(v, 0.01) for k, v in WEIGHTS.items()} for name in sent_names}
-                step = NodeStep(dict(WEIGHTS), after, sent, state, {**config, "server-round": server_round}, 10)
+                step_config = {**config, "server-round": server_round}
+                step = NodeStep(dict(WEIGHTS), after, sent, state, step_config, 10, train=train)
                 function(step)
                 state = dict(step.state)
                 steps.append(step)
