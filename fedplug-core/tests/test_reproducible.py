@@ -42,9 +42,11 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_same_seed_gives_the_same_bits_and_another_seed_does_not(reference, tmp_path: Path) -> None:
+    # again with one SuperNode per client (the reference serves its clients in cohorts): the same bits
     again = tmp_path / "again"
-    run(again, "--rounds", "6", *ARGS["fedavg"])
+    run(again, "--rounds", "6", *[arg.replace("'16'", "'16' cohorts=false") for arg in ARGS["fedavg"]])
     assert_same_run(reference["fedavg"], again, "model.npz")
+    assert json.loads((again / "config.json").read_text())["cohorts"] is False
     rounds = read_rounds(again)
     assert all(len(r["train-partitions"]) == 2 for r in rounds[1:])  # fraction 0.5 of 4 nodes
     assert len({tuple(r["train-partitions"]) for r in rounds[1:]}) > 1, "every round drew the same nodes"
@@ -53,6 +55,13 @@ def test_same_seed_gives_the_same_bits_and_another_seed_does_not(reference, tmp_
     assert not np.array_equal(
         weights(other / "weights.npz")["layers.0.weight"], weights(again / "weights.npz")["layers.0.weight"]
     )
+
+
+def test_each_evaluation_travels_with_the_next_rounds_training(reference) -> None:
+    """fold-evaluation (fedplug.folding): every evaluated round but the last, on either path (cohorts or not)."""
+    assert [r.get("evaluate-folded") for r in read_rounds(reference["fedavg"])] == [None] + [True] * 5 + [None]
+    fedadam = read_rounds(reference["fedadam"])  # eval-every=4: round 4, and the last alone
+    assert [r["round"] for r in fedadam if r.get("evaluate-folded")] == [4]
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])

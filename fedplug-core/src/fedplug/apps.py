@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedplug import dp, flower_adapter, secagg
+from fedplug import dp, flower_adapter, folding, secagg
 from fedplug.backend import Backend, Config, Scalar, Weights
 from fedplug.capabilities import extend_train_reply, personal_weights, train_start
 from fedplug.data import data_spec, load_centralized, partition_sizes
@@ -50,15 +50,43 @@ def _failed(msg: Message, step: str, error: Exception) -> Message:
 def _client_step(msg: Message, context: Context, step: str) -> Message:
     if COHORT_RECORD in msg.content:  # a simulated SuperNode serving many clients (fedplug.rounds.Cohorts)
         return _cohort_step(msg, context, step)
+    received, evaluation = folding.parts(msg.content)
+    config, node_id, state = context.node_config, context.node_id, context.state
+    if evaluation is None:
+        called, started = time.time(), time.perf_counter()
+        try:
+            content = _work(received, context.run_config, config, node_id, step, state=state)
+            content[TIMING_RECORD] = _timing(called, started)
+        except Exception as error:
+            return _failed(msg, step, error)
+        return Message(content=content, reply_to=msg)
+    # the previous round's evaluation folded into this training (fedplug.folding): evaluate the model, then train it
+    content = RecordDict()
+    for name, record in _records(evaluation, context.run_config, config, node_id, "evaluate", state=state).items():
+        content[folding.PREFIX + name] = record
+    for name, record in _records(received, context.run_config, config, node_id, step, state=state).items():
+        content[name] = record
+    return Message(content=content, reply_to=msg)
+
+
+def _records(
+    received: RecordDict,
+    run_config: Config,
+    node_config: Config,
+    node_id: int,
+    step: str,
+    weights: Weights | None = None,
+    state: RecordDict | None = None,
+) -> RecordDict:
+    """One client's step (:func:`_work`) with its timing record, or its error record if it raised."""
     called, started = time.time(), time.perf_counter()
     try:
-        content = _work(
-            msg.content, context.run_config, context.node_config, context.node_id, step, state=context.state
-        )
-        content[TIMING_RECORD] = _timing(called, started)
+        records = _work(received, run_config, node_config, node_id, step, weights, state)
     except Exception as error:
-        return _failed(msg, step, error)
-    return Message(content=content, reply_to=msg)
+        log.error("%s failed for partition %s:\n%s", step, node_config.get("partition-id"), traceback.format_exc())
+        return RecordDict({folding.ERROR_RECORD: folding.error_record(*_error(step, error))})
+    records[TIMING_RECORD] = _timing(called, started)
+    return records
 
 
 def _work(
@@ -147,7 +175,7 @@ def _cohort_step(msg: Message, context: Context, step: str) -> Message:
             return Message(content=content, reply_to=msg)
     except Exception as error:
         return _failed(msg, step, error)
-    received = RecordDict({k: v for k, v in msg.content.items() if k != COHORT_RECORD})
+    received, evaluation = folding.parts(RecordDict({k: v for k, v in msg.content.items() if k != COHORT_RECORD}))
     content = RecordDict()
     try:  # the global model, decoded once for all the cohort's clients
         weights = from_record(cast(ArrayRecord, received["arrays"]))
@@ -155,19 +183,17 @@ def _cohort_step(msg: Message, context: Context, step: str) -> Message:
         return _failed(msg, step, error)
     for array in weights.values():  # a backend that wrote into them would change the next client's start: it fails
         array.flags.writeable = False
-    for partition in cast(list[int], request["partitions"]):
-        called, started = time.time(), time.perf_counter()
+    partitions = set(cast(list[int], request["partitions"]))
+    jobs = [(received, step, "", partitions)]
+    if evaluation is not None:  # a folded evaluation (fedplug.folding): its clients evaluate before any trains
+        jobs.insert(0, (evaluation, "evaluate", folding.PREFIX, set(cast(list[int], request["evaluate-partitions"]))))
+    for partition in sorted(set().union(*(served for *_, served in jobs))):
         node_config = {"partition-id": partition, "num-partitions": clients}
-        try:
-            records = _work(received, context.run_config, node_config, context.node_id, step, weights)
-        except Exception as error:
-            log.error("%s failed for partition %s:\n%s", step, partition, traceback.format_exc())
-            code, reason = _error(step, error)
-            content[cohort_key("error", partition)] = ConfigRecord({"code": code, "reason": reason})
-            continue
-        records[TIMING_RECORD] = _timing(called, started)
-        for name, record in records.items():
-            content[cohort_key(name, partition)] = record
+        for work, name, prefix, served in jobs:
+            if partition in served:
+                records = _records(work, context.run_config, node_config, context.node_id, name, weights)
+                for key, record in records.items():
+                    content[cohort_key(prefix + key, partition)] = record
     return Message(content=content, reply_to=msg)
 
 

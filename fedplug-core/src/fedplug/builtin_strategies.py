@@ -23,11 +23,11 @@ BETA_1 = Parameter("beta-1", 0.9, "first moment's decay", 0.0, 1.0, high_open=Tr
 BETA_2 = Parameter("beta-2", 0.99, "second moment's decay", 0.0, 1.0, high_open=True)
 TAU = Parameter("tau", 0.001, "adaptivity: the second moment's floor", 0.0, low_open=True)
 MALICIOUS = Parameter("num-malicious-nodes", 0, "nodes that may be malicious", 0, counts_nodes=True)
-AVERAGING = frozenset({"dp", "secagg", "cohorts"})
+AVERAGING = frozenset({"dp", "secagg", "cohorts", "fold"})
 """A weighted mean of the updates: Flower's DP wrappers keep their guarantee, a sum is all it needs."""
-SERVER_OPTIMISER = frozenset({"secagg", "cohorts"})
+SERVER_OPTIMISER = frozenset({"secagg", "cohorts", "fold"})
 """A server optimiser over the mean update: it needs only the sum, but DP noise on its output is not calibrated."""
-ROBUST = frozenset({"cohorts"})
+ROBUST = frozenset({"cohorts", "fold"})
 """A robust rule: it reads every node's update on its own (no secure aggregation) and is not DP-calibrated."""
 
 

@@ -64,6 +64,8 @@ CORE_DEFAULTS: dict[str, Scalar] = {
     },
     # -- cohorts (issue 29): simulated SuperNodes that each serve many clients
     "cohorts": True,
+    # -- a round's evaluation travels with the next round's training (fedplug.folding)
+    "fold-evaluation": True,
 }
 """Defaults every backend starts from; a backend's ``defaults`` override and extend them."""
 

@@ -50,6 +50,8 @@ OFF = ("", "off")
 MODES = ("server-fixed", "client-fixed", "server-adaptive", "client-adaptive", "local")
 CENTRAL = MODES[:4]
 ADAPTIVE = ("server-adaptive", "client-adaptive")
+CLIENT_SIDE = ("client-fixed", "client-adaptive", "local")
+"""The mechanisms whose step runs on the nodes (Flower's mods, on one client's training reply)."""
 NOISE_STREAM = 27
 """Mixed into the seed of DP noise so that it never repeats another seeded stream of the run."""
 INSTALL = "pip install 'fedplug-core[dp]'"
@@ -63,6 +65,11 @@ def mode(config: Mapping[str, Any]) -> str:
 
 def central(config: Mapping[str, Any]) -> bool:
     return mode(config) in CENTRAL
+
+
+def client_side(config: Mapping[str, Any]) -> bool:
+    """Whether DP acts on each node's training reply (:data:`CLIENT_SIDE`)."""
+    return mode(config) in CLIENT_SIDE
 
 
 def poisson(config: Mapping[str, Any]) -> bool:
@@ -473,7 +480,7 @@ def client_mod(msg: Any, context: Any, call_next: Callable[[Any, Any], Any]) -> 
 
     config = context.run_config
     chosen = mode(config)
-    if not chosen or chosen.startswith("server-") or msg.metadata.message_type != MessageType.TRAIN:
+    if chosen not in CLIENT_SIDE or msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     if chosen == "client-fixed":
         return fixedclipping_mod(msg, context, call_next)

@@ -51,7 +51,7 @@ class PersonalStrategy(Strategy):
     implementation = "flwr.serverapp.strategy:FedAvg"
     needs = frozenset({"node-state"})
     state = ()
-    composes = frozenset()  # the node state travels in the reply: no secagg; a node per client: no cohorts
+    composes = frozenset({"fold"})  # node state travels in the reply: no secagg; a node per client: no cohorts
     personal_model: ClassVar[str] = ""
     trains_personal: ClassVar[bool] = False
 

@@ -55,13 +55,13 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedplug import checkpoint, dp, secagg
+from fedplug import checkpoint, dp, folding, secagg
 from fedplug.backend import Config, Weights
 from fedplug.capabilities import STATE_RECORD, reply_problem, take_state
 from fedplug.node_backends import counts
 from fedplug.records import from_record, to_record
 from fedplug.results import Results
-from fedplug.strategies import Sampling, descriptor
+from fedplug.strategies import Sampling, descriptor, fold_evaluation
 from fedplug.validation import NUM_EXAMPLES, all_finite, check_metrics, check_weights, clip_update, update_norm
 
 __all__ = [
@@ -93,8 +93,9 @@ COHORT_RECORD = "cohort"
 """Key of the ConfigRecord of a message to a cohort (a simulated SuperNode serving many clients), and of its answer."""
 TIMING_RECORD = "timing"
 """Key of the ConfigRecord in which a node reports when its step began and how long its own work took."""
-TIMING_KEYS = ("seconds", "train-slowest-seconds", "evaluate-slowest-seconds", "compute-seconds")
-"""Timings in a round's record: everything else is the same for two runs of one config and seed."""
+TIMING_KEYS = ("seconds", "train-slowest-seconds", "evaluate-slowest-seconds", "compute-seconds", "evaluate-folded")
+"""Timings, and whether the evaluation travelled with the next training, in a round's record: everything else is
+the same for two runs of one config and seed."""
 NON_FINITE = "non-finite"
 """How the reasons of replies with NaN or infinite weights or metrics begin."""
 JOIN_TIMEOUT = 120.0
@@ -462,47 +463,75 @@ class Cohorts:
         self._reported.update(self.unusable)
         return found
 
-    def exchange(self, messages: list[Message], timeout: float) -> dict[int, Message]:
-        """Send the strategy's per-client messages as one message per cohort; each client's reply by its id."""
-        by_cohort: dict[int, list[Message]] = {}
-        for message in messages:
-            by_cohort.setdefault(self.nodes.cohort(message.metadata.dst_node_id), []).append(message)
-        sent = []
-        for node, group in by_cohort.items():
-            content = group[0].content
-            if any(not _same_content(other.content, content) for other in group[1:]):
-                raise RunFailed("the strategy sends different content to the clients of a round; set cohorts=false")
-            cohort = RecordDict(dict(content.items()))
-            partitions = [message.metadata.dst_node_id for message in group]
-            cohort[COHORT_RECORD] = ConfigRecord({"clients": self.clients, "partitions": partitions})
-            sent.append(Message(content=cohort, dst_node_id=node, message_type=group[0].metadata.message_type))
-        replies = {reply.metadata.src_node_id: reply for reply in self.grid.send_and_receive(sent, timeout=timeout)}
-        out: dict[int, Message] = {}
-        for node, group in by_cohort.items():
-            out.update(self._client_replies(replies.get(node), group))
+    def exchange(
+        self, messages: list[Message], timeout: float, evaluations: Sequence[Message] = ()
+    ) -> tuple[dict[int, Message], dict[int, Message]]:
+        """Send the strategy's per-client messages as one message per cohort, with a previous round's evaluation
+        messages folded in (``fedplug.folding``); each step's client replies by client id."""
+        steps = (self._by_cohort(messages), self._by_cohort(evaluations))
+        sent: list[tuple[Message, list[Message], list[Message]]] = []  # (sent, the step's, the evaluation's)
+        for node in sorted(set(steps[0]) | set(steps[1])):
+            group, evaluate = steps[0].get(node, []), steps[1].get(node, [])
+            content = folding.merged(group[0].content, evaluate[0].content) if group and evaluate else None
+            if content is not None and group[0].metadata.message_type == MessageType.TRAIN:
+                sent.append((self._message(node, content, group, evaluate), group, evaluate))
+                continue
+            if group:
+                sent.append((self._message(node, group[0].content, group), group, []))
+            if evaluate:  # the evaluation alone: its own message, as if it were the step
+                sent.append((self._message(node, evaluate[0].content, evaluate), [], evaluate))
+        answers = self.grid.send_and_receive([message for message, _, _ in sent], timeout=timeout)
+        by_message = {answer.metadata.reply_to_message_id: answer for answer in answers}
+        out: tuple[dict[int, Message], dict[int, Message]] = ({}, {})
+        for message, group, evaluate in sent:
+            folded = bool(group and evaluate)
+            answer = by_message.get(message.metadata.message_id)
+            out[0].update(self._client_replies(answer, group, folded, evaluation=False))
+            out[1].update(self._client_replies(answer, evaluate, folded, evaluation=True))
         return out
 
+    def _by_cohort(self, messages: Sequence[Message]) -> dict[int, list[Message]]:
+        grouped: dict[int, list[Message]] = {}
+        for message in messages:
+            grouped.setdefault(self.nodes.cohort(message.metadata.dst_node_id), []).append(message)
+        return grouped
+
+    def _message(
+        self, node: int, content: RecordDict, group: list[Message], evaluate: Sequence[Message] = ()
+    ) -> Message:
+        """The message to one cohort: the content of its clients' messages (the same for each, as Flower's
+        strategies send it), and which of its clients take the step and which the folded evaluation."""
+        for same in (group, evaluate):
+            if any(not _same_content(other.content, same[0].content) for other in same[1:]):
+                raise RunFailed("the strategy sends different content to the clients of a round; set cohorts=false")
+        request: dict[str, Any] = {"clients": self.clients, "partitions": [m.metadata.dst_node_id for m in group]}
+        if evaluate:
+            request["evaluate-partitions"] = [m.metadata.dst_node_id for m in evaluate]
+        cohort = RecordDict(dict(content.items()))
+        cohort[COHORT_RECORD] = ConfigRecord(request)
+        return Message(content=cohort, dst_node_id=node, message_type=group[0].metadata.message_type)
+
     @staticmethod
-    def _client_replies(reply: Message | None, group: list[Message]) -> dict[int, Message]:
-        """Each client's reply (by its id), cut from its cohort's; none without an answer from the cohort."""
-        if reply is None:
+    def _client_replies(
+        answer: Message | None, group: Sequence[Message], folded: bool, evaluation: bool
+    ) -> dict[int, Message]:
+        """Each client's reply (by its id), cut from its cohort's; none without an answer from the cohort.
+        ``folded``: the answer carries a step and an evaluation; ``evaluation``: the replies wanted are the latter."""
+        if answer is None or not group:
             return {}
-        if reply.has_error():  # the cohort failed as a whole: each of its clients with its error
-            error = reply.error
+        if answer.has_error():  # the cohort failed as a whole: each of its clients with its error
+            error = answer.error
             return {m.metadata.dst_node_id: Message(Error(error.code, error.reason), reply_to=m) for m in group}
         records: dict[int, dict[str, Any]] = {}
-        for key, record in reply.content.items():
+        for key, record in answer.content.items():
             name, _, partition = key.rpartition(".")
             records.setdefault(int(partition), {})[name] = record
         out = {}
         for message in group:
             client = records.get(message.metadata.dst_node_id, {})
-            failed = client.get("error")
-            if isinstance(failed, ConfigRecord):
-                code, reason = int(cast(int, failed["code"])), str(failed["reason"])
-                out[message.metadata.dst_node_id] = Message(Error(code, reason), reply_to=message)
-            else:
-                out[message.metadata.dst_node_id] = Message(RecordDict(client), reply_to=message)
+            if folded:
+                client = folding.unfold(client.items())[1 if evaluation else 0]
+            out[message.metadata.dst_node_id] = folding.reply(client, message)
         return out
 
 
@@ -612,6 +641,8 @@ class RoundRecord:
     and ``personal-accuracy-per-node`` (by partition) of the nodes' personal models."""
     privacy: dict[str, float | str] = field(default_factory=dict)
     """Differential privacy: ``epsilon`` and ``delta`` spent after this round, why the run stopped (``fedplug.dp``)."""
+    folded: bool = False
+    """Its federated evaluation travelled with the next round's training (``fedplug.folding``)."""
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -637,6 +668,8 @@ class RoundRecord:
             if kind == "train" and self.skipped is not None:
                 out["skipped"] = self.skipped
             out.update({f"{kind}-{name}": value for name, value in step.metrics.items()})
+            if kind == "evaluate" and self.folded:
+                out["evaluate-folded"] = True
         out.update(self.personal)  # personalised strategies' evaluation (fedplug.personal)
         if self.unusable:
             out["unusable-nodes"] = self.unusable
@@ -659,6 +692,19 @@ class Resumed:
     failed_in_a_row: int
     node_states: dict[int, Weights] = field(default_factory=dict)
     """Each partition's node state (the ``node-state`` capability), by partition."""
+
+
+@dataclass
+class _Pending:
+    """A round whose record waits for its federated evaluation, folded into the next round's training exchange."""
+
+    round: int
+    arrays: ArrayRecord
+    record: RoundRecord
+    failed: int
+    step: Exchange
+    messages: list[Message]
+    closed: bool = False
 
 
 class RoundLoop:
@@ -690,6 +736,7 @@ class RoundLoop:
         self.resend_states: dict[int, Weights] = {}  # states a resumed run sends each node once
         self.privacy = dp.privacy(config)  # differential privacy: the accountant, Poisson sampling (fedplug.dp)
         self.poisson = dp.poisson(config)
+        self.fold = fold_evaluation(config)  # evaluation with the next round's training (fedplug.folding)
 
     def run(
         self,
@@ -702,40 +749,85 @@ class RoundLoop:
         """Run rounds ``first..last`` (round 0 only evaluates the initial model); return the final arrays.
 
         ``node_states``: the nodes' states of a resumed run (the ``node-state`` capability), sent once each.
+        With ``fold-evaluation`` (``fedplug.folding``) a round's federated evaluation travels with the next
+        round's training: the round's record is complete, saved and printed once that exchange is back.
         """
         self.node_states, self.resend_states = dict(node_states or {}), dict(node_states or {})
         dtypes = {name: array.dtype for name, array in from_record(arrays).items()}
         eval_every = int(self.config["eval-every"])
+        self._done, self._last = time.monotonic(), last
+        pending: _Pending | None = None  # the previous round, waiting for its folded evaluation
         for server_round in range(first, last + 1):
             if self.privacy is not None and server_round > 0 and not self.privacy.allows(server_round):
                 log.warning("%s", self.privacy.stop_reason(server_round - 1))  # a resumed run: the budget is spent
                 break
-            started = time.monotonic()
             record = RoundRecord(server_round)
             # evaluation (federated and centralized): round 0, every eval-every-th round and the last
             evaluated = server_round % eval_every == 0 or server_round == last
             if server_round > 0:
                 # --- training: draw, configure, send and receive, screen, aggregate -------------
                 try:
-                    arrays, failed_in_a_row = self._train(server_round, arrays, record, failed_in_a_row, dtypes)
+                    arrays, failed_in_a_row = self._train(
+                        server_round, arrays, record, failed_in_a_row, dtypes, pending
+                    )
                 except RunFailed:  # keep the failed round's record (not its model) for the user
+                    if pending is not None and not pending.closed:
+                        self._close(pending, None)
                     record.unusable = self.discovery.take_unusable()
-                    record.seconds = round(time.monotonic() - started, 3)
+                    record.seconds = round(time.monotonic() - self._done, 3)
                     self.results.add_round(record.to_json())
                     raise
-                # --- federated evaluation ----------------------------------------------------
-                if evaluated:
-                    self._evaluate(server_round, arrays, record)
-            record.unusable = self.discovery.take_unusable()
-            # --- centralized evaluation ------------------------------------------------------
-            weights = from_record(arrays)
-            record.centralized = (self.evaluate(server_round, weights) if evaluated else None) or {}
-            stop = self._account(server_round, last, record)
-            record.seconds = round(time.monotonic() - started, 3)
-            self._finish(server_round, weights, record, failed_in_a_row)
-            if stop:
+            pending = None
+            # --- federated evaluation (not of the initial model): now, or with the next round's training
+            if evaluated and server_round > 0 and self._folds(server_round, last):
+                pending = self._open(server_round, arrays, record, failed_in_a_row)
+                if pending is not None:
+                    continue
+            elif evaluated and server_round > 0:
+                self._evaluate(server_round, arrays, record)
+            if self._complete(server_round, arrays, record, failed_in_a_row, evaluated):
                 break
         return arrays
+
+    def _folds(self, server_round: int, last: int) -> bool:
+        """Whether this round's evaluation may travel with the next round's training (``fedplug.folding``)."""
+        if not self.fold or server_round >= last or self.sampling.fraction_train <= 0:
+            return False
+        return self.privacy is None or self.privacy.allows(server_round + 1)
+
+    def _open(self, server_round: int, arrays: ArrayRecord, record: RoundRecord, failed: int) -> _Pending | None:
+        """Draw and configure this round's evaluation, to be sent with the next round's training; None if it draws
+        no node (the round is then complete)."""
+        drawn = self._draw(server_round, arrays, train=False)
+        if drawn is None or not drawn[0].nodes:
+            return None
+        return _Pending(server_round, arrays, record, failed, *drawn)
+
+    def _close(self, pending: _Pending, replies: dict[int, Message] | None) -> None:
+        """Complete a round whose evaluation was folded: its replies, or None to send the evaluation alone now."""
+        pending.closed = True
+        pending.record.folded = replies is not None
+        if replies is None:
+            replies = self._send(pending.messages, [])[0]
+        step = pending.step
+        self._screen_all(pending.round, step, replies, pending.arrays, train=False)
+        self._evaluated(pending.round, step, pending.record)
+        self._complete(pending.round, pending.arrays, pending.record, pending.failed, evaluated=True)
+
+    def _complete(
+        self, server_round: int, arrays: ArrayRecord, record: RoundRecord, failed_in_a_row: int, evaluated: bool
+    ) -> bool:
+        """The round's centralized evaluation and privacy budget, then its checkpoint and results; whether the
+        run stops (the privacy budget)."""
+        record.unusable = self.discovery.take_unusable()
+        weights = from_record(arrays)
+        record.centralized = (self.evaluate(server_round, weights) if evaluated else None) or {}
+        stop = self._account(server_round, self._last, record)
+        now = time.monotonic()
+        record.seconds = round(now - self._done, 3)  # since the previous round's record was complete
+        self._done = now
+        self._finish(server_round, weights, record, failed_in_a_row)
+        return stop
 
     def _account(self, server_round: int, last: int, record: RoundRecord) -> bool:
         """Differential privacy: the budget spent after this round in its record; whether the next would exceed it."""
@@ -765,10 +857,17 @@ class RoundLoop:
         self.results.add_round(entry)
 
     def _train(
-        self, server_round: int, arrays: ArrayRecord, record: RoundRecord, failed_in_a_row: int, dtypes: dict[str, Any]
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        record: RoundRecord,
+        failed_in_a_row: int,
+        dtypes: dict[str, Any],
+        pending: _Pending | None = None,
     ) -> tuple[ArrayRecord, int]:
-        """The round's training step: the new global model and the skipped rounds in a row."""
-        step = self._exchange(server_round, arrays, train=True)
+        """The round's training step (with ``pending``'s folded evaluation): the new global model and the skipped
+        rounds in a row."""
+        step = self._exchange(server_round, arrays, train=True, pending=pending)
         if step is None:
             return arrays, failed_in_a_row
         record.train = step
@@ -809,7 +908,12 @@ class RoundLoop:
 
     def _evaluate(self, server_round: int, arrays: ArrayRecord, record: RoundRecord) -> None:
         step = self._exchange(server_round, arrays, train=False)
-        if step is None or not step.nodes:
+        if step is not None:
+            self._evaluated(server_round, step, record)
+
+    def _evaluated(self, server_round: int, step: Exchange, record: RoundRecord) -> None:
+        """An evaluation's screened replies into the round's record: the strategy's aggregate, personal metrics."""
+        if not step.nodes:
             return
         record.evaluate = step
         if step.replies:
@@ -818,8 +922,8 @@ class RoundLoop:
 
     # -- one exchange ------------------------------------------------------------------
 
-    def _exchange(self, server_round: int, arrays: ArrayRecord, train: bool) -> Exchange | None:
-        """Draw the step's nodes, send them the strategy's messages, screen the replies; None if it draws none."""
+    def _draw(self, server_round: int, arrays: ArrayRecord, train: bool) -> tuple[Exchange, list[Message]] | None:
+        """The step's drawn nodes and the strategy's messages to them; None if the step draws none."""
         if (self.sampling.fraction_train if train else self.sampling.fraction_evaluate) <= 0:
             return None
         step = Exchange(sample(self.discovery, self.sampling, self.seed, server_round, train, self.poisson))
@@ -827,7 +931,7 @@ class RoundLoop:
             self.results.mark("first-client-call", self.discovery.first_call)
             self._marked = True
         if not step.nodes:
-            return step
+            return step, []
         configure = self.strategy.configure_train if train else self.strategy.configure_evaluate
         config = ConfigRecord({"lr": self.config["lr"]} if train else {})
         messages = list(configure(server_round, arrays, config, _DrawnNodes([info.node_id for info in step.nodes])))
@@ -837,16 +941,39 @@ class RoundLoop:
                 state = self.resend_states.pop(partitions.get(message.metadata.dst_node_id, -1), None)
                 if state is not None:  # its own content: Flower's strategies give every message the same one
                     message.content = RecordDict({**dict(message.content.items()), STATE_RECORD: to_record(state)})
-        if train and self.config["secagg"]:
-            return self._secure(step, server_round, messages)
+        return step, messages
+
+    def _exchange(
+        self, server_round: int, arrays: ArrayRecord, train: bool, pending: _Pending | None = None
+    ) -> Exchange | None:
+        """Draw the step's nodes, send them the strategy's messages (with ``pending``'s folded evaluation), screen
+        the replies; None if it draws none. ``pending``'s round is complete before this step's replies are read."""
+        drawn = self._draw(server_round, arrays, train)
+        if drawn is None or not drawn[0].nodes or (train and self.config["secagg"]):
+            if pending is not None:  # nothing to fold it into: the evaluation alone
+                self._close(pending, None)
+            if drawn is None or not drawn[0].nodes:
+                return None if drawn is None else drawn[0]
+            return self._secure(drawn[0], server_round, drawn[1])
+        step, messages = drawn
+        replies, evaluated = self._send(messages, pending.messages if pending is not None else [])
+        if pending is not None:
+            self._close(pending, evaluated)
+        self._screen_all(server_round, step, replies, arrays, train)
+        return step
+
+    def _send(
+        self, messages: list[Message], evaluations: list[Message]
+    ) -> tuple[dict[int, Message], dict[int, Message]]:
+        """One exchange: the messages' replies and the folded evaluations' replies, each by node id."""
         if isinstance(self.discovery, Cohorts):  # one message per cohort, one reply per client
-            replies = self.discovery.exchange(messages, timeout=self.timeout)
-        else:
-            sent = self.grid.send_and_receive(messages, timeout=self.timeout)
-            # by the message each reply answers: an error the SuperLink gives for a node (e.g. it is unreachable)
-            # comes from the SuperLink's own node id, not the node's
-            to = {message.metadata.message_id: message.metadata.dst_node_id for message in messages}
-            replies = {to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id): reply for reply in sent}
+            return self.discovery.exchange(messages, self.timeout, evaluations)
+        return folding.exchange(self.grid, messages, evaluations, self.timeout)
+
+    def _screen_all(
+        self, server_round: int, step: Exchange, replies: dict[int, Message], arrays: ArrayRecord, train: bool
+    ) -> None:
+        """Screen each drawn node's reply into the step: good replies, failures and why, node states."""
         step.node_seconds = [_node_timing(reply)[1] for reply in replies.values()]
         reference = from_record(arrays) if train else {}
         good: list[tuple[int, Message]] = []
@@ -872,7 +999,6 @@ class RoundLoop:
         if train and float(self.config["outlier-factor"]) > 0:
             good = self._drop_outliers(good, norms, step.failures)
         step.replies = [reply for _, reply in good]
-        return step
 
     def _secure(self, step: Exchange, server_round: int, messages: list[Message]) -> Exchange:
         """secagg=true: the train exchange as SecAgg+ (``fedplug.secagg``); the strategy gets one reply, the mean."""

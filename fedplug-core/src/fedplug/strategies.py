@@ -213,12 +213,22 @@ def use_cohorts(config: Config) -> bool:
     (node state lives in one node's ``Context.state``), or one that does not declare it composes with
     cohorts.
     """
-    if not config.get("cohorts", True) or config.get("secagg"):
-        return False
-    if dp.mode(config) in ("client-fixed", "client-adaptive", "local"):
+    if not config.get("cohorts", True) or config.get("secagg") or dp.client_side(config):
         return False
     strategy = descriptor(str(config["strategy"]))
     return strategy.composes_with_cohorts and not strategy.needs
+
+
+def fold_evaluation(config: Config) -> bool:
+    """Whether a round's federated evaluation travels with the next round's training (``fedplug.folding``).
+
+    ``fold-evaluation=true`` (the default) asks for it; not with SecAgg+ (its training is four exchanges
+    of its own) or DP on the clients (Flower's mods act on a training reply alone), nor for a strategy
+    that does not declare ``"fold"`` (its ``configure_train`` may depend on the previous evaluation).
+    """
+    if not config.get("fold-evaluation", True) or config.get("secagg") or dp.client_side(config):
+        return False
+    return descriptor(str(config["strategy"])).composes_with_fold
 
 
 def make_strategy(config: Config) -> Any:

@@ -28,8 +28,9 @@ CAPABILITIES = {
     "node-state": "the node keeps arrays of its own from one round to the next, saved in simulation checkpoints",
 }
 """The node-side capabilities a strategy may need (``Strategy.needs``), each implemented once in the core."""
-COMPOSES = ("dp", "secagg", "cohorts")
-"""What a strategy declares it composes with: differential privacy, secure aggregation, cohorts of clients."""
+COMPOSES = ("dp", "secagg", "cohorts", "fold")
+"""What a strategy declares it composes with: differential privacy, secure aggregation, cohorts of clients, a
+round's evaluation folded into the next round's training exchange."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,9 @@ class Strategy:
     composes: ClassVar[frozenset[str]] = frozenset()
     """Which of ``COMPOSES`` it works with: ``"dp"`` (Flower's DP wrappers around it keep their guarantee:
     it aggregates by a weighted mean of the clipped updates), ``"secagg"`` (it needs only the sum of the
-    replies, never one node's), ``"cohorts"`` (it accepts replies of clients served by a shared node)."""
+    replies, never one node's), ``"cohorts"`` (it accepts replies of clients served by a shared node), ``"fold"``
+    (its ``configure_train`` does not depend on the previous round's ``aggregate_evaluate``, and
+    ``configure_evaluate`` sends the model it trains from: ``fedplug.folding`` may send them in one exchange)."""
 
     @property
     def composes_with_dp(self) -> bool:
@@ -137,6 +140,10 @@ class Strategy:
     @property
     def composes_with_cohorts(self) -> bool:
         return "cohorts" in self.composes
+
+    @property
+    def composes_with_fold(self) -> bool:
+        return "fold" in self.composes
 
     def all_parameters(self) -> dict[str, Parameter]:
         """The sampling parameters, then the strategy's own, by name."""

@@ -16,7 +16,7 @@ class Scaffold(fedplug.Strategy):
     reply_records = ("control",)  # each node's change of its control variate, delta c_i
     node_step = "fedplug_scaffold.node:step"
     state = ("current_arrays", "control")  # the round's global model and the server control variate c
-    composes = frozenset({"secagg", "cohorts"})  # means of the updates and of the control deltas: sums suffice
+    composes = frozenset({"secagg", "cohorts", "fold"})  # means of updates and control deltas: sums suffice
 
 
 @fedplug.hookimpl
