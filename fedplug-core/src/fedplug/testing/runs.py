@@ -141,13 +141,13 @@ class RunFedplug(Protocol):
     ) -> tuple[subprocess.CompletedProcess[str], Path]: ...
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``condition`` every 0.2 s until it holds; fail with ``what`` after ``timeout`` seconds."""
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: float = 0.2) -> None:
+    """Poll ``condition`` every ``every`` seconds until it holds; fail with ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
+        time.sleep(every)
 
 
 def kill_after_round(
@@ -164,6 +164,7 @@ def kill_after_round(
             lambda: proc.poll() is not None or any(r["round"] >= after for r in read_rounds(out)),
             900,
             f"round {after} of the run in {out}",
+            every=0.02,  # a round's record is written once its evaluation is back, often with the next round's
         )
     finally:
         proc.send_signal(signal.SIGKILL)

@@ -1,6 +1,6 @@
 """SCAFFOLD, installed from tests/plugins/fedplug-scaffold: listed, run on two backends, resumed bit-identically.
 
-The resume check kills the run after round 1: round 2 trains only if every node gets back the client
+The resume check kills the run after round 1: rounds 2 and 3 train only if every node gets back the client
 control variate it kept (the core's node-state capability, saved in the checkpoint), and the server its c.
 """
 
@@ -10,7 +10,7 @@ import json
 
 from fedplug.testing.runs import assert_killed_run_resumes_bit_identical, fedplug, read_rounds
 
-ARGS = ("--strategy", "scaffold", "--rounds", "2", "--nodes", "2", "--run-config", "strategy.server-lr=0.8")
+ARGS = ("--strategy", "scaffold", "--rounds", "3", "--nodes", "2", "--run-config", "strategy.server-lr=0.8")
 
 
 def test_scaffold_is_listed_with_its_distribution_and_needs() -> None:
