@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from flwr.app import ConfigRecord
+from flwr.serverapp.strategy import FedAvg
 
 import fedplug
 from fedplug.builtin_strategies import BUILTINS
@@ -56,3 +59,37 @@ def test_the_suite_catches_a_false_composition_claim(forgetful: tuple[StrategyCo
     suite, descriptor = forgetful
     with pytest.raises(AssertionError, match="declares dp, but is not the weighted mean"):
         suite.test_declared_compositions_hold(descriptor)
+
+
+class LrFromEvaluation(FedAvg):
+    """FedAvg that halves the learning rate it sends after each evaluation: its training depends on evaluation."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lr_scale = 1.0
+
+    def aggregate_evaluate(self, server_round: int, replies: Any) -> Any:
+        self.lr_scale *= 0.5
+        return super().aggregate_evaluate(server_round, replies)
+
+    def configure_train(self, server_round: int, arrays: Any, config: ConfigRecord, grid: Any) -> Any:
+        config = ConfigRecord({**dict(config), "lr": float(config["lr"]) * self.lr_scale})  # type: ignore[arg-type]
+        return super().configure_train(server_round, arrays, config, grid)
+
+
+class EvaluationDriven(fedplug.Strategy):
+    """Declares that its evaluation may be folded into the next training: a claim the suite must refute."""
+
+    name = "evaluation-driven"
+    description = "FedAvg whose learning rate follows its evaluations"
+    implementation = f"{__name__}:LrFromEvaluation"
+    state = ("lr_scale",)
+    composes = frozenset({"fold"})
+
+
+def test_the_suite_catches_a_false_fold_claim(monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = RegisteredStrategy(EvaluationDriven(), "in-test", "in-test", "0")
+    monkeypatch.setitem(get_registry().strategies, "evaluation-driven", entry)
+    suite = type("TestEvaluationDriven", (StrategyConformance,), {"strategy_name": "evaluation-driven"})()
+    with pytest.raises(AssertionError, match="declares fold, but its training depends on the previous round's"):
+        suite.test_declared_compositions_hold(EvaluationDriven())

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedplug import checkpoint
+from fedplug import checkpoint, flower_adapter, folding
 from fedplug.backend import Config, Scalar, Weights
 from fedplug.config import resolve
 from fedplug.numpy_backend import NumpyBackend
@@ -52,6 +52,13 @@ class NoNodes:
 
     def get_node_ids(self) -> list[int]:
         return []
+
+
+class SomeNodes:
+    """The Grid as fedplug shows it to ``configure_*`` for the fold check: nodes 1 and 2."""
+
+    def get_node_ids(self) -> list[int]:
+        return [1, 2]
 
 
 class Reply:
@@ -247,7 +254,9 @@ class StrategyConformance:
 
         Two nodes' updates are moved by ``+d`` and ``-d`` (their weighted sum unchanged): a strategy that
         composes with secure aggregation must give the same model. A strategy that composes with DP must
-        give the examples-weighted mean of the replies (Flower's DP wrappers calibrate noise for it).
+        give the examples-weighted mean of the replies (Flower's DP wrappers calibrate noise for it). A strategy
+        that composes with folding (``"fold"``) configures a round's training the same whether or not the previous
+        round's ``aggregate_evaluate`` ran before it, and evaluates the model it trains from next.
         Fix: declare only what the aggregation honours.
         """
         if "secagg" in descriptor.composes:
@@ -282,6 +291,33 @@ class StrategyConformance:
                 stacked = np.stack([from_record(r.content.array_records["arrays"])[key] for r in replies])
                 mean = np.tensordot(counts / counts.sum(), stacked.astype(np.float64), axes=1)
                 assert np.allclose(value, mean, atol=self.atol), f"declares dp, but is not the weighted mean ({key})"
+        if "fold" in descriptor.composes:
+            self._check_fold()
+
+    def _check_fold(self) -> None:
+        """``"fold"``: round 2's training is configured as it would be without round 1's ``aggregate_evaluate`` run
+        before it, and round 1's evaluation sends the model round 2 trains from (``fedplug.folding``)."""
+        evaluated, fresh = self.build(), self.build()
+        weights = from_record(to_record(WEIGHTS))
+        for strategy in (evaluated, fresh):
+            strategy.configure_train(1, to_record(WEIGHTS), ConfigRecord({"lr": 0.05}), NoNodes())
+            arrays = strategy.aggregate_train(1, [self.reply(node, 1, weights, True) for node in range(self.nodes)])[0]
+        arrays = arrays if arrays is not None else to_record(WEIGHTS)
+        model = from_record(arrays)
+        with flower_adapter.server_app_identity(run_id=1):
+            evaluation = list(evaluated.configure_evaluate(1, arrays, ConfigRecord(), SomeNodes()))
+            evaluated.aggregate_evaluate(1, [self.reply(node, 1, model, False) for node in range(self.nodes)])
+            after = list(evaluated.configure_train(2, arrays, ConfigRecord({"lr": 0.05}), SomeNodes()))
+            alone = list(fresh.configure_train(2, arrays, ConfigRecord({"lr": 0.05}), SomeNodes()))
+        assert len(after) == len(alone) == 2, "configure_train must address every node the Grid shows it"
+        for message, other in zip(after, alone):
+            assert same(dict(message.content.items()), dict(other.content.items())), (
+                "declares fold, but its training depends on the previous round's aggregate_evaluate"
+            )
+        for train, evaluate in zip(after, evaluation):
+            assert folding.merged(train.content, evaluate.content) is not None, (
+                "declares fold, but evaluates another model than the next round trains from"
+            )
 
     def test_node_step_fills_what_the_descriptor_declares(self, descriptor: Strategy) -> None:
         """A strategy that needs node capabilities: its node step, run twice with the state it keeps, fills each
