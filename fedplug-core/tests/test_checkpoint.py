@@ -12,10 +12,11 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from fedplug import checkpoint
+from fedplug.builtin_strategies import FLOWER_CLASSES, STATE
 from fedplug.config import resolve
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.records import from_record, to_record
-from fedplug.strategies import STATE, STRATEGIES, make_strategy
+from fedplug.strategies import make_strategy
 from fedplug.testing.strategies import NoNodes, Reply, same
 
 pytestmark = pytest.mark.fast
@@ -61,10 +62,10 @@ def play(strategy: Any, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
 
 
 def test_every_strategy_declares_its_state() -> None:
-    assert set(STATE) == set(STRATEGIES)
+    assert set(STATE) == set(FLOWER_CLASSES)
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("name", sorted(FLOWER_CLASSES))
 def test_declared_state_is_exactly_what_changes_across_rounds(name: str) -> None:
     played, fresh = strategy(name), strategy(name)
     arrays = to_record(WEIGHTS)
@@ -75,7 +76,7 @@ def test_declared_state_is_exactly_what_changes_across_rounds(name: str) -> None
     assert changed == set(STATE[name])
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("name", sorted(FLOWER_CLASSES))
 def test_a_restored_strategy_continues_bit_identical(name: str, tmp_path: Path) -> None:
     played = strategy(name)
     arrays = to_record(WEIGHTS)

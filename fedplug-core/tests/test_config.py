@@ -6,11 +6,11 @@ import re
 
 import pytest
 
+from fedplug.builtin_strategies import FLOWER_CLASSES
 from fedplug.config import CORE_DEFAULTS, ConfigError, check_partitioner, parse_overrides, resolve
 from fedplug.data import make_partitioner
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.strategies import (
-    STRATEGIES,
     check_strategy,
     make_strategy,
     sampling,
@@ -84,11 +84,11 @@ def test_bad_values_are_refused_with_a_hint(overrides, message) -> None:
         resolve(BACKEND, overrides)
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("name", sorted(FLOWER_CLASSES))
 def test_every_builtin_strategy_builds_from_the_run_config(name: str) -> None:
     config = resolve(BACKEND, {"strategy": name, "fraction-train": 0.5})
     strategy = make_strategy(config)
-    assert type(strategy).__name__ == STRATEGIES[name]
+    assert type(strategy).__name__ == FLOWER_CLASSES[name]
     # fedplug's round loop draws the nodes; the strategy uses every node it is shown
     assert strategy.fraction_train == 1.0 and sampling(config).fraction_train == 0.5
 
@@ -131,7 +131,7 @@ def test_bad_partitioner_settings_are_refused(overrides, message) -> None:
         make_partitioner(resolve(BACKEND, overrides), 4)
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("name", sorted(FLOWER_CLASSES))
 def test_every_strategy_with_its_defaults_passes_the_range_checks(name: str) -> None:
     check_strategy(resolve(BACKEND, {"strategy": name}))
 

@@ -221,9 +221,9 @@ def test_the_adapter_is_where_the_private_names_are() -> None:
 
 def test_the_configurable_strategies_are_public() -> None:
     """``fedplug.strategies`` looks strategies up by name in ``flwr.serverapp.strategy``: public names only."""
-    from fedplug.strategies import STRATEGIES
+    from fedplug.builtin_strategies import FLOWER_CLASSES
 
-    private = [f"flwr.serverapp.strategy.{name}" for name in STRATEGIES.values()]
+    private = [f"flwr.serverapp.strategy.{name}" for name in FLOWER_CLASSES.values()]
     assert [name for name in private if private_part(name) is not None] == []
 
 

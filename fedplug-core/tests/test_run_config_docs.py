@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 
 from fedplug.backend import Backend, Scalar
-from fedplug.builtin_strategies import PERSONAL
+from fedplug.builtin_strategies import FLOWER_CLASSES, PERSONAL
 from fedplug.config import CORE_DEFAULTS
 from fedplug.data.partition import PARTITIONER_DEFAULTS, PARTITIONERS, make_partitioner
-from fedplug.strategies import STRATEGIES, strategy_parameters
+from fedplug.strategies import strategy_parameters
 
 pytestmark = pytest.mark.fast
 
@@ -152,7 +152,7 @@ def preset_rows_expected() -> dict[str, str]:
 def strategy_rows_expected() -> dict[str, tuple[str, str, str]]:
     found = backends()
     rows = {}
-    for name, cls in STRATEGIES.items():
+    for name, cls in FLOWER_CLASSES.items():
         params = ", ".join(f"`{key}` {fmt(value)}" for key, value in strategy_parameters(name).items())
         honour = not_honoured("proximal-mu", found) if "proximal-mu" in strategy_parameters(name) else "-"
         rows[name] = (cls, params, honour)

@@ -8,12 +8,12 @@ import json
 import pytest
 
 import fedplug
-from fedplug.builtin_strategies import BUILTINS
+from fedplug.builtin_strategies import BUILTINS, FLOWER_CLASSES, STATE
 from fedplug.config import resolve
 from fedplug.errors import ConfigError
 from fedplug.numpy_backend import NumpyBackend
 from fedplug.plugins import build_registry as registry_with
-from fedplug.strategies import STATE, STRATEGIES, check_strategy, make_strategy, state_names
+from fedplug.strategies import check_strategy, make_strategy, state_names
 from fedplug.strategy_contract import SAMPLING_PARAMETERS
 from fedplug.testing.runs import cli
 from fedplug.testing.runs import fedplug as fedplug_command
@@ -41,7 +41,7 @@ def test_the_twelve_builtins_come_through_the_strategy_hook() -> None:
     builtins = {
         name: entry for name, entry in registry.strategies.items() if entry.plugin == "fedplug.builtin_strategies"
     }
-    assert list(builtins) == [*STRATEGIES, "fedper", "ditto"]  # and the personalised ones (fedplug.personal)
+    assert list(builtins) == [*FLOWER_CLASSES, "fedper", "ditto"]  # and the personalised ones (fedplug.personal)
     assert {(e.distribution, e.version) for e in builtins.values()} == {("fedplug-core", fedplug.__version__)}
 
 
@@ -50,7 +50,7 @@ def test_builtin_descriptors_say_what_flowers_classes_take(strategy: fedplug.Str
     """Names and defaults of the parameters are those of the Flower class (read by inspect), state is STATE's."""
     from flwr.serverapp import strategy as flower
 
-    cls = getattr(flower, STRATEGIES[strategy.name])
+    cls = getattr(flower, FLOWER_CLASSES[strategy.name])
     assert strategy.strategy_class() is cls
     flower_defaults = {
         key.replace("_", "-"): param.default

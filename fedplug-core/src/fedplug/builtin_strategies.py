@@ -2,7 +2,7 @@
 
 It registers through the same hook as any strategy plugin (``fedplug_register_strategies``), so
 fedplug-core alone has them; each descriptor names its Flower class, imported only when a run
-builds it. Their checkpoint state is ``fedplug.strategies.STATE``, declared from the installed
+builds it. Their checkpoint state is :data:`STATE`, declared from the installed
 Flower classes (``fedplug-core/tests/test_checkpoint.py`` checks it is exactly what changes).
 """
 
@@ -13,7 +13,6 @@ from typing import Any
 
 from fedplug import ConfigError, Parameter, Scalar, Strategy, hookimpl
 from fedplug.personal import Ditto, FedPer
-from fedplug.strategies import STATE
 
 INF = None  # an unbounded end
 
@@ -23,6 +22,25 @@ BETA_1 = Parameter("beta-1", 0.9, "first moment's decay", 0.0, 1.0, high_open=Tr
 BETA_2 = Parameter("beta-2", 0.99, "second moment's decay", 0.0, 1.0, high_open=True)
 TAU = Parameter("tau", 0.001, "adaptivity: the second moment's floor", 0.0, low_open=True)
 MALICIOUS = Parameter("num-malicious-nodes", 0, "nodes that may be malicious", 0, counts_nodes=True)
+STATE: dict[str, tuple[str, ...]] = {
+    "fedavg": (),
+    "fedprox": (),
+    # FedOpt: the global model of the round (set by configure_train) and the first moment;
+    # FedAdam, FedYogi, FedAdagrad: the second moment too
+    "fedadam": ("current_arrays", "m_t", "v_t"),
+    "fedyogi": ("current_arrays", "m_t", "v_t"),
+    "fedadagrad": ("current_arrays", "m_t", "v_t"),
+    # the server's model (set once, then by aggregate_train) and the momentum
+    "fedavgm": ("current_arrays", "momentum_vector"),
+    "fedmedian": (),
+    "fedtrimmedavg": (),
+    "krum": (),
+    "multikrum": (),
+    "bulyan": (),
+    "qfedavg": ("current_arrays",),  # the global model of the round (set by configure_train)
+}
+"""Each strategy's attributes that change across rounds: what a checkpoint saves, by name."""
+
 AVERAGING = frozenset({"dp", "secagg", "cohorts", "fold"})
 """A weighted mean of the updates: Flower's DP wrappers keep their guarantee, a sum is all it needs."""
 SERVER_OPTIMISER = frozenset({"secagg", "cohorts", "fold"})
@@ -38,6 +56,7 @@ class Builtin(Strategy):
         self.name = name  # type: ignore[misc]
         self.description = description  # type: ignore[misc]
         self.implementation = f"flwr.serverapp.strategy:{flower}"  # type: ignore[misc]
+        self.flower = flower
         self.parameters = params  # type: ignore[misc]
         self.state = STATE[name]  # type: ignore[misc]
         self.composes = composes  # type: ignore[misc]
@@ -163,6 +182,8 @@ BUILTINS: tuple[Strategy, ...] = (
         composes=ROBUST,
     ),
 )
+FLOWER_CLASSES = {builtin.name: builtin.flower for builtin in BUILTINS if isinstance(builtin, Builtin)}
+"""Each built-in's class in ``flwr.serverapp.strategy``, by name."""
 PERSONAL: tuple[Strategy, ...] = (FedPer(), Ditto())
 """Personalised FL (``fedplug.personal``): FedAvg on the server, a personal part on each node."""
 

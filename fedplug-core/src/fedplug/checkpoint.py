@@ -2,7 +2,7 @@
 
 After every finished round the server writes ``checkpoints/round-NNNN/`` in the results
 folder: ``weights.npz`` (the global model, canonical), ``strategy.npz`` (the strategy's
-state, exactly the attributes ``fedplug.strategies.STATE`` declares for it: FedAdam's
+state, exactly the attributes its descriptor declares (``Strategy.state``): FedAdam's
 moments, FedAvgM's momentum, ...; numbers as 0-d arrays) and ``state.json`` (round, the
 metrics of every round so far, the strategy state's layout). A strategy that declares no
 state is refused, never saved in part. The folder is written
@@ -93,7 +93,7 @@ def _decode(spec: dict[str, Any], arrays: list[np.ndarray]) -> Any:
 
 
 def _state_layout(strategy: object) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The strategy's declared state (``fedplug.strategies.STATE``): a JSON layout and the arrays by flat key."""
+    """The strategy's declared state (``Strategy.state``): a JSON layout and the arrays by flat key."""
     layout: dict[str, Any] = {}
     arrays: dict[str, np.ndarray] = {}
     for attr in state_names(strategy):

@@ -10,9 +10,9 @@ The strategy samples nothing (the invariant is stated and kept in ``fedplug.roun
 (fractions 1, minimums 0), and the run config's fractions and minimums become the
 ``Sampling`` that the loop applies (``sampling``).
 
-**A strategy's state is declared.** ``STATE`` names, for each of the twelve built-in strategies,
-the attributes that change from one round to the next (read from the installed Flower
-classes); a plugin's descriptor declares its own (``Strategy.state``). A checkpoint
+**A strategy's state is declared.** Its descriptor names the attributes that change from one
+round to the next (``Strategy.state``; for Flower's twelve built-ins, ``fedplug.builtin_strategies.STATE``,
+read from the installed Flower classes). A checkpoint
 (``fedplug.checkpoint``) saves and restores exactly those, by name, and refuses a strategy
 that declares none rather than save part of it.
 """
@@ -28,40 +28,6 @@ from fedplug.config import coerce
 from fedplug.errors import ConfigError
 from fedplug.plugins import UnknownStrategy, get_registry
 from fedplug.strategy_contract import Strategy
-
-STRATEGIES = {
-    "fedavg": "FedAvg",
-    "fedprox": "FedProx",
-    "fedadam": "FedAdam",
-    "fedyogi": "FedYogi",
-    "fedadagrad": "FedAdagrad",
-    "fedavgm": "FedAvgM",
-    "fedmedian": "FedMedian",
-    "fedtrimmedavg": "FedTrimmedAvg",
-    "krum": "Krum",
-    "multikrum": "MultiKrum",
-    "bulyan": "Bulyan",
-    "qfedavg": "QFedAvg",
-}
-"""The built-in strategies and their classes in ``flwr.serverapp.strategy``."""
-STATE: dict[str, tuple[str, ...]] = {
-    "fedavg": (),
-    "fedprox": (),
-    # FedOpt: the global model of the round (set by configure_train) and the first moment;
-    # FedAdam, FedYogi, FedAdagrad: the second moment too
-    "fedadam": ("current_arrays", "m_t", "v_t"),
-    "fedyogi": ("current_arrays", "m_t", "v_t"),
-    "fedadagrad": ("current_arrays", "m_t", "v_t"),
-    # the server's model (set once, then by aggregate_train) and the momentum
-    "fedavgm": ("current_arrays", "momentum_vector"),
-    "fedmedian": (),
-    "fedtrimmedavg": (),
-    "krum": (),
-    "multikrum": (),
-    "bulyan": (),
-    "qfedavg": ("current_arrays",),  # the global model of the round (set by configure_train)
-}
-"""Each strategy's attributes that change across rounds: what a checkpoint saves, by name."""
 
 
 def descriptor(name: str) -> Strategy:
