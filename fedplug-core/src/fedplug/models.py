@@ -55,7 +55,9 @@ def canonical_shapes(model: str, spec: DataSpec, config: Config) -> dict[str, tu
 
     ``lenet-bn`` is ``lenet`` with batch normalisation after each conv (before its ReLU and pool): its
     normalisation arrays come first (``norm.0.*``, ``norm.1.*``, ``NORM_ARRAYS`` each), then ``lenet``'s
-    ``layers.*``, so that the head (the last layer's weight and bias) stays the last two arrays.
+    ``layers.*``, so that the head (the last layer's weight and bias) stays the last two arrays. Its convs
+    have no bias: the normalisation's shift replaces it (a bias there has a gradient of exactly zero, which
+    Adam would turn into steps of rounding noise).
     """
     shapes: list[tuple[int, ...]] = []
     named: dict[str, tuple[int, ...]] = {}
@@ -76,5 +78,6 @@ def canonical_shapes(model: str, spec: DataSpec, config: Config) -> dict[str, tu
         raise ModelError(f"unknown shared model '{model}': use one of {', '.join(SHARED_MODELS)}")
     for i, shape in enumerate(shapes):
         named[f"layers.{i}.weight"] = shape
-        named[f"layers.{i}.bias"] = (shape[0],)
+        if not (model == "lenet-bn" and len(shape) == 4):
+            named[f"layers.{i}.bias"] = (shape[0],)
     return named

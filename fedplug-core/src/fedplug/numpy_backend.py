@@ -49,14 +49,15 @@ class Dense:
 class Conv:
     """Valid 2-D convolution (cross-correlation, as in every framework)."""
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray) -> None:
-        self.params = [weight, bias]
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None) -> None:
+        self.params = [weight] if bias is None else [weight, bias]  # lenet-bn's convs have no bias
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         k = self.params[0].shape[-1]
         self.windows = sliding_window_view(x, (k, k), axis=(2, 3))
         out: np.ndarray = np.einsum("nchwij,ocij->nohw", self.windows, self.params[0], optimize=True)
-        out += self.params[1][None, :, None, None]
+        if len(self.params) > 1:
+            out += self.params[1][None, :, None, None]
         return out
 
     def backward(self, grad: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -67,7 +68,7 @@ class Conv:
         grad_windows = sliding_window_view(padded, (k, k), axis=(2, 3))
         flipped = weight[:, :, ::-1, ::-1]
         d_x = np.einsum("nohwij,ocij->nchw", grad_windows, flipped, optimize=True)
-        return d_x, [d_weight, grad.sum(axis=(0, 2, 3))]
+        return d_x, [d_weight, grad.sum(axis=(0, 2, 3))][: len(self.params)]
 
 
 class Pool:
@@ -167,7 +168,7 @@ class NumpyModel:
         self.name = name
         self.weights = weights
         pairs = [
-            (weights[f"layers.{i}.weight"], weights[f"layers.{i}.bias"])
+            (weights[f"layers.{i}.weight"], weights.get(f"layers.{i}.bias"))
             for i in range(len(weights))
             if f"layers.{i}.weight" in weights
         ]
@@ -182,7 +183,7 @@ class NumpyModel:
                 continue
             if i == num_convs:
                 self.layers.append(Flatten())
-            self.layers.append(Dense(weight, bias))
+            self.layers.append(Dense(weight, bias))  # type: ignore[arg-type]  # dense layers have one
             if i < len(pairs) - 1:
                 self.layers.append(Relu())
         self.params = [param for layer in self.layers for param in layer.params]
