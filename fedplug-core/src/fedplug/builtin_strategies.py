@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedplug import ConfigError, Parameter, Scalar, Strategy, hookimpl
-from fedplug.personal import Ditto, FedPer
+from fedplug.personal import Ditto, FedBN, FedPer
 from fedplug.strategies import STATE
 
 INF = None  # an unbounded end
@@ -163,7 +163,7 @@ BUILTINS: tuple[Strategy, ...] = (
         composes=ROBUST,
     ),
 )
-PERSONAL: tuple[Strategy, ...] = (FedPer(), Ditto())
+PERSONAL: tuple[Strategy, ...] = (FedPer(), Ditto(), FedBN())
 """Personalised FL (``fedplug.personal``): FedAvg on the server, a personal part on each node."""
 
 

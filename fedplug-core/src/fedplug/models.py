@@ -12,6 +12,8 @@ LENET_CONV = ((6, 5), (16, 5))
 LENET_DENSE = (120, 84)
 SHARED_MODELS = ("mlp", "lenet", "lenet-bn")
 """The shared models: every backend's layout of them maps to the canonical names of ``canonical_shapes``."""
+NORMALISED_MODELS = ("lenet-bn",)
+"""The shared models with normalisation layers (``fedbn`` keeps them on each node)."""
 NORM_PREFIX = "norm."
 """Canonical names of normalisation arrays begin with it: ``norm.<i>.weight``/``bias`` (the affine scale and
 shift), ``norm.<i>.running_mean``/``running_var`` (the statistics evaluation uses), for the ``i``-th conv."""
