@@ -14,6 +14,7 @@ import pytest
 from fedplug import DataSpec
 from fedplug.capabilities import NodeStep
 from fedplug.config import resolve
+from fedplug.display import round_line, summary_table
 from fedplug.errors import ConfigError
 from fedplug.models import NORM_ARRAYS, canonical_shapes, norm_keys
 from fedplug.personal import ditto_model, ditto_step, fedbn_step, fedper_model, fedper_step, head_keys
@@ -120,6 +121,24 @@ def test_fedbn_refuses_a_model_without_normalisation_layers_before_the_run() -> 
         with pytest.raises(ConfigError, match="has none: use --model lenet-bn"):
             check_strategy(resolve(numpy, {"strategy": "fedbn", "model": model}))
     check_strategy(resolve(numpy, {"strategy": "fedbn", "model": "lenet-bn"}))
+
+
+@pytest.mark.fast
+def test_the_round_line_and_summary_show_the_personal_models_of_personalised_strategies_only() -> None:
+    from rich.console import Console
+
+    record = {"round": 1, "evaluate-loss": 1.2, "evaluate-accuracy": 0.6, "seconds": 1.0}
+    personal = {**record, "personal-loss": 0.2013, "personal-accuracy": 0.935}
+    assert "│ eval 1.200  60.0% │ personal 0.201  93.5% │ 1.0 s" in round_line(personal)
+    assert "personal" not in round_line(record)
+
+    def summary(rounds: list[dict]) -> str:
+        console = Console(width=120, record=True)
+        console.print(summary_table(rounds))
+        return console.export_text()
+
+    assert "personal acc" in summary([{"round": 0, "seconds": 0.1}, personal]) and "0.9350" in summary([personal])
+    assert "personal" not in summary([record])
 
 
 ARGS = ("--rounds", "2", "--nodes", "10", "--partitioner", "dirichlet")
