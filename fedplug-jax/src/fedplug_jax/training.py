@@ -186,14 +186,14 @@ class JaxImplementation(Implementation):
         totals = jnp.zeros(2)
         shared = isinstance(model, Network)  # a custom model's modes are the user's
         if shared:
-            model.train()  # lenet-bn: batch statistics, running ones updated
+            model.train()  # type: ignore[no-untyped-call]  # lenet-bn: batch statistics, running ones updated
         try:
             for epoch in range(settings.epochs):
                 for xb, yb, mb in batches(settings.order(len(y), epoch), settings.batch_size, x, labels):
                     totals = train_step(model, optimizer, totals, anchor, mu, xb, yb, mb)
         finally:
             if shared:
-                model.eval()  # lenet-bn: running statistics in evaluate and predict
+                model.eval()  # type: ignore[no-untyped-call]  # lenet-bn: running statistics in evaluate and predict
         loss_sum, correct = jax.device_get(totals)
         return metrics(loss_sum, correct, len(y) * settings.epochs, len(y))
 
