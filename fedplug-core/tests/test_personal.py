@@ -27,7 +27,7 @@ BACKENDS = ("numpy", "torch", "jax", "mlx")
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
-@pytest.mark.parametrize("model_name", ["mlp", "lenet"])
+@pytest.mark.parametrize("model_name", ["mlp", "lenet", "lenet-bn"])
 def test_the_head_is_the_last_layer_weight_and_bias_in_every_backends_layout(backend_name, model_name) -> None:
     backend = get_backend(backend_name)
     spec = DataSpec((1, 28, 28), 7)

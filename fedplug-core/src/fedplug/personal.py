@@ -11,7 +11,7 @@ killed run resumes exactly. Their descriptors add two attributes the core reads:
 
 **FedPer** (Arivazhagan et al., 2019): the shared model's head, its last layer's weight and bias,
 stays on the node. The head is backend-neutral: the last two arrays of the model's fixed weight
-order (``HEAD_ARRAYS``), which every backend's layout of ``mlp`` and ``lenet`` ends with (checked
+order (``HEAD_ARRAYS``), which every backend's layout of ``mlp``, ``lenet`` and ``lenet-bn`` ends with (checked
 by ``fedplug-core/tests/test_personal.py``). The node trains global body + own head; its reply
 carries the global head unchanged, so FedAvg averages only the body.
 
