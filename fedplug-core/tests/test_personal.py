@@ -137,7 +137,7 @@ def test_the_round_line_and_summary_show_the_personal_models_of_personalised_str
         console.print(summary_table(rounds))
         return console.export_text()
 
-    assert "personal acc" in summary([{"round": 0, "seconds": 0.1}, personal]) and "0.9350" in summary([personal])
+    assert "pers acc" in summary([{"round": 0, "seconds": 0.1}, personal]) and "0.9350" in summary([personal])
     assert "personal" not in summary([record])
 
 

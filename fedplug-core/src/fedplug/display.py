@@ -271,7 +271,7 @@ SUMMARY_COLUMNS = {
     "train-accuracy": "train acc",
     "evaluate-loss": "eval loss",
     "evaluate-accuracy": "eval acc",
-    "personal-accuracy": "personal acc",  # a personalised strategy's personal models (fedplug.personal)
+    "personal-accuracy": "pers acc",  # a personalised strategy's personal models (fedplug.personal), 80 columns wide
     "centralized-loss": "server loss",
     "centralized-accuracy": "server acc",
     "epsilon": "epsilon",  # differential privacy (fedplug.dp), at the delta in the caption
