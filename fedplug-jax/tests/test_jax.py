@@ -63,7 +63,7 @@ def test_quickstart_preset(backend: JaxBackend) -> None:
     assert {key: config[key] for key in quickstart} == quickstart
     assert backend.quickstart_dataset == "ylecun/mnist"
     assert backend.framework.import_name == "jax"
-    assert backend.models == ("cnn", "mlp", "lenet")
+    assert backend.models == ("cnn", "mlp", "lenet", "lenet-bn")
     assert backend.file_suffix == ".msgpack"
 
 

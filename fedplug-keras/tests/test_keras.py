@@ -88,7 +88,7 @@ def test_quickstart_preset(backend: KerasBackend) -> None:
     assert {key: config[key] for key in quickstart} == quickstart
     assert backend.quickstart_dataset == "uoft-cs/cifar10"
     assert backend.framework.import_name == "keras"
-    assert backend.models == ("cnn", "mlp", "lenet")
+    assert backend.models == ("cnn", "mlp", "lenet", "lenet-bn")
     assert backend.file_suffix == ".keras"
 
 

@@ -70,7 +70,7 @@ def test_quickstart_preset(backend: TorchBackend) -> None:
     assert backend.framework.import_name == "torch"
     assert backend.framework.requirement == "torch>=2.2"
     assert backend.file_suffix == ".pt"
-    assert backend.models == ("lenet", "mlp")
+    assert backend.models == ("lenet", "mlp", "lenet-bn")
 
 
 @pytest.mark.parametrize("pool", ["max", "avg"])

@@ -138,17 +138,23 @@ def _work(
     else:
         backend.set_weights(model, global_weights)
         metrics = dict(backend.evaluate(model, part.x_test, part.y_test, step_config))
-        metrics.update(_personal_metrics(backend, model, part, global_weights, node_state, step_config))
+        metrics.update(_personal_metrics(backend, model, part, global_weights, received, node_state, step_config))
     content["metrics"] = MetricRecord(dict(metrics.items()))
     return content
 
 
 def _personal_metrics(
-    backend: Backend, model: Any, part: Any, global_weights: Weights, state: RecordDict, config: Config
+    backend: Backend,
+    model: Any,
+    part: Any,
+    global_weights: Weights,
+    received: RecordDict,
+    state: RecordDict,
+    config: Config,
 ) -> dict[str, float]:
     """A personalised strategy's evaluation of the node's personal model (``fedplug.personal``):
     ``personal-loss`` and ``personal-accuracy``, beside the global model's; nothing for other strategies."""
-    personal = personal_weights(global_weights, state, config)
+    personal = personal_weights(global_weights, received, state, config)
     if personal is None:
         return {}
     backend.set_weights(model, personal)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedplug import ConfigError, Parameter, Scalar, Strategy, hookimpl
-from fedplug.personal import Ditto, FedPer
+from fedplug.personal import Ditto, FedBN, FedPer
 
 INF = None  # an unbounded end
 
@@ -184,7 +184,7 @@ BUILTINS: tuple[Strategy, ...] = (
 )
 FLOWER_CLASSES = {builtin.name: builtin.flower for builtin in BUILTINS if isinstance(builtin, Builtin)}
 """Each built-in's class in ``flwr.serverapp.strategy``, by name."""
-PERSONAL: tuple[Strategy, ...] = (FedPer(), Ditto())
+PERSONAL: tuple[Strategy, ...] = (FedPer(), Ditto(), FedBN())
 """Personalised FL (``fedplug.personal``): FedAvg on the server, a personal part on each node."""
 
 

@@ -175,15 +175,18 @@ def train_start(received: Weights, message: RecordDict, context_state: RecordDic
     return received if personal is None or not state else dict(personal(received, state))
 
 
-def personal_weights(received: Weights, context_state: RecordDict, config: Config) -> Weights | None:
+def personal_weights(
+    received: Weights, message: RecordDict, context_state: RecordDict, config: Config
+) -> Weights | None:
     """The node's personalised model for evaluation, from the global model and the node's state: None unless
     the strategy declares a ``personal_model`` (``fedplug.personal``). A node with no state yet (it has not
-    trained) evaluates the global model as its personal one."""
+    trained) evaluates the global model as its personal one. The state is the one the message carries (a
+    resumed run's, until the node trains again), else the one kept in ``context_state``."""
     entry = get_registry().strategies.get(str(config["strategy"]))
     personal = None if entry is None else _personal_function(entry.strategy, "personal_model")
     if personal is None:
         return None
-    state = _node_state(RecordDict(), context_state)
+    state = _node_state(message, context_state)
     return received if not state else dict(personal(received, state))
 
 

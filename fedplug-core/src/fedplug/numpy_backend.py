@@ -17,7 +17,19 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from fedplug import Backend, Config, DataSpec, Framework, Implementation, Scalar, Weights, hookimpl
-from fedplug.toolkit import ADAM_BETAS, ADAM_EPS, LENET_CONV, TrainSettings, canonical_shapes, eval_chunks, metrics
+from fedplug.toolkit import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    BN_EPS,
+    BN_MOMENTUM,
+    LENET_CONV,
+    NORM_ARRAYS,
+    NORM_PREFIX,
+    TrainSettings,
+    canonical_shapes,
+    eval_chunks,
+    metrics,
+)
 
 
 class Dense:
@@ -37,14 +49,15 @@ class Dense:
 class Conv:
     """Valid 2-D convolution (cross-correlation, as in every framework)."""
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray) -> None:
-        self.params = [weight, bias]
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None) -> None:
+        self.params = [weight] if bias is None else [weight, bias]  # lenet-bn's convs have no bias
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         k = self.params[0].shape[-1]
         self.windows = sliding_window_view(x, (k, k), axis=(2, 3))
         out: np.ndarray = np.einsum("nchwij,ocij->nohw", self.windows, self.params[0], optimize=True)
-        out += self.params[1][None, :, None, None]
+        if len(self.params) > 1:
+            out += self.params[1][None, :, None, None]
         return out
 
     def backward(self, grad: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -55,7 +68,7 @@ class Conv:
         grad_windows = sliding_window_view(padded, (k, k), axis=(2, 3))
         flipped = weight[:, :, ::-1, ::-1]
         d_x = np.einsum("nohwij,ocij->nchw", grad_windows, flipped, optimize=True)
-        return d_x, [d_weight, grad.sum(axis=(0, 2, 3))]
+        return d_x, [d_weight, grad.sum(axis=(0, 2, 3))][: len(self.params)]
 
 
 class Pool:
@@ -89,6 +102,43 @@ class Pool:
         return d_x, []
 
 
+class BatchNorm:
+    """Batch normalisation of a conv's channels (``torch.nn.BatchNorm2d``): in training, each channel is normalised
+    by the batch's mean and (biased) variance over ``(N, H, W)`` and the running statistics move toward them by
+    ``BN_MOMENTUM`` (the variance unbiased); in evaluation, by the running statistics. ``scale * x_hat + shift``."""
+
+    def __init__(self, scale: np.ndarray, shift: np.ndarray, mean: np.ndarray, var: np.ndarray) -> None:
+        self.params = [scale, shift]
+        self.running = (mean, var)
+        self.training = False
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        mean, var = self.running
+        if self.training:
+            count = x.size // x.shape[1]
+            mean, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
+            for stat, batch in zip(self.running, (mean, var * (count / max(count - 1, 1))), strict=True):
+                stat *= np.float32(1 - BN_MOMENTUM)  # in place: the model's weights are these arrays
+                stat += np.float32(BN_MOMENTUM) * batch.astype(np.float32)
+        self.inv_std = (1.0 / np.sqrt(var + np.float32(BN_EPS))).astype(np.float32)
+        self.x_hat = (x - mean[None, :, None, None]) * self.inv_std[None, :, None, None]
+        scale, shift = self.params
+        out: np.ndarray = self.x_hat * scale[None, :, None, None] + shift[None, :, None, None]
+        return out
+
+    def backward(self, grad: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        axes = (0, 2, 3)
+        d_scale, d_shift = (grad * self.x_hat).sum(axis=axes), grad.sum(axis=axes)
+        d_x_hat = grad * self.params[0][None, :, None, None]
+        count = grad.size // grad.shape[1]
+        d_x = (
+            d_x_hat
+            - d_x_hat.sum(axis=axes, keepdims=True) / count
+            - self.x_hat * (d_x_hat * self.x_hat).sum(axis=axes, keepdims=True) / count
+        ) * self.inv_std[None, :, None, None]
+        return d_x, [d_scale, d_shift]
+
+
 class Relu:
     params: ClassVar[list[np.ndarray]] = []  # no weights
 
@@ -112,24 +162,38 @@ class Flatten:
 
 
 class NumpyModel:
-    """A sequence of layers; ``weights`` holds the canonical arrays the layers use."""
+    """A sequence of layers; ``weights`` holds the canonical arrays the layers use (and ``lenet-bn``'s updates)."""
 
     def __init__(self, name: str, weights: Weights, pool: str) -> None:
         self.name = name
         self.weights = weights
-        arrays = list(weights.values())
-        pairs = [arrays[i : i + 2] for i in range(0, len(arrays), 2)]
+        pairs = [
+            (weights[f"layers.{i}.weight"], weights.get(f"layers.{i}.bias"))
+            for i in range(len(weights))
+            if f"layers.{i}.weight" in weights
+        ]
         self.layers: list[Any] = []
-        num_convs = len(LENET_CONV) if name == "lenet" else 0
+        num_convs = len(LENET_CONV) if name.startswith("lenet") else 0
         for i, (weight, bias) in enumerate(pairs):
             if i < num_convs:
-                self.layers += [Conv(weight, bias), Relu(), Pool(pool)]
+                self.layers.append(Conv(weight, bias))
+                if name == "lenet-bn":
+                    self.layers.append(BatchNorm(*(weights[f"{NORM_PREFIX}{i}.{array}"] for array in NORM_ARRAYS)))
+                self.layers += [Relu(), Pool(pool)]
                 continue
             if i == num_convs:
                 self.layers.append(Flatten())
-            self.layers.append(Dense(weight, bias))
+            self.layers.append(Dense(weight, bias))  # type: ignore[arg-type]  # dense layers have one
             if i < len(pairs) - 1:
                 self.layers.append(Relu())
+        self.params = [param for layer in self.layers for param in layer.params]
+        """The trained arrays, in the order of ``backward``'s gradients (the running statistics are not)."""
+
+    def train_mode(self, training: bool) -> None:
+        """Batch statistics (training) or running ones (evaluation) in the batch normalisation layers."""
+        for layer in self.layers:
+            if isinstance(layer, BatchNorm):
+                layer.training = training
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         for layer in self.layers:
@@ -199,10 +263,10 @@ class ReferenceOptimizer:
 
 class NumpyBackend(Backend):
     name = "numpy"
-    description = "Built-in pure-NumPy MLP and LeNet with SGD or Adam: no framework needed"
+    description = "Built-in pure-NumPy MLP, LeNet and LeNet-BN with SGD or Adam: no framework needed"
     framework = Framework("numpy", "numpy")
     implementation = "fedplug.numpy_backend:NumpyImplementation"
-    models = ("mlp", "lenet")
+    models = ("mlp", "lenet", "lenet-bn")
     defaults: ClassVar[Mapping[str, Scalar]] = {"num-server-rounds": 5}  # the rest: the core's
     quickstart_dataset = "ylecun/mnist"
     file_suffix = ".npz"
@@ -215,7 +279,10 @@ class NumpyImplementation(Implementation):
         rng = np.random.default_rng(int(config.get("seed", 0)))
         weights: Weights = {}
         for key, shape in canonical_shapes(model, spec, config).items():
-            if key.endswith(".weight"):
+            if key.startswith(NORM_PREFIX):  # batch normalisation: scale and variance 1, shift and mean 0
+                fill = 1.0 if key.endswith((".weight", ".running_var")) else 0.0
+                weights[key] = np.full(shape, fill, dtype=np.float32)
+            elif key.endswith(".weight"):
                 fan_in = int(np.prod(shape[1:]))
                 bound = 1.0 / np.sqrt(fan_in)  # PyTorch's default init range
                 weights[key] = rng.uniform(-bound, bound, shape).astype(np.float32)
@@ -232,16 +299,20 @@ class NumpyImplementation(Implementation):
 
     def train(self, model: NumpyModel, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
         settings = TrainSettings.from_config(config)
-        params = list(model.weights.values())
+        params = model.params
         optimizer = ReferenceOptimizer(settings, params)
         x = x.reshape(len(x), -1) if model.name == "mlp" else x
         loss_sum, correct = 0.0, 0
-        for idx in settings.batches(len(y)):
-            logits = model.forward(x[idx])
-            loss, grad = softmax_cross_entropy(logits, y[idx])
-            loss_sum += loss * len(idx)
-            correct += int((logits.argmax(axis=1) == y[idx]).sum())
-            optimizer.step(params, model.backward(grad))
+        model.train_mode(True)
+        try:
+            for idx in settings.batches(len(y)):
+                logits = model.forward(x[idx])
+                loss, grad = softmax_cross_entropy(logits, y[idx])
+                loss_sum += loss * len(idx)
+                correct += int((logits.argmax(axis=1) == y[idx]).sum())
+                optimizer.step(params, model.backward(grad))
+        finally:
+            model.train_mode(False)
         return metrics(loss_sum, correct, len(y) * settings.epochs, len(y))
 
     def evaluate(self, model: NumpyModel, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:

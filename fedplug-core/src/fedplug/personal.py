@@ -1,6 +1,6 @@
-"""Personalised federated learning as built-in strategies: ``fedper`` and ``ditto``, for every backend.
+"""Personalised federated learning as built-in strategies: ``fedper``, ``ditto`` and ``fedbn``, for every backend.
 
-Both are FedAvg on the server and keep a personal part on each node in its node state (the
+All three are FedAvg on the server and keep a personal part on each node in its node state (the
 ``node-state`` capability, ``fedplug.capabilities``): saved in simulation checkpoints, so a
 killed run resumes exactly. Their descriptors add two attributes the core reads:
 
@@ -11,7 +11,7 @@ killed run resumes exactly. Their descriptors add two attributes the core reads:
 
 **FedPer** (Arivazhagan et al., 2019): the shared model's head, its last layer's weight and bias,
 stays on the node. The head is backend-neutral: the last two arrays of the model's fixed weight
-order (``HEAD_ARRAYS``), which every backend's layout of ``mlp`` and ``lenet`` ends with (checked
+order (``HEAD_ARRAYS``), which every backend's layout of ``mlp``, ``lenet`` and ``lenet-bn`` ends with (checked
 by ``fedplug-core/tests/test_personal.py``). The node trains global body + own head; its reply
 carries the global head unchanged, so FedAvg averages only the body.
 
@@ -22,6 +22,12 @@ step ``v <- (v + lr * lambda * w) / (1 + lr * lambda)`` (the gradient step ``v -
 to first order in ``lr * lambda``, and stable for any) for each of the ``K`` local steps, is applied
 after training in closed form, ``v <- w + (1 + lr * lambda)^-K (v - w)`` (exact when the data gradients
 do not depend on the pull, an approximation otherwise, as SCAFFOLD's correction is).
+
+**FedBN** (Li et al., 2021): the normalisation layers' parameters and running statistics stay on the node;
+everything else is FedAvg. Which arrays those are is backend-neutral: the canonical names beginning with
+``fedplug.models.NORM_PREFIX`` (``lenet-bn``'s ``norm.<i>.*``). As in FedPer, the node trains the global
+weights with its own normalisation arrays and replies with the global ones unchanged, so the average leaves
+them as they were. A model without normalisation layers is refused before the run starts (``FedBN.check_run``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from fedplug.errors import ConfigError
+from fedplug.models import NORMALISED_MODELS, norm_keys
 from fedplug.strategy_contract import Parameter, Strategy
 from fedplug.types import Scalar
 
@@ -76,6 +84,22 @@ class Ditto(PersonalStrategy):
         return {key: value for key, value in kwargs.items() if key != "lambda"}
 
 
+class FedBN(PersonalStrategy):
+    name = "fedbn"
+    description = "FedBN: FedAvg of all but the normalisation layers, which each node keeps (--model lenet-bn)"
+    node_step = "fedplug.personal:fedbn_step"
+    personal_model = "fedplug.personal:fedper_model"  # the global weights with the node's own arrays
+    trains_personal = True
+
+    def check_run(self, config: Mapping[str, Scalar]) -> None:
+        """Refuse a model without normalisation layers: FedBN would be FedAvg under another name."""
+        if config.get("model") not in NORMALISED_MODELS:
+            raise ConfigError(
+                f"strategy 'fedbn' keeps each node's normalisation layers, but model '{config.get('model')}' has "
+                f"none: use --model {' or '.join(NORMALISED_MODELS)}"
+            )
+
+
 def fedper_model(received: Weights, state: Weights) -> Weights:
     """The global body with the node's own head."""
     return {key: state.get(key, value) for key, value in received.items()}
@@ -104,3 +128,11 @@ def ditto_step(step: NodeStep) -> None:
     keep = (1.0 + float(step.config["lr"]) * lam) ** -step.steps  # stable for any lr * lambda
     step.state.clear()
     step.state.update({key: (w + keep * (trained[key] - w)).astype(w.dtype) for key, w in step.before.items()})
+
+
+def fedbn_step(step: NodeStep) -> None:
+    """Keep the trained normalisation arrays in the node's state; send the rest with the global ones (FedAvg)."""
+    norm = set(norm_keys(step.after))
+    step.state.clear()
+    step.state.update({key: step.after[key] for key in norm})
+    step.after = {key: step.before[key] if key in norm else value for key, value in step.after.items()}

@@ -30,7 +30,7 @@ from fedplug.data.sources import dataset_problem
 from fedplug.deployment.flower_cli import Security
 from fedplug.deployment.network import port_open, split_address
 from fedplug.errors import ConfigError, DeployError, shown
-from fedplug.models import canonical_shapes
+from fedplug.models import SHARED_MODELS, canonical_shapes
 from fedplug.results import default_out
 from fedplug.strategies import check_strategy, strategy_kwargs
 from fedplug.tracking import missing_library
@@ -335,7 +335,7 @@ def check_model(backend: Backend, config: dict[str, Scalar]) -> None:
     except DataError as error:
         raise ConfigError(str(error)) from error
     try:
-        if config["model"] in ("mlp", "lenet"):
+        if config["model"] in SHARED_MODELS:
             canonical_shapes(str(config["model"]), spec, config)
         elif is_custom(config["model"]):
             os.environ.update(backend.environment(config))

@@ -935,10 +935,11 @@ class RoundLoop:
         configure = self.strategy.configure_train if train else self.strategy.configure_evaluate
         config = ConfigRecord({"lr": self.config["lr"]} if train else {})
         messages = list(configure(server_round, arrays, config, _DrawnNodes([info.node_id for info in step.nodes])))
-        if train and self.resend_states:  # a resumed run gives each node its saved state once (fedplug.capabilities)
-            partitions = {info.node_id: info.partition for info in step.nodes}
+        if self.resend_states:  # a resumed run gives each node its saved state (fedplug.capabilities): to evaluate
+            partitions = {info.node_id: info.partition for info in step.nodes}  # its personal model, until it trains
             for message in messages:
-                state = self.resend_states.pop(partitions.get(message.metadata.dst_node_id, -1), None)
+                partition = partitions.get(message.metadata.dst_node_id, -1)
+                state = self.resend_states.pop(partition, None) if train else self.resend_states.get(partition)
                 if state is not None:  # its own content: Flower's strategies give every message the same one
                     message.content = RecordDict({**dict(message.content.items()), STATE_RECORD: to_record(state)})
         return step, messages

@@ -128,6 +128,8 @@ def check_strategy(config: Config, nodes_known: bool = True) -> None:
     strategy = descriptor(name)
     kwargs = strategy_kwargs(config)
     nodes = int(config["num-supernodes"])
+    if (check_run := getattr(strategy, "check_run", None)) is not None:  # the run's model (fedplug.personal.FedBN)
+        check_run(config)
     if config.get("secagg") and not strategy.composes_with_secagg:  # its declared composition (fedplug.Strategy)
         able = sorted(key for key, entry in get_registry().strategies.items() if entry.strategy.composes_with_secagg)
         raise ConfigError(

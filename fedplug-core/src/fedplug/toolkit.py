@@ -14,7 +14,8 @@ other (and with the reference ``numpy`` backend) wherever the contract fixes a c
   ``(out, in, kh, kw)``, features flattened ``(C, H, W)``) and the usual native ones, and
   ``channels_last`` for the images of a channels-last framework;
 - the shared models' architecture (``LENET_CONV``, ``LENET_DENSE``, ``hidden_dims``,
-  ``lenet_flat_features``, ``canonical_shapes``), ``check_custom_model`` for what a custom
+  ``lenet_flat_features``, ``canonical_shapes``; ``lenet-bn``'s ``BN_MOMENTUM``, ``BN_EPS``,
+  ``NORM_PREFIX``, ``NORM_ARRAYS``), ``check_custom_model`` for what a custom
   model's factory returned, ``cpu_share`` for thread pools, and ``held_back_stderr`` for
   native start-up chatter.
 
@@ -36,15 +37,29 @@ from typing import TypeVar
 import numpy as np
 
 from fedplug.backend import Config, ModelError
-from fedplug.models import LENET_CONV, LENET_DENSE, canonical_shapes, hidden_dims, lenet_flat_features
+from fedplug.models import (
+    BN_EPS,
+    BN_MOMENTUM,
+    LENET_CONV,
+    LENET_DENSE,
+    NORM_ARRAYS,
+    NORM_PREFIX,
+    canonical_shapes,
+    hidden_dims,
+    lenet_flat_features,
+)
 from fedplug.runtime import cpu_share
 
 __all__ = [
     "ADAM_BETAS",
     "ADAM_EPS",
+    "BN_EPS",
+    "BN_MOMENTUM",
     "EVAL_BATCH",
     "LENET_CONV",
     "LENET_DENSE",
+    "NORM_ARRAYS",
+    "NORM_PREFIX",
     "OPTIMIZERS",
     "TrainSettings",
     "canonical_shapes",

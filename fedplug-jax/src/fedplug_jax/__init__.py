@@ -20,7 +20,7 @@ class JaxBackend(fedplug.Backend):
         "jax", "jax>=0.7.1", also=(("jaxlib", "jaxlib>=0.7.1"), ("flax", "flax>=0.12"), ("optax", "optax>=0.2"))
     )
     implementation = "fedplug_jax.training:JaxImplementation"
-    models = ("cnn", "mlp", "lenet")
+    models = ("cnn", "mlp", "lenet", "lenet-bn")
     # the Flower JAX quickstart's settings, where they differ from the core's (--preset quickstart)
     quickstart: ClassVar[Mapping[str, Scalar]] = {
         "model": "cnn",

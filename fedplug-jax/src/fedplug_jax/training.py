@@ -25,6 +25,7 @@ from fedplug.toolkit import (
     ADAM_BETAS,
     ADAM_EPS,
     EVAL_BATCH,
+    NORM_ARRAYS,
     TrainSettings,
     evaluation,
     from_canonical,
@@ -79,7 +80,8 @@ def train_step(
     """
 
     def loss_fn(model: Network) -> tuple[jax.Array, jax.Array]:
-        losses, sums = batch_sums(model(x), y, mask)
+        logits = model(x, mask) if isinstance(model, Network) else model(x)  # lenet-bn: statistics of real rows
+        losses, sums = batch_sums(logits, y, mask)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         drift = sum(jax.tree.leaves(jax.tree.map(lambda p, a: jnp.sum((p - a) ** 2), params, anchor)))
         return losses.sum() / mask.sum() + mu / 2 * drift, sums
@@ -109,12 +111,19 @@ def batches(order: np.ndarray, size: int, *arrays: np.ndarray) -> list[tuple[jax
     return list(zip(*jax.device_put(split)))
 
 
-def parameters(model: Network) -> list[tuple[str, nnx.Param[jax.Array]]]:
-    """``(canonical name, Flax parameter)`` pairs in canonical order (Flax types a bias as optional: all have one)."""
-    return [
-        (f"layers.{i}.{part}", variable)  # type: ignore[misc]
+def parameters(model: Network) -> list[tuple[str, nnx.Variable[jax.Array]]]:
+    """``(canonical name, Flax variable)`` pairs in canonical order: ``lenet-bn``'s normalisation arrays first,
+    then each layer's kernel and bias (``lenet-bn``'s convs have none)."""
+    norms = [
+        (f"norm.{i}.{part}", variable)
+        for i, norm in enumerate(model.norms)
+        for part, variable in zip(NORM_ARRAYS, (norm.scale, norm.bias, norm.mean, norm.var), strict=True)
+    ]
+    return norms + [
+        (f"layers.{i}.{part}", variable)
         for i, layer in enumerate(model.layers)
         for part, variable in (("weight", layer.kernel), ("bias", layer.bias))
+        if variable is not None
     ]
 
 
@@ -175,9 +184,16 @@ class JaxImplementation(Implementation):
         anchor = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         labels = y.astype(np.int32)
         totals = jnp.zeros(2)
-        for epoch in range(settings.epochs):
-            for xb, yb, mb in batches(settings.order(len(y), epoch), settings.batch_size, x, labels):
-                totals = train_step(model, optimizer, totals, anchor, mu, xb, yb, mb)
+        shared = isinstance(model, Network)  # a custom model's modes are the user's
+        if shared:
+            model.train()  # type: ignore[no-untyped-call]  # lenet-bn: batch statistics, running ones updated
+        try:
+            for epoch in range(settings.epochs):
+                for xb, yb, mb in batches(settings.order(len(y), epoch), settings.batch_size, x, labels):
+                    totals = train_step(model, optimizer, totals, anchor, mu, xb, yb, mb)
+        finally:
+            if shared:
+                model.eval()  # type: ignore[no-untyped-call]  # lenet-bn: running statistics in evaluate and predict
         loss_sum, correct = jax.device_get(totals)
         return metrics(loss_sum, correct, len(y) * settings.epochs, len(y))
 

@@ -20,7 +20,7 @@ class KerasBackend(Backend):
     description = "Keras 3 on TensorFlow (or JAX/PyTorch): quickstart-tensorflow's CNN with Adam (or SGD)"
     framework = Framework("keras", "keras>=3")
     implementation = "fedplug_keras.training:KerasImplementation"
-    models = ("cnn", "mlp", "lenet")
+    models = ("cnn", "mlp", "lenet", "lenet-bn")
     # the Flower TensorFlow quickstart's settings, where they differ from the core's (--preset quickstart)
     quickstart: ClassVar[Mapping[str, Scalar]] = {
         "model": "cnn",

@@ -35,8 +35,11 @@ from fedplug import Config, DataSpec, ModelError
 from fedplug.toolkit import (
     ADAM_BETAS,
     ADAM_EPS,
+    BN_EPS,
+    BN_MOMENTUM,
     LENET_CONV,
     LENET_DENSE,
+    NORM_ARRAYS,
     TrainSettings,
     check_custom_model,
     hidden_dims,
@@ -56,8 +59,8 @@ def build(model: str, spec: DataSpec, config: Config) -> Any:
     set_seed(keras, int(config.get("seed", 0)))
     if model == "mlp":
         body = _mlp(keras, spec, config)
-    elif model == "lenet":
-        body = _lenet(keras, spec, config)
+    elif model in ("lenet", "lenet-bn"):
+        body = _lenet(keras, spec, config, norm=model == "lenet-bn")
     else:
         body = _cnn(keras, spec)
     net = keras.Sequential(body, name=model)
@@ -106,16 +109,49 @@ def _mlp(keras: ModuleType, spec: DataSpec, config: Config) -> list[Any]:
     return [keras.Input((spec.num_features,)), *hidden, dense(spec.num_classes)]
 
 
-def _lenet(keras: ModuleType, spec: DataSpec, config: Config) -> list[Any]:
+def _lenet(keras: ModuleType, spec: DataSpec, config: Config, norm: bool = False) -> list[Any]:
+    """``lenet``; ``lenet-bn`` (``norm``): each conv without bias, then ``Norm``, then the ReLU."""
     layers = keras.layers
     lenet_flat_features(spec)  # raises ModelError for images that are too small
     pool = layers.AveragePooling2D if config.get("pool", "max") == "avg" else layers.MaxPooling2D
     body = [_image_input(keras, spec)]
     for filters, kernel in LENET_CONV:
-        body += [layers.Conv2D(filters, kernel, activation="relu"), pool(2)]
+        if norm:
+            body += [layers.Conv2D(filters, kernel, use_bias=False), norm_layer(keras)(), layers.ReLU(), pool(2)]
+        else:
+            body += [layers.Conv2D(filters, kernel, activation="relu"), pool(2)]
     body.append(layers.Flatten())
     body += [layers.Dense(units, activation="relu") for units in LENET_DENSE]
     return [*body, layers.Dense(spec.num_classes)]
+
+
+@functools.cache
+def norm_layer(keras: ModuleType) -> type:
+    """``lenet-bn``'s batch normalisation layer (NHWC), as ``fedplug.numpy_backend.BatchNorm``; its variables are
+    ``NORM_ARRAYS``. Not ``BatchNormalization``, whose moving variance takes the batch's biased variance."""
+
+    @keras.saving.register_keras_serializable(package="fedplug_keras")
+    class Norm(keras.layers.Layer):  # type: ignore[misc,name-defined]
+        def build(self, input_shape: tuple[int, ...]) -> None:
+            channels = (input_shape[-1],)
+            for name, init, trainable in zip(
+                NORM_ARRAYS, ("ones", "zeros", "zeros", "ones"), (True, True, False, False)
+            ):
+                setattr(self, name, self.add_weight(shape=channels, initializer=init, trainable=trainable, name=name))
+
+        def call(self, x: Any, training: bool | None = None) -> Any:
+            ops = keras.ops
+            if training:
+                mean, var = ops.moments(x, axes=(0, 1, 2))
+                count = ops.cast(ops.size(x) // ops.shape(x)[-1], x.dtype)
+                unbiased = var * count / ops.maximum(count - 1, 1)
+                self.running_mean.assign((1 - BN_MOMENTUM) * self.running_mean + BN_MOMENTUM * mean)
+                self.running_var.assign((1 - BN_MOMENTUM) * self.running_var + BN_MOMENTUM * unbiased)
+            else:
+                mean, var = self.running_mean, self.running_var
+            return (x - mean) * ops.rsqrt(var + BN_EPS) * self.weight + self.bias
+
+    return Norm
 
 
 def _cnn(keras: ModuleType, spec: DataSpec) -> list[Any]:

@@ -41,6 +41,19 @@ def parametrised_layers(net: Any) -> Iterator[tuple[Any, FeatureMap]]:
             feature_map = shape
 
 
+def canonical_layers(net: Any) -> Iterator[tuple[str, Any, FeatureMap]]:
+    """``(canonical name prefix, layer, feature map)`` of the layers holding weights: ``layers.<i>`` for convs and
+    dense layers, ``norm.<i>`` for ``lenet-bn``'s normalisation layers (those with non-trainable weights)."""
+    layers = norms = 0
+    for layer, feature_map in parametrised_layers(net):
+        if layer.non_trainable_weights:
+            yield f"{toolkit.NORM_PREFIX}{norms}", layer, feature_map
+            norms += 1
+        else:
+            yield f"layers.{layers}", layer, feature_map
+            layers += 1
+
+
 def model_inputs(net: Any, x: np.ndarray) -> np.ndarray:
     """NCHW images as the model takes them: NHWC, or flat ``C*H*W`` features for ``mlp``."""
     if len(net.input_shape) == 2:
@@ -95,19 +108,27 @@ class KerasImplementation(Implementation):
             variable.assign(np.asarray(weights[name], dtype=variable.dtype))
 
     def get_weights(self, model: Any) -> Weights:
-        """The model's weights in the canonical layout, as fresh float32 arrays."""
+        """The model's weights in the canonical layout, as fresh float32 arrays (``lenet-bn``: its ``norm.*`` first)."""
+        norms: Weights = {}
         weights: Weights = {}
-        for i, (layer, feature_map) in enumerate(parametrised_layers(model)):
-            kernel, bias = layer.get_weights()
-            weights[f"layers.{i}.weight"] = toolkit.to_canonical(np.asarray(kernel, np.float32), "hwio", feature_map)
-            weights[f"layers.{i}.bias"] = np.array(bias, dtype=np.float32)
-        return weights
+        for name, layer, feature_map in canonical_layers(model):
+            arrays = [np.array(array, dtype=np.float32) for array in layer.get_weights()]
+            if name.startswith(toolkit.NORM_PREFIX):
+                norms.update({f"{name}.{part}": array for part, array in zip(toolkit.NORM_ARRAYS, arrays, strict=True)})
+                continue
+            weights[f"{name}.weight"] = toolkit.to_canonical(arrays[0], "hwio", feature_map)
+            weights.update({f"{name}.bias": bias for bias in arrays[1:]})  # lenet-bn's convs have none
+        return {**norms, **weights}
 
     def set_weights(self, model: Any, weights: Weights) -> None:
         """Load canonical weights; Keras checks every shape."""
-        for i, (layer, feature_map) in enumerate(parametrised_layers(model)):
-            kernel = toolkit.from_canonical(np.asarray(weights[f"layers.{i}.weight"]), "hwio", feature_map)
-            layer.set_weights([kernel, np.asarray(weights[f"layers.{i}.bias"])])
+        for name, layer, feature_map in canonical_layers(model):
+            if name.startswith(toolkit.NORM_PREFIX):
+                layer.set_weights([np.asarray(weights[f"{name}.{part}"]) for part in toolkit.NORM_ARRAYS])
+                continue
+            kernel = toolkit.from_canonical(np.asarray(weights[f"{name}.weight"]), "hwio", feature_map)
+            bias = [np.asarray(weights[f"{name}.bias"])] if len(layer.weights) > 1 else []
+            layer.set_weights([kernel, *bias])
 
     def train(self, model: Any, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
         """``local-epochs`` epochs of ``fit`` with the contract's optimiser (``nets.ContractOptimizer``,

@@ -25,7 +25,7 @@ class MlxBackend(fedplug.Backend):
         hint=mlx_framework.install_hint(platform.system()),
     )
     implementation = "fedplug_mlx.training:MlxImplementation"
-    models = ("mlp", "lenet")
+    models = ("mlp", "lenet", "lenet-bn")
     # the Flower MLX quickstart's settings, where they differ from the core's (--preset quickstart)
     quickstart: ClassVar[dict[str, Scalar]] = {
         "hidden-dims": "32,32",

@@ -18,7 +18,16 @@ import mlx.nn as nn
 import numpy as np
 
 from fedplug import Config, DataSpec
-from fedplug.toolkit import LENET_CONV, LENET_DENSE, channels_last, check_custom_model, hidden_dims, lenet_flat_features
+from fedplug.toolkit import (
+    BN_EPS,
+    BN_MOMENTUM,
+    LENET_CONV,
+    LENET_DENSE,
+    channels_last,
+    check_custom_model,
+    hidden_dims,
+    lenet_flat_features,
+)
 
 
 def dense_stack(widths: tuple[int, ...]) -> list[nn.Linear]:
@@ -48,14 +57,41 @@ class MLP(nn.Module):  # type: ignore[misc]  # mlx.nn is untyped for mypy
         return relu_stack(self.layers, x)
 
 
-class LeNet(nn.Module):  # type: ignore[misc]
-    """LeNet-5: two valid 5x5 conv + ReLU + 2x2 pool blocks, then three dense layers."""
+class Norm(nn.Module):  # type: ignore[misc]
+    """``lenet-bn``'s batch normalisation of a conv's channels (NHWC), as ``fedplug.numpy_backend.BatchNorm``: its
+    attributes are the canonical names. Not ``nn.BatchNorm``, whose running variance takes the biased variance."""
 
-    def __init__(self, spec: DataSpec, pool: str) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
+        self.weight = mx.ones((channels,))
+        self.bias = mx.zeros((channels,))
+        self.running_mean = mx.zeros((channels,))
+        self.running_var = mx.ones((channels,))
+        self.freeze(keys=["running_mean", "running_var"])  # weights, not trained by the optimizer
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.training:
+            count = x.size // x.shape[-1]
+            mean, var = mx.mean(x, axis=(0, 1, 2)), mx.var(x, axis=(0, 1, 2))
+            self.running_mean = (1 - BN_MOMENTUM) * self.running_mean + BN_MOMENTUM * mean
+            self.running_var = (1 - BN_MOMENTUM) * self.running_var + BN_MOMENTUM * var * (count / max(count - 1, 1))
+        else:
+            mean, var = self.running_mean, self.running_var
+        out: mx.array = (x - mean) * mx.rsqrt(var + BN_EPS) * self.weight + self.bias
+        return out
+
+
+class LeNet(nn.Module):  # type: ignore[misc]
+    """LeNet-5: two valid 5x5 conv + ReLU + 2x2 pool blocks, then three dense layers. ``lenet-bn`` (``norm``):
+    batch normalisation after each conv, registered first so that its arrays come first, and convs without bias."""
+
+    def __init__(self, spec: DataSpec, pool: str, norm: bool = False) -> None:
+        super().__init__()
+        if norm:
+            self.norm = [Norm(out_ch) for out_ch, _ in LENET_CONV]
         convs, in_ch = [], spec.channels
         for out_ch, kernel in LENET_CONV:
-            convs.append(nn.Conv2d(in_ch, out_ch, kernel))
+            convs.append(nn.Conv2d(in_ch, out_ch, kernel, bias=not norm))
             in_ch = out_ch
         widths = (lenet_flat_features(spec), *LENET_DENSE, spec.num_classes)
         self.layers = [*convs, *dense_stack(widths)]
@@ -67,8 +103,11 @@ class LeNet(nn.Module):  # type: ignore[misc]
         return native_channels_last(x)
 
     def __call__(self, x: mx.array) -> mx.array:
-        for conv in self.layers[: self.num_convs]:
-            x = self.pool(nn.relu(conv(x)))
+        for i, conv in enumerate(self.layers[: self.num_convs]):
+            x = conv(x)
+            if "norm" in self:
+                x = self.norm[i](x)
+            x = self.pool(nn.relu(x))
         x = x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)  # flatten in (C, H, W) order
         return relu_stack(self.layers[self.num_convs :], x)
 
@@ -82,7 +121,8 @@ def build(model: str, spec: DataSpec, config: Config) -> Net:
     if model == "mlp":
         net: Net = MLP((spec.num_features, *hidden_dims(config), spec.num_classes))
     else:
-        net = LeNet(spec, str(config.get("pool", "max")))
+        net = LeNet(spec, str(config.get("pool", "max")), norm=model == "lenet-bn")
+        net.eval()  # lenet-bn: running statistics, but in the backend's train
     mx.eval(net.parameters())
     return net
 

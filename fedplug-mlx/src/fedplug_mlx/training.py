@@ -168,7 +168,13 @@ class MlxImplementation(Implementation):
 
     def train(self, model: Net, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
         settings = TrainSettings.from_config(config)
-        return trainer(model, settings).fit(model.native_input(x), labels(y), settings)
+        if not isinstance(model, nets.LeNet):  # a custom model's modes are the user's
+            return trainer(model, settings).fit(model.native_input(x), labels(y), settings)
+        model.train()  # lenet-bn: batch statistics, running ones updated
+        try:
+            return trainer(model, settings).fit(model.native_input(x), labels(y), settings)
+        finally:
+            model.eval()
 
     def evaluate(self, model: Net, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
         return evaluation(self.predict(model, x), y)

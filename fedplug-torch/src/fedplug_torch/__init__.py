@@ -18,7 +18,7 @@ class TorchBackend(fedplug.Backend):
     description = "PyTorch: the quickstart CNN (LeNet) and an MLP, SGD with momentum"
     framework = fedplug.Framework("torch", "torch>=2.2")
     implementation = "fedplug_torch.training:TorchImplementation"
-    models = ("lenet", "mlp")
+    models = ("lenet", "mlp", "lenet-bn")
     # the Flower PyTorch quickstart's settings, where they differ from the core's (--preset quickstart)
     quickstart: ClassVar[Mapping[str, Scalar]] = {
         "model": "lenet",

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fedplug import Config, DataSpec, ModelError
-from fedplug.toolkit import canonical_shapes, check_custom_model
+from fedplug.toolkit import BN_EPS, BN_MOMENTUM, NORM_PREFIX, canonical_shapes, check_custom_model
 from fedplug_torch.framework import F, nn, torch
 
 
@@ -16,15 +16,22 @@ class SharedNet(nn.Module):
     Only parametrised layers live in ``layers``; activations, pooling and the flatten
     are applied in ``forward``, so ``state_dict()`` keys are ``layers.<i>.weight`` /
     ``layers.<i>.bias`` in canonical order. ``mlp`` is the case without convs; ``lenet``
-    (with max pooling, the Flower PyTorch quickstart's CNN) has two.
+    (with max pooling, the Flower PyTorch quickstart's CNN) has two. ``lenet-bn`` adds a
+    ``BatchNorm2d`` after each conv (before its ReLU), in ``norm``, registered first so that its
+    ``norm.<i>.*`` keys come first, as the canonical order has them (``num_batches_tracked`` stays out:
+    ``native_names``).
     """
 
     def __init__(self, model: str, spec: DataSpec, config: Config) -> None:
         super().__init__()
         shapes = canonical_shapes(model, spec, config)
-        weights = [shape for name, shape in shapes.items() if name.endswith(".weight")]
+        norms = [shape[0] for name, shape in shapes.items() if name.startswith(NORM_PREFIX) and name.endswith("mean")]
+        self.norm = nn.ModuleList(nn.BatchNorm2d(out, eps=BN_EPS, momentum=BN_MOMENTUM) for out in norms)
+        weights = [shape for name, shape in shapes.items() if name.endswith(".weight") and name.startswith("layers.")]
         self.layers = nn.ModuleList(
-            nn.Conv2d(shape[1], shape[0], shape[2:]) if len(shape) == 4 else nn.Linear(shape[1], shape[0])
+            nn.Conv2d(shape[1], shape[0], shape[2:], bias=not self.norm)
+            if len(shape) == 4
+            else nn.Linear(shape[1], shape[0])
             for shape in weights
         )
         self.pool = F.avg_pool2d if config.get("pool", "max") == "avg" else F.max_pool2d
@@ -33,7 +40,10 @@ class SharedNet(nn.Module):
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             if isinstance(layer, nn.Conv2d):
-                x = self.pool(F.relu(layer(x)), 2)
+                x = layer(x)
+                if i < len(self.norm):
+                    x = self.norm[i](x)
+                x = self.pool(F.relu(x), 2)
                 continue
             x = layer(x.flatten(1))
             if i < last:

@@ -52,10 +52,15 @@ class TorchImplementation(Implementation):
         model.load_state_dict(tensors, strict=False)  # the core checked names and shapes; int buffers stay
 
     def get_weights(self, model: nn.Module) -> Weights:
-        return {key: value.cpu().numpy().copy() for key, value in model.state_dict().items()}
+        state = model.state_dict()
+        return {key: state[key].cpu().numpy().copy() for key in nets.native_names(model)}
 
     def set_weights(self, model: nn.Module, weights: Weights) -> None:
-        model.load_state_dict({key: torch.tensor(np.asarray(value, np.float32)) for key, value in weights.items()})
+        tensors = {key: torch.tensor(np.asarray(value, np.float32)) for key, value in weights.items()}
+        missing, unexpected = model.load_state_dict(tensors, strict=False)  # lenet-bn's counters are not weights
+        wrong = unexpected + [key for key in missing if not key.endswith("num_batches_tracked")]
+        if wrong:
+            raise KeyError(f"weights do not match the model: {wrong}")
 
     def train(self, model: nn.Module, x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, float]:
         """The contract's optimiser (``torch.optim.SGD`` or ``Adam``, fresh every call) on cross-entropy,

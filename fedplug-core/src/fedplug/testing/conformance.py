@@ -7,7 +7,8 @@ federation of other frameworks' (the canonical layout, the reference's predictio
 training). A backend declares its tier with ``conformance = "basic"`` or ``"mixable"``.
 
 Checks marked "every model" run once per model the backend declares in ``models``
-(pytest parametrizes them with ``declared_model`` at collection). Each check's
+(pytest parametrizes them with ``declared_model`` at collection), but ``lenet-bn``, which
+the checks of ``lenet`` check too where it is declared (``with_declared_bn``). Each check's
 docstring says what it guards and how to fix a failure.
 """
 
@@ -52,6 +53,15 @@ ODD_SPEC = DataSpec((3, 29, 31), 3)
 """Odd height and width, odd again after each LeNet conv: pooling must drop the last row/column."""
 HEAVY_FRAMEWORKS = ("torch", "tensorflow", "keras", "jax", "flax", "mlx", "mxnet")
 SHARED_MODELS = ("mlp", "lenet")
+"""The shared models every backend builds; ``lenet-bn`` is checked with ``lenet`` where a backend declares it."""
+
+
+def with_declared_bn(backend: Backend, model_name: str) -> list[str]:
+    """``model_name``, and ``lenet-bn`` after ``lenet`` where the backend declares it (in the same check, so the
+    suite's run time grows by the models built, not by new checks)."""
+    return [model_name, "lenet-bn"] if model_name == "lenet" and "lenet-bn" in backend.models else [model_name]
+
+
 SAFE_FORMATS = "safetensors, Flax msgpack or numpy .npz (np.savez / np.load(allow_pickle=False))"
 ODD_POOLING = (
     "2x2 pooling must drop an odd last row/column (floor: no padding, no ceil mode), so that a 29x31 image "
@@ -190,7 +200,9 @@ class BasicConformance:
         if "declared_model" in metafunc.fixturenames:
             entry = get_registry().backends.get(self.backend_name)
             models = entry.backend.models if entry else SHARED_MODELS  # unregistered: the fixture says so
-            metafunc.parametrize("declared_model", list(models))
+            # lenet-bn is lenet with batch normalisation: it is checked with lenet (with_declared_bn), in the
+            # layout, round-trip and reference-training checks, where its train and eval modes must match
+            metafunc.parametrize("declared_model", [model for model in models if model != "lenet-bn"])
 
     # -- fixtures -------------------------------------------------------------------
 
@@ -377,13 +389,14 @@ class BasicConformance:
 
         Fix: keep float32 end to end and make ``set_weights`` the exact inverse of ``get_weights``.
         """
-        model = backend.build_model(model_name, SPECS[1], config)
-        rng = np.random.default_rng(1)
-        sent = {k: rng.normal(size=v.shape).astype(v.dtype) for k, v in backend.get_weights(model).items()}
-        backend.set_weights(model, sent)
-        back = backend.get_weights(model)
-        for key, array in sent.items():
-            np.testing.assert_array_equal(back[key], array, err_msg=f"get(set({key})) changed the values")
+        for name in with_declared_bn(backend, model_name):
+            model = backend.build_model(name, SPECS[1], config)
+            rng = np.random.default_rng(1)
+            sent = {k: rng.normal(size=v.shape).astype(v.dtype) for k, v in backend.get_weights(model).items()}
+            backend.set_weights(model, sent)
+            back = backend.get_weights(model)
+            for key, array in sent.items():
+                np.testing.assert_array_equal(back[key], array, err_msg=f"{name}: get(set({key})) changed the values")
 
     # -- training and evaluation -------------------------------------------------------
 
@@ -780,18 +793,19 @@ class BackendConformance(BasicConformance):
 
         Fix: convert at ``get_weights``/``set_weights`` (``fedplug.toolkit`` has the usual conversions).
         """
-        expected = reference.get_weights(reference.build_model(model_name, spec, config))
-        got = backend.get_weights(backend.build_model(model_name, spec, config))
-        assert list(got) == list(expected), (
-            f"'{model_name}' weights must be named and ordered {list(expected)}, got {list(got)}"
-        )
-        for key, array in got.items():
-            assert isinstance(array, np.ndarray), f"{key} must be a numpy array, got {type(array).__name__}"
-            assert array.shape == expected[key].shape, (
-                f"{key} of '{model_name}' must have canonical shape {expected[key].shape} (dense (out, in), "
-                f"conv (out, in, kh, kw)), got {array.shape}"
+        for name in with_declared_bn(backend, model_name):
+            expected = reference.get_weights(reference.build_model(name, spec, config))
+            got = backend.get_weights(backend.build_model(name, spec, config))
+            assert list(got) == list(expected), (
+                f"'{name}' weights must be named and ordered {list(expected)}, got {list(got)}"
             )
-            assert array.dtype == expected[key].dtype, f"{key} must be {expected[key].dtype}, got {array.dtype}"
+            for key, array in got.items():
+                assert isinstance(array, np.ndarray), f"{key} must be a numpy array, got {type(array).__name__}"
+                assert array.shape == expected[key].shape, (
+                    f"{key} of '{name}' must have canonical shape {expected[key].shape} (dense (out, in), "
+                    f"conv (out, in, kh, kw), normalisation (channels,)), got {array.shape}"
+                )
+                assert array.dtype == expected[key].dtype, f"{key} must be {expected[key].dtype}, got {array.dtype}"
 
     def _assert_reference_predictions(
         self, backend: Backend, reference: NumpyBackend, model_name: str, pool: str, spec: DataSpec
@@ -885,7 +899,10 @@ class BackendConformance(BasicConformance):
             with pytest.raises(ConfigError, match="does not support"):
                 check_supported(backend, {**resolve(backend, {}), **OPTIMISER_CASES[case]})
             return
-        gap = reference_gap(backend, model_name, overrides, models=small_models)
+        gap, model_name = max(
+            (reference_gap(backend, name, overrides, models=small_models), name)
+            for name in with_declared_bn(backend, model_name)
+        )  # lenet-bn: its running statistics too (BN_MOMENTUM, the batch's unbiased variance)
         assert gap <= self.training_atol, (
             f"'{model_name}' trained with {overrides} lands {gap:.3g} from the numpy reference's weights "
             f"(tolerance {self.training_atol:g}): visit the examples in the core's order (settings.batches(n) "

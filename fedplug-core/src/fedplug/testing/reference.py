@@ -15,6 +15,7 @@ import numpy as np
 
 from fedplug.backend import Backend, DataSpec, Scalar, Weights
 from fedplug.config import resolve
+from fedplug.models import SHARED_MODELS
 from fedplug.numpy_backend import NumpyBackend
 
 OPTIMISER_CASES: dict[str, dict[str, Scalar]] = {
@@ -43,7 +44,7 @@ def declared_case(backend: Backend, overrides: Mapping[str, Scalar]) -> dict[str
 
 def spec_for(model_name: str) -> DataSpec:
     """The data of the comparison: 16x16 grey images (LeNet: 12x12 -> 6x6 -> 2x2 -> 1x1), 3 classes."""
-    return DataSpec((1, 16, 16), 3) if model_name == "lenet" else DataSpec((1, 8, 8), 3)
+    return DataSpec((1, 16, 16), 3) if model_name.startswith("lenet") else DataSpec((1, 8, 8), 3)
 
 
 def training_batch(spec: DataSpec, n: int = 24, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +99,7 @@ def report(backend_name: str) -> None:
 
     backend = get_registry().backends[backend_name].backend
     models: Models = {}
-    for model_name in ("mlp", "lenet"):
+    for model_name in (name for name in SHARED_MODELS if name in backend.models):
         for case, overrides in OPTIMISER_CASES.items():
             declared = declared_case(backend, overrides)
             if declared is None:
