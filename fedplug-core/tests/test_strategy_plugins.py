@@ -41,7 +41,7 @@ def test_the_twelve_builtins_come_through_the_strategy_hook() -> None:
     builtins = {
         name: entry for name, entry in registry.strategies.items() if entry.plugin == "fedplug.builtin_strategies"
     }
-    assert list(builtins) == [*FLOWER_CLASSES, "fedper", "ditto", "fedbn"]  # and the personalised ones (fedplug.personal)
+    assert list(builtins) == [*FLOWER_CLASSES, "fedper", "ditto", "fedbn"]  # and fedplug.personal's
     assert {(e.distribution, e.version) for e in builtins.values()} == {("fedplug-core", fedplug.__version__)}
 
 
