@@ -644,6 +644,8 @@ class RoundRecord:
     folded: bool = False
     """Its federated evaluation travelled with the next round's training (``fedplug.folding``)."""
     seconds: float = 0.0
+    """Wall time from the round's start to the next round's start, or to its record's completion if its
+    evaluation was not folded (the last round's includes its evaluation): the rounds' seconds add up to the run's."""
 
     def to_json(self) -> dict[str, Any]:
         """The round's entry in ``metrics.json``: the keys, values and key order fedplug has always written."""
@@ -704,6 +706,8 @@ class _Pending:
     failed: int
     step: Exchange
     messages: list[Message]
+    started: float = 0.0
+    """When the round began."""
     closed: bool = False
 
 
@@ -755,13 +759,14 @@ class RoundLoop:
         self.node_states, self.resend_states = dict(node_states or {}), dict(node_states or {})
         dtypes = {name: array.dtype for name, array in from_record(arrays).items()}
         eval_every = int(self.config["eval-every"])
-        self._done, self._last = time.monotonic(), last
+        self._last, self._started = last, time.monotonic()
         pending: _Pending | None = None  # the previous round, waiting for its folded evaluation
         for server_round in range(first, last + 1):
             if self.privacy is not None and server_round > 0 and not self.privacy.allows(server_round):
                 log.warning("%s", self.privacy.stop_reason(server_round - 1))  # a resumed run: the budget is spent
                 break
-            record = RoundRecord(server_round)
+            record, started = RoundRecord(server_round), time.monotonic()
+            self._started = started
             # evaluation (federated and centralized): round 0, every eval-every-th round and the last
             evaluated = server_round % eval_every == 0 or server_round == last
             if server_round > 0:
@@ -774,18 +779,18 @@ class RoundLoop:
                     if pending is not None and not pending.closed:
                         self._close(pending, None)
                     record.unusable = self.discovery.take_unusable()
-                    record.seconds = round(time.monotonic() - self._done, 3)
+                    record.seconds = round(time.monotonic() - started, 3)
                     self.results.add_round(record.to_json())
                     raise
             pending = None
             # --- federated evaluation (not of the initial model): now, or with the next round's training
             if evaluated and server_round > 0 and self._folds(server_round, last):
-                pending = self._open(server_round, arrays, record, failed_in_a_row)
+                pending = self._open(server_round, arrays, record, failed_in_a_row, started)
                 if pending is not None:
                     continue
             elif evaluated and server_round > 0:
                 self._evaluate(server_round, arrays, record)
-            if self._complete(server_round, arrays, record, failed_in_a_row, evaluated):
+            if self._complete(server_round, arrays, record, failed_in_a_row, evaluated, started):
                 break
         return arrays
 
@@ -795,13 +800,15 @@ class RoundLoop:
             return False
         return self.privacy is None or self.privacy.allows(server_round + 1)
 
-    def _open(self, server_round: int, arrays: ArrayRecord, record: RoundRecord, failed: int) -> _Pending | None:
+    def _open(
+        self, server_round: int, arrays: ArrayRecord, record: RoundRecord, failed: int, started: float
+    ) -> _Pending | None:
         """Draw and configure this round's evaluation, to be sent with the next round's training; None if it draws
         no node (the round is then complete)."""
         drawn = self._draw(server_round, arrays, train=False)
         if drawn is None or not drawn[0].nodes:
             return None
-        return _Pending(server_round, arrays, record, failed, *drawn)
+        return _Pending(server_round, arrays, record, failed, *drawn, started=started)
 
     def _close(self, pending: _Pending, replies: dict[int, Message] | None) -> None:
         """Complete a round whose evaluation was folded: its replies, or None to send the evaluation alone now."""
@@ -812,20 +819,27 @@ class RoundLoop:
         step = pending.step
         self._screen_all(pending.round, step, replies, pending.arrays, train=False)
         self._evaluated(pending.round, step, pending.record)
-        self._complete(pending.round, pending.arrays, pending.record, pending.failed, evaluated=True)
+        # a folded round lasted until the next one began; its evaluation's time is the next round's
+        until = self._started if pending.record.folded else None
+        self._complete(pending.round, pending.arrays, pending.record, pending.failed, True, pending.started, until)
 
     def _complete(
-        self, server_round: int, arrays: ArrayRecord, record: RoundRecord, failed_in_a_row: int, evaluated: bool
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        record: RoundRecord,
+        failed_in_a_row: int,
+        evaluated: bool,
+        started: float,
+        until: float | None = None,
     ) -> bool:
         """The round's centralized evaluation and privacy budget, then its checkpoint and results; whether the
-        run stops (the privacy budget)."""
+        run stops (the privacy budget). Its ``seconds`` run from ``started`` to ``until`` (default: now)."""
         record.unusable = self.discovery.take_unusable()
         weights = from_record(arrays)
         record.centralized = (self.evaluate(server_round, weights) if evaluated else None) or {}
         stop = self._account(server_round, self._last, record)
-        now = time.monotonic()
-        record.seconds = round(now - self._done, 3)  # since the previous round's record was complete
-        self._done = now
+        record.seconds = round((time.monotonic() if until is None else until) - started, 3)
         self._finish(server_round, weights, record, failed_in_a_row)
         return stop
 
