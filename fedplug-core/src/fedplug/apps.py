@@ -12,6 +12,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -51,39 +52,28 @@ def _client_step(msg: Message, context: Context, step: str) -> Message:
     if COHORT_RECORD in msg.content:  # a simulated SuperNode serving many clients (fedplug.rounds.Cohorts)
         return _cohort_step(msg, context, step)
     received, evaluation = folding.parts(msg.content)
-    config, node_id, state = context.node_config, context.node_id, context.state
-    if evaluation is None:
-        called, started = time.time(), time.perf_counter()
-        try:
-            content = _work(received, context.run_config, config, node_id, step, state=state)
-            content[TIMING_RECORD] = _timing(called, started)
-        except Exception as error:
-            return _failed(msg, step, error)
-        return Message(content=content, reply_to=msg)
-    # the previous round's evaluation folded into this training (fedplug.folding): evaluate the model, then train it
+    node = (context.run_config, context.node_config, context.node_id)
+    partition = context.node_config.get("partition-id", context.node_id)
     content = RecordDict()
-    for name, record in _records(evaluation, context.run_config, config, node_id, "evaluate", state=state).items():
-        content[folding.PREFIX + name] = record
-    for name, record in _records(received, context.run_config, config, node_id, step, state=state).items():
+    if evaluation is not None:  # the previous round's evaluation folded into this training (fedplug.folding):
+        evaluated = _records("evaluate", partition, partial(_work, evaluation, *node, "evaluate", state=context.state))
+        for name, record in evaluated.items():  # the model is evaluated, then trained
+            content[folding.PREFIX + name] = record
+    records = _records(step, partition, partial(_work, received, *node, step, state=context.state))
+    if evaluation is None:
+        return folding.reply(records, msg)  # a failed step: Flower's error reply with the node's one-line reason
+    for name, record in records.items():
         content[name] = record
     return Message(content=content, reply_to=msg)
 
 
-def _records(
-    received: RecordDict,
-    run_config: Config,
-    node_config: Config,
-    node_id: int,
-    step: str,
-    weights: Weights | None = None,
-    state: RecordDict | None = None,
-) -> RecordDict:
-    """One client's step (:func:`_work`) with its timing record, or its error record if it raised."""
+def _records(step: str, partition: Any, work: Callable[[], RecordDict]) -> RecordDict:
+    """One client's step (``work``, :func:`_work`) with its timing record, or its error record if it raised."""
     called, started = time.time(), time.perf_counter()
     try:
-        records = _work(received, run_config, node_config, node_id, step, weights, state)
+        records = work()
     except Exception as error:
-        log.error("%s failed for partition %s:\n%s", step, node_config.get("partition-id"), traceback.format_exc())
+        log.error("%s failed for partition %s:\n%s", step, partition, traceback.format_exc())
         return RecordDict({folding.ERROR_RECORD: folding.error_record(*_error(step, error))})
     records[TIMING_RECORD] = _timing(called, started)
     return records
@@ -194,10 +184,10 @@ def _cohort_step(msg: Message, context: Context, step: str) -> Message:
     if evaluation is not None:  # a folded evaluation (fedplug.folding): its clients evaluate before any trains
         jobs.insert(0, (evaluation, "evaluate", folding.PREFIX, set(cast(list[int], request["evaluate-partitions"]))))
     for partition in sorted(set().union(*(served for *_, served in jobs))):
-        node_config = {"partition-id": partition, "num-partitions": clients}
+        node = (context.run_config, {"partition-id": partition, "num-partitions": clients}, context.node_id)
         for work, name, prefix, served in jobs:
             if partition in served:
-                records = _records(work, context.run_config, node_config, context.node_id, name, weights)
+                records = _records(name, partition, partial(_work, work, *node, name, weights))
                 for key, record in records.items():
                     content[cohort_key(prefix + key, partition)] = record
     return Message(content=content, reply_to=msg)
