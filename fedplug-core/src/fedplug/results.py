@@ -202,6 +202,13 @@ def prepare_plotting() -> threading.Thread:
     return thread
 
 
+def finish_results(out: Path, title: str) -> None:
+    """The end of a finished run's results: the plot (drawn from ``metrics.json``, already on disk), then status
+    ``finished``, which says that every result file, the plot included, is written."""
+    plot_metrics(out, title)
+    write_status(out, "finished")
+
+
 def plot_metrics(out: Path, title: str = "") -> Path | None:
     """Draw loss and accuracy per round into ``metrics.png``; None if there is nothing to draw."""
     rounds = read_metrics(out)
