@@ -18,7 +18,8 @@ nodes' summed time), plus the whole process tree's memory, sampled here every 0.
   evaluation and results writing cost, when every node has a core); overhead/cores: the same minus
   the larger of that and the nodes' summed own time over the cores (with more nodes than cores,
   nodes run one after another)
-- teardown: rounds done to the command's exit; total: command start to exit
+- teardown: rounds done to the command's exit (in the JSON also its parts, and with ``--repeat`` every run's
+  teardown and load); total: command start to exit
 - peak-rss: the largest sum of resident memory over every process of the run (Ray's included)
 - efficiency: the nodes' summed own time / (rounds' wall time x cores)
 
@@ -171,11 +172,26 @@ def measure(backend: str, args: list[str], work: Path) -> dict[str, Any]:
         "overhead": sum(overheads) / len(overheads),
         "overhead-parallel": sum(parallel) / len(parallel),
         "teardown": ended - timeline["rounds-done"],
+        # teardown's parts: the simulation process (plot, status, Ray's processes ended) and the command's end after it
+        **teardown_parts(out, timeline, ended),
         "total": ended - started,
         "peak-rss-mb": memory.peak / 2**20,
         "efficiency": sum(r.get("compute-seconds", 0) for r in rounds) / (sum(r["seconds"] for r in rounds) * cores),
         "accuracy": accuracy,
         "evaluate-accuracy": next((r["evaluate-accuracy"] for r in reversed(rounds) if "evaluate-accuracy" in r), None),
+    }
+
+
+def teardown_parts(out: Path, timeline: dict[str, float], ended: float) -> dict[str, float]:
+    """Where a teardown went: rounds done to status ``finished`` written (model, plot), to the simulation process's
+    exit (Ray's processes ended meanwhile), and from there to the command's exit; empty on the graceful path."""
+    if "simulation-exit" not in timeline:
+        return {}
+    status = (out / "status.json").stat().st_mtime
+    return {
+        "teardown-to-status": status - timeline["rounds-done"],
+        "teardown-to-simulation-exit": timeline["simulation-exit"] - timeline["rounds-done"],
+        "teardown-command-end": ended - timeline["simulation-exit"],
     }
 
 
@@ -251,6 +267,8 @@ def main() -> None:
             timed = [measure(backend, args, Path(folder)) for _ in range(options.repeat)]
             timed.sort(key=lambda run: run["total"])
             runs.append(timed[len(timed) // 2])
+            if options.repeat > 1:  # every run's teardown and load, not only the median run's
+                runs[-1]["teardowns"] = [[round(t["teardown"], 3), t["load-1min-before"]] for t in timed]
             print(table(runs[-1:]).splitlines()[-1], flush=True)
     name = options.name or options.suite or "run"
     results = HERE / "results" / f"{name}.json"

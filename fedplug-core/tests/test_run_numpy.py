@@ -41,7 +41,7 @@ def test_run_numpy_end_to_end(run_fedplug, tmp_path: Path) -> None:
     assert processes_of(out) == [], "processes of the run outlived it"  # at once: no wait for a reaper
     assert (out / "metrics.png").stat().st_size > 0 and (out / "model.npz").is_file()
     timeline = json.loads((out / "timeline.json").read_text())
-    # teardown (issue 29): the fast path ran (simulation.exit_now), Ray's processes were ended by the simulation
+    # teardown (issue 29): the fast path ran (simulation.finish_and_exit), Ray's processes were ended by the simulation
     # process once the results were written, not by Flower's stopping and ray.shutdown()
     assert "simulation-exit" in timeline and "engine-stopped" not in timeline, timeline
     assert timeline["rounds-done"] <= timeline["simulation-exit"]

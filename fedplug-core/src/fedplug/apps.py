@@ -27,7 +27,7 @@ from fedplug.data import data_spec, load_centralized, partition_sizes
 from fedplug.errors import ConfigError
 from fedplug.node import backend_and_config, identity, node_data, session
 from fedplug.records import from_record, to_record
-from fedplug.results import Results, default_out, mark, plot_metrics, progress_log, write_status
+from fedplug.results import Results, default_out, finish_results, mark, progress_log, write_status
 from fedplug.rounds import COHORT_RECORD, NODE_RECORD, TIMING_RECORD, RoundLoop, RunFailed, cohort_key, resume
 from fedplug.strategies import make_strategy, sampling
 from fedplug.tracking import track
@@ -314,10 +314,13 @@ def main(grid: Grid, context: Context) -> None:
     run_server(grid, context)
 
 
-def run_server(grid: Grid, context: Context, cohorts: bool = False) -> None:
+def run_server(
+    grid: Grid, context: Context, cohorts: bool = False, finish: Callable[[Path, str], None] = finish_results
+) -> None:
     """The ServerApp's work (:func:`main`). ``cohorts``: the Grid's nodes are cohorts, each serving many
     clients (the Simulation Engine's, see :func:`fedplug.simulation.cohort_count`); on the Deployment
-    Engine every SuperNode is one client."""
+    Engine every SuperNode is one client. ``finish(out, title)``: plot and status ``finished`` once the rest
+    is written (the Simulation Engine's ends Ray's processes meanwhile, :func:`fedplug.simulation.finish_and_exit`)."""
     backend, config = backend_and_config(context.run_config)
     model = backend.build_model(str(config["model"]), data_spec(config), config)
     out = Path(str(config["out"])) if config["out"] else default_out(backend.name)
@@ -334,8 +337,7 @@ def run_server(grid: Grid, context: Context, cohorts: bool = False) -> None:
     except (RunFailed, ConfigError) as error:  # ConfigError: a tracker's library missing where the ServerApp runs
         write_status(out, "failed", str(error))
         raise
-    plot_metrics(out, title=f"fedplug {backend.name} · {config['model']} · {config['strategy']}")
-    write_status(out, "finished")
+    finish(out, f"fedplug {backend.name} · {config['model']} · {config['strategy']}")
 
 
 def _run_rounds(

@@ -26,6 +26,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import suppress
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -141,19 +142,21 @@ def ray_workers(client_cpus: float) -> int:
     return max(1, int(cpus // max(client_cpus, 1e-9)))
 
 
-def simulation_server_app(cohorts: bool = False, on_finished: Callable[[], None] | None = None) -> Any:
+def simulation_server_app(cohorts: bool = False, finish: Callable[[Path, str], None] | None = None) -> Any:
     """fedplug's ServerApp (``fedplug.apps.main``), polling the Simulation Engine for replies every 10 ms.
 
     Flower's in-memory Grid polls its LinkState every 100 ms, so each exchange of a round (train,
     evaluate) waits 50 ms on average after the last reply arrived: most of a small round's wall time.
     The interval is an attribute of Flower's ``InMemoryGrid`` (a constructor argument that the
     Simulation Engine does not expose); on any other Grid nothing is changed.
-    ``on_finished``: called once the run finished and its results are written (not after a failure).
+    ``finish(out, title)``: draws the plot and writes status ``finished`` once the rest of a finished run's
+    results are written (:func:`fedplug.results.finish_results` by default; :func:`finish_and_exit` for a run that
+    started its own Ray).
     """
     from flwr.serverapp import Grid, ServerApp
 
     from fedplug import apps, flower_adapter
-    from fedplug.results import prepare_plotting
+    from fedplug.results import finish_results, prepare_plotting
 
     served = ServerApp()
 
@@ -161,9 +164,7 @@ def simulation_server_app(cohorts: bool = False, on_finished: Callable[[], None]
     def main(grid: Grid, context: Any) -> None:
         flower_adapter.set_reply_poll_interval(grid, PULL_INTERVAL)
         prepare_plotting()  # matplotlib's import, off the teardown's path
-        apps.run_server(grid, context, cohorts=cohorts)
-        if on_finished is not None:
-            on_finished()
+        apps.run_server(grid, context, cohorts=cohorts, finish=finish or finish_results)
 
     return served
 
@@ -171,33 +172,38 @@ def simulation_server_app(cohorts: bool = False, on_finished: Callable[[], None]
 # -- Teardown: once the results are safe, the simulation process ends at once (issue 29) ----------------------------
 SIMULATION_EXIT = "simulation-exit"
 """Timeline event: the simulation process ended Ray's processes (its own) and exits, right after the results were
-written (:func:`exit_now`); a run that stopped Ray gracefully marks ``engine-stopped`` instead."""
+written (:func:`finish_and_exit`); a run that stopped Ray gracefully marks ``engine-stopped`` instead."""
 
 
-RAY_STOP_GRACE = 0.2
-"""Seconds Ray's processes get between SIGTERM and SIGKILL in :func:`exit_now` (its ClientApp actors wait about
-3 s on SIGTERM; they hold nothing of the results)."""
 PR_SET_CHILD_SUBREAPER = 36
 
 
 def adopt_orphans() -> None:
     """Make this process the reaper of its orphaned descendants (Linux): Ray's workers, whose raylet ended first,
-    become its children, so :func:`exit_now` reaps them at once instead of leaving them to the machine's init
-    (which, in some containers, reaps every 2 s: the command would wait for it)."""
+    become its children, so :func:`end_ray_processes` reaps them at once instead of leaving them to the machine's
+    init (which, in some containers, reaps every 2 s: the command would wait for it)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
-def end_ray_processes(grace: float = RAY_STOP_GRACE) -> list[int]:
-    """End every process this one started, and theirs (Ray's GCS, raylet, agents and workers): SIGTERM, then
-    SIGKILL after ``grace`` seconds, as ``ray stop`` and then ``ray stop --force`` do. Returns their pids."""
+def end_ray_processes(grace: float = 0.0) -> list[int]:
+    """End every process this one started, and theirs (Ray's GCS, raylet, agents and workers): SIGKILL, as
+    ``ray stop --force`` does, and reap them; with ``grace`` seconds, SIGTERM first, as ``ray stop`` does. Returns
+    their pids.
+
+    No grace by default: the results are written and Ray's processes hold nothing of them, and on SIGTERM the
+    raylet, the GCS and the ClientApp actors did not end within 0.2 s anyway (the actors wait about 3 s), so a grace
+    was only a wait before the SIGKILL.
+    """
     import psutil
 
     processes = psutil.Process().children(recursive=True)
-    for process in processes:
-        with suppress(psutil.Error):
-            process.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=grace)
+    alive = processes
+    if grace > 0:
+        for process in processes:
+            with suppress(psutil.Error):
+                process.terminate()
+        _, alive = psutil.wait_procs(processes, timeout=grace)
     for process in alive:
         with suppress(psutil.Error):
             process.kill()
@@ -205,21 +211,34 @@ def end_ray_processes(grace: float = RAY_STOP_GRACE) -> list[int]:
     return [process.pid for process in processes]
 
 
-def exit_now(out: Path, flwr_home: str) -> None:
-    """End the simulation process now: the ServerApp wrote metrics, weights, plot and status ``finished``.
+def finish_and_exit(flwr_home: str, out: Path, title: str) -> None:
+    """Finish a run that started its own Ray, then end the simulation process now (the ServerApp's ``finish``).
 
-    Flower's stopping of its Simulation Runtime and ``ray.shutdown()`` took 1.9 s of a 2.5 s teardown: instead
-    Ray's processes (this run's own, started by this process) end as ``ray stop`` ends them
-    (:func:`end_ray_processes`), and the process exits. Not for a run on a Ray cluster (``--ray-address``): its
-    processes are not this run's, and the graceful path disconnects from it. Timeline: ``simulation-exit``
-    when Ray's processes are gone, instead of ``engine-stopped``.
+    The rest of the results (metrics, weights, model) is written: while this thread draws the plot and writes status
+    ``finished`` (:func:`fedplug.results.finish_results`), another ends Ray's processes (:func:`end_ray_processes`;
+    the driver, this process, keeps running without its raylet and GCS), and the process exits once both are done,
+    without Flower's stopping of its Simulation Runtime and ``ray.shutdown()`` (1.9 s of a 2.5 s teardown). Not for a
+    run on a Ray cluster (``--ray-address``): its processes are not this run's, and the graceful path disconnects
+    from it. Timeline: ``simulation-exit`` when Ray's processes are gone, instead of ``engine-stopped``. If the plot
+    fails, the run fails as any ServerApp error fails it: status ``failed`` and one line on stderr, exit code 1.
     """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    end_ray_processes()
+    from fedplug.results import finish_results, write_status
+
+    ending = threading.Thread(target=end_ray_processes, name="fedplug-end-ray", daemon=True)
+    ending.start()
+    code = 0
+    try:
+        finish_results(out, title)
+    except Exception as error:
+        write_status(out, "failed", f"{type(error).__name__}: {error}")
+        print(f"fedplug: run failed: {type(error).__name__}: {error}", file=sys.stderr)
+        code = 1
+    ending.join()
     shutil.rmtree(flwr_home, ignore_errors=True)
     mark(out, SIMULATION_EXIT)
-    os._exit(0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -265,13 +284,14 @@ def simulate(out: Path, verbose: bool, client_cpus: float, client_gpus: float, r
     cohorts = cohort_count(clients, ray_workers(client_cpus)) if use_cohorts(config) else 0
     backend_config: dict[str, Any] = {"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus}}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(config))
+    finish = partial(finish_and_exit, flwr_home)
     try:
         # Flower's own simulation runtime, as ``flwr run`` drives it for a Flower App folder
         flower_adapter.run_simulation_engine(
             num_supernodes=cohorts or clients,  # cohorts serve the clients, or one SuperNode per client
             client_app=client_app,
-            # a run that started its own Ray ends without stopping it (:func:`exit_now`), a cluster's is left running
-            server_app=simulation_server_app(bool(cohorts), None if ray_address else lambda: exit_now(out, flwr_home)),
+            # a run that started its own Ray ends without stopping it (finish_and_exit), a cluster's keeps running
+            server_app=simulation_server_app(bool(cohorts), None if ray_address else finish),
             backend_config=backend_config,
             app_dir=str(app_dir),  # the nodes read their run config from it, as under `flwr run`
             server_app_context=context,
