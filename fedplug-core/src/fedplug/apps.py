@@ -27,7 +27,15 @@ from fedplug.data import data_spec, load_centralized, partition_sizes
 from fedplug.errors import ConfigError
 from fedplug.node import backend_and_config, identity, node_data, session
 from fedplug.records import from_record, to_record
-from fedplug.results import Results, default_out, finish_results, mark, progress_log, write_status
+from fedplug.results import (
+    Results,
+    default_out,
+    finish_results,
+    mark,
+    prepare_plotting,
+    progress_log,
+    write_status,
+)
 from fedplug.rounds import COHORT_RECORD, NODE_RECORD, TIMING_RECORD, RoundLoop, RunFailed, cohort_key, resume
 from fedplug.strategies import make_strategy, sampling
 from fedplug.tracking import track
@@ -353,6 +361,9 @@ def _run_rounds(
     resumed = resume(out, strategy)
     results = Results(out, config, None if resumed is None else resumed.rounds)
     loop = RoundLoop(grid, strategy, config, sampling(config), results, evaluation, cohorts=cohorts)
+    # matplotlib's import, off the teardown's path: started once this thread's own imports are done (the framework,
+    # trackers, the DP accountant), since two threads importing at once can break an import
+    prepare_plotting()
     last = int(config["num-server-rounds"])
     if resumed is None:
         return loop.run(to_record(initial), 0, last)

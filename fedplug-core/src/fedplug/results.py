@@ -195,7 +195,10 @@ def prepare_plotting() -> threading.Thread:
     at the end of a run does not wait for it. Returns the thread."""
 
     def load() -> None:
-        draw_metrics([{"round": 0, "train-loss": 1.0, "train-accuracy": 0.5}], "")  # imports, fonts, first draw
+        try:  # imports, fonts, first draw: a head start only; the run's own plot reports any real failure
+            draw_metrics([{"round": 0, "train-loss": 1.0, "train-accuracy": 0.5}], "")
+        except Exception:
+            logging.getLogger("fedplug.results").debug("matplotlib's warm-up failed", exc_info=True)
 
     thread = threading.Thread(target=load, name="fedplug-import-matplotlib", daemon=True)
     thread.start()

@@ -156,14 +156,13 @@ def simulation_server_app(cohorts: bool = False, finish: Callable[[Path, str], N
     from flwr.serverapp import Grid, ServerApp
 
     from fedplug import apps, flower_adapter
-    from fedplug.results import finish_results, prepare_plotting
+    from fedplug.results import finish_results
 
     served = ServerApp()
 
     @served.main()
     def main(grid: Grid, context: Any) -> None:
         flower_adapter.set_reply_poll_interval(grid, PULL_INTERVAL)
-        prepare_plotting()  # matplotlib's import, off the teardown's path
         apps.run_server(grid, context, cohorts=cohorts, finish=finish or finish_results)
 
     return served
