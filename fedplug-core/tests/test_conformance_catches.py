@@ -53,14 +53,18 @@ def train_with(
 ) -> dict[str, float]:
     """The numpy reference's ``train``, with another optimiser."""
     settings = TrainSettings.from_config(config)
-    params = list(model.weights.values())
+    params = model.params  # the trained arrays (batch normalisation's running statistics are not)
     step = optimizer(settings, params)
     x = x.reshape(len(x), -1) if model.name == "mlp" else x
     loss_sum = 0.0
-    for idx in settings.batches(len(y)):
-        loss, grad = softmax_cross_entropy(model.forward(x[idx]), y[idx])
-        loss_sum += loss * len(idx)
-        step.step(params, model.backward(grad))
+    model.train_mode(True)
+    try:
+        for idx in settings.batches(len(y)):
+            loss, grad = softmax_cross_entropy(model.forward(x[idx]), y[idx])
+            loss_sum += loss * len(idx)
+            step.step(params, model.backward(grad))
+    finally:
+        model.train_mode(False)
     return metrics(loss_sum, 0, len(y) * settings.epochs, len(y))
 
 

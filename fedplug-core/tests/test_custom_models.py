@@ -167,7 +167,8 @@ def test_cli_refuses_custom_models_of_a_backend_without_them(tmp_path: Path, mon
     done = cli("run", "numpy", "--model", "my_nets:Net", "--out", str(tmp_path / "out"), env={"FEDPLUG_PLUGINS": ""})
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
-        "fedplug: error: backend 'numpy' cannot federate custom models (my_nets:Net); choose one of: mlp, lenet"
+        "fedplug: error: backend 'numpy' cannot federate custom models (my_nets:Net); "
+        "choose one of: mlp, lenet, lenet-bn"
     ]
     assert not (tmp_path / "out").exists()
 
