@@ -47,6 +47,7 @@ class BrokenExampleBackend(NumpyBackend):
     implementation = "fedplug_broken_example:BrokenImplementation"
     defaults: ClassVar[Mapping[str, Scalar]] = {"model": "mlp", "lr": "0.1", "batch-size": 32.0}
     file_suffix = ".pkl"
+    models = ("mlp", "lenet")  # the two shared models every backend builds (not numpy's lenet-bn too)
 
 
 class BrokenImplementation(NumpyImplementation):
